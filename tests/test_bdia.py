@@ -1,0 +1,383 @@
+"""Tests of the BDIA engine (bdia.py): exactness to the bit, gradients, memory, errors."""
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bdia  # noqa: E402
+from bdia import BDIAConfig, run_blocks  # noqa: E402
+
+torch.set_num_threads(1)  # CI has 2 cores; small tensors are fastest single-threaded
+
+
+class Block(nn.Module):
+    """A tiny pre-norm block: attention f (optionally over a context) and an MLP g.
+    It records the x of every call, so a test sees what backward rebuilt."""
+
+    def __init__(self, dim=8, dropout=0.0):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.dropout = dropout
+        self.calls = []
+
+    def residual(self, x, memory=None, scale=1.0):
+        self.calls.append(x.detach().clone())
+        y = self.ln1(x)
+        k, v = self.kv(y if memory is None else memory).chunk(2, dim=-1)
+        f = F.scaled_dot_product_attention(self.q(y), k, v, dropout_p=self.dropout if self.training else 0.0)
+        return scale * (f + self.mlp(self.ln2(x + f)))  # (4)
+
+    def forward(self, x, memory=None, scale=1.0):
+        return x + self.residual(x, memory, scale)
+
+
+def make_stack(depth, dim=8, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    return nn.ModuleList(Block(dim, dropout) for _ in range(depth))
+
+
+def clear_calls(blocks):
+    for b in blocks:
+        b.calls.clear()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_and_backward(blocks, x, config, seed, *context):
+    """One training step's forward and backward; returns output, and grads of x, context, params."""
+    for p in blocks.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    out = run_blocks(blocks, x, config, *context)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * weights).sum().backward()
+    leaves = [t for t in (x, *context) if torch.is_tensor(t) and t.requires_grad]
+    trainable = [p for p in blocks.parameters() if p.requires_grad]
+    return out.detach(), [t.grad.clone() for t in leaves], [p.grad.clone() for p in trainable]
+
+
+# ----------------------------------------------------------------------------- eq. 17, 20, Prop. 4.3, 4.4
+
+
+def grid(shape, bits, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return bdia.quantize(scale * torch.randn(shape, generator=g), bits)
+
+
+def test_quantize_rounds_to_grid_with_straight_through_gradient():
+    x = torch.tensor([0.3, -1.2, 5.001, 2.0**-10], requires_grad=True)
+    q = bdia.quantize(x, 9)
+    assert torch.equal(q * 512, torch.round(q * 512))
+    assert (q - x).abs().max() <= 2**-10
+    q.sum().backward()
+    assert torch.equal(x.grad, torch.ones(4))
+    assert bdia.quantize(x, None) is x
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_prop_4_3_gamma_product_needs_no_rounding(m):
+    bits = 9
+    x = grid((1000,), bits)
+    s = bdia.side_info(x, bits, m)
+    assert s.min() >= 0 and s.max() < 2**m and torch.equal(s, s.round())
+    if m == 1:  # eq. (20): the parity of x / 2^-l
+        assert torch.equal(s, torch.remainder(x * 2**bits, 2))
+    for gamma in (2.0**-m, -(2.0**-m)):
+        product = gamma * (x + s * 2.0**-bits)
+        assert torch.equal(bdia.quantize(product, bits), product)  # (23)
+        exact = gamma * (x.double() + s.double() * 2.0**-bits)
+        assert torch.equal(product.double(), exact)
+
+
+@pytest.mark.parametrize("gamma", [0.5, -0.5, 0.25, -0.125])
+def test_prop_4_4_eq_24_inverts_eq_21_exactly(gamma):
+    bits, m = 9, bdia.power_of_two_exponent(gamma)
+    x_prev, x, h = grid((500,), bits, seed=1), grid((500,), bits, seed=2), torch.randn(500, generator=torch.Generator().manual_seed(3))
+    s = bdia.side_info(x_prev, bits, m)
+    x_next = bdia.bdia_step(x_prev, x, h, gamma, bits, s)
+    assert torch.equal(bdia.quantize(x_next, bits), x_next)  # Lemma 4.2
+    assert torch.equal(bdia.bdia_unstep(x_next, x, h, gamma, bits, s), x_prev)  # (24)
+
+
+def test_eq_16_without_quantization_is_only_approximately_inverse():
+    x_prev, x, h = torch.randn(3, 1000).unbind(0)
+    x_next = bdia.bdia_step(x_prev, x, h, 0.5, None)
+    back = bdia.bdia_unstep(x_next, x, h, 0.5, None)
+    assert torch.allclose(back, x_prev, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 8, 13, 1000])
+def test_side_information_is_packed_to_m_bits_per_element(m, n):
+    s = torch.randint(0, 2**m, (n,)).float()
+    packed = bdia.pack_bits(s, m)
+    assert packed.dtype == torch.uint8 and packed.numel() == m * ((n + 7) // 8)
+    assert torch.equal(bdia.unpack_bits(packed, m, (n,), torch.float32), s)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=None), "needs quantization"),
+        (dict(gammas=(-0.5, 0.0, 0.5)), "cannot use gamma 0"),
+        (dict(gammas=(-0.6, 0.6)), r"= 2\^-m with m >= 1"),
+        (dict(gammas=(-1.0, 1.0)), r"= 2\^-m with m >= 1"),
+        (dict(gammas=(-0.5, -0.25, 0.25, 0.5)), "one magnitude"),
+        (dict(gammas=()), "empty"),
+        (dict(bits=-1), "non-negative"),
+    ],
+)
+def test_config_rejects_what_cannot_be_exactly_reversible(kwargs, message):
+    with pytest.raises(ValueError, match=message) as err:
+        BDIAConfig(**kwargs)
+    assert "reversible=False" in str(err.value) or "bits" in str(err.value) or "gammas" in str(err.value)
+
+
+def test_config_allows_those_settings_without_reversibility_and_warns_on_nonzero_mean():
+    BDIAConfig(gammas=(-0.5, 0.0, 0.5), bits=None, reversible=False)
+    BDIAConfig(gammas=(-0.6, 0.6), reversible=False)
+    with pytest.warns(UserWarning, match="mean"):
+        BDIAConfig(gammas=(0.5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BDIAConfig(gammas=[-0.25, 0.25])
+
+
+def test_half_precision_residual_stream_is_a_value_error():
+    blocks = make_stack(2).train()
+    with pytest.raises(ValueError, match="float32 or float64"):
+        run_blocks(blocks, torch.randn(2, 3, 8, dtype=torch.bfloat16), BDIAConfig())
+
+
+# ----------------------------------------------------------------------------- bit-exact reconstruction
+
+
+@pytest.mark.parametrize(
+    "depth, gammas, dropout, with_context, x_grad",
+    [
+        (1, (-0.5, 0.5), 0.0, False, True),
+        (2, (-0.5, 0.5), 0.1, False, True),
+        (3, (-0.25, 0.25), 0.0, True, True),
+        (7, (-0.5, 0.5), 0.1, True, False),
+        (12, (-0.25, 0.25), 0.1, False, False),
+        (48, (-0.5, 0.5), 0.1, True, True),
+    ],
+)
+def test_reversible_backward_rebuilds_every_activation_bit_for_bit(depth, gammas, dropout, with_context, x_grad):
+    blocks = make_stack(depth, dropout=dropout).train()
+    x = torch.randn(4, 3, 8, requires_grad=x_grad)
+    context = (torch.randn(4, 5, 8, requires_grad=True),) if with_context else ()
+    config = BDIAConfig(gammas=gammas)
+    out = run_blocks(blocks, x, config, *context)
+    forward_inputs = [b.calls[0] for b in blocks]
+    out.square().sum().backward()
+    for k, b in enumerate(blocks):
+        assert len(b.calls) == 2, f"block {k} was recomputed {len(b.calls) - 1} times"
+        assert torch.equal(b.calls[1], forward_inputs[k]), f"x_{k} was not rebuilt exactly"
+    if with_context:
+        assert context[0].grad is not None and context[0].grad.abs().sum() > 0
+    assert (x.grad is not None) == x_grad
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 7])
+@pytest.mark.parametrize("gammas", [(-0.5, 0.5), (-0.25, 0.25)])
+def test_reversible_and_stored_modes_agree(depth, gammas):
+    blocks = make_stack(depth, dropout=0.1).train()
+    x = torch.randn(4, 3, 8, requires_grad=True)
+    memory = torch.randn(4, 5, 8, requires_grad=True)
+    results = []
+    for reversible in (True, False):
+        x.grad = memory.grad = None
+        config = BDIAConfig(gammas=gammas, reversible=reversible)
+        results.append(run_and_backward(blocks, x, config, 123, memory))
+    (out_r, leaves_r, params_r), (out_s, leaves_s, params_s) = results
+    assert torch.equal(out_r, out_s)
+    for a, b in zip(leaves_r + params_r, leaves_s + params_s):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_reversible_mode_leaves_the_global_rng_as_stored_mode_does():
+    blocks = make_stack(3, dropout=0.1).train()
+    after = []
+    for reversible in (True, False):
+        torch.manual_seed(7)
+        run_blocks(blocks, torch.randn(2, 3, 8, requires_grad=True), BDIAConfig(reversible=reversible)).sum().backward()
+        after.append(torch.rand(5))
+    assert torch.equal(*after)
+
+
+def test_non_tensor_context_and_frozen_parameters():
+    blocks = make_stack(4).train()
+    for b in blocks:
+        b.q.weight.requires_grad_(False)  # like a LoRA base weight
+    x = torch.randn(2, 3, 8)  # like frozen embeddings: no grad
+    grads = []
+    for reversible in (True, False):
+        _, _, params = run_and_backward(blocks, x, BDIAConfig(reversible=reversible), 5, None, 0.5)
+        grads.append(params)
+        assert all(b.q.weight.grad is None for b in blocks)
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_float64_stream_and_no_quantization_in_stored_mode():
+    blocks = make_stack(5).double().train()
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    out_r, *_ = run_and_backward(blocks, x, BDIAConfig(), 1)
+    out_s, *_ = run_and_backward(blocks, x, BDIAConfig(reversible=False), 1)
+    assert torch.equal(out_r, out_s)
+    out_10, _, params = run_and_backward(blocks, x, BDIAConfig(gammas=(-0.5, 0.0, 0.5), bits=None, reversible=False), 1)
+    assert torch.isfinite(out_10).all() and all(torch.isfinite(p).all() for p in params)
+
+
+def test_under_cpu_autocast_reversible_matches_stored():
+    blocks = make_stack(4).train()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    results = []
+    for reversible in (True, False):
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(run_and_backward(blocks, x, BDIAConfig(reversible=reversible), 3))
+    (out_r, leaves_r, params_r), (out_s, leaves_s, params_s) = results
+    assert out_r.dtype == torch.float32 and torch.equal(out_r, out_s)
+    for a, b in zip(leaves_r + params_r, leaves_s + params_s):
+        assert rel_err(a, b) < 1e-5
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def plain_stack(blocks, x, *context):
+    for b in blocks:
+        x = b(x, *context)
+    return x
+
+
+def test_inference_without_quantization_is_the_plain_stack_bit_for_bit():
+    blocks = make_stack(6, dropout=0.1).eval()
+    x, memory = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    for config in (None, BDIAConfig(bits=None, reversible=False)):
+        assert torch.equal(run_blocks(blocks, x, config, memory), plain_stack(blocks, x, memory))
+
+
+def test_inference_with_quantization_stays_within_a_step_per_block():
+    depth, bits = 6, 9
+    blocks = make_stack(depth).eval()
+    x = torch.randn(2, 3, 8)
+    out = run_blocks(blocks, x, BDIAConfig(bits=bits), None, 0.1)  # small residuals
+    assert torch.equal(bdia.quantize(out, bits), out)
+    assert (out - plain_stack(blocks, x, None, 0.1)).abs().max() <= (depth + 1) * 2.0**-bits
+
+
+def test_inference_with_constant_eval_gamma_follows_eq_10():
+    blocks = make_stack(4).eval()
+    x = torch.randn(2, 3, 8)
+    out = run_blocks(blocks, x, BDIAConfig(bits=None, reversible=False, eval_gamma=0.3), None)
+    x_prev, x_k = x, blocks[0](x)
+    for b in list(blocks)[1:]:
+        x_prev, x_k = x_k, 0.3 * x_prev + 0.7 * x_k + 1.3 * b.residual(x_k)
+    assert torch.allclose(out, x_k, atol=1e-6)
+
+
+def test_state_dict_is_that_of_the_plain_stack():
+    trained = make_stack(3).train()
+    run_blocks(trained, torch.randn(2, 3, 8, requires_grad=True), BDIAConfig()).sum().backward()
+    plain = make_stack(3, seed=1)
+    plain.load_state_dict(trained.state_dict())  # strict: same keys
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), trained.parameters()))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def bytes_saved_for_backward(blocks, x, config):
+    """Bytes of distinct storages autograd keeps for backward during one forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run_blocks(blocks, x, config)
+    out.sum().backward()
+    return sum(storages.values())
+
+
+def test_reversible_memory_grows_with_depth_only_by_the_packed_side_bits():
+    x = torch.randn(4, 16, 32, requires_grad=True)
+    kept = {}
+    for depth in (4, 16):
+        blocks = make_stack(depth, dim=32).train()
+        kept[depth] = {rev: bytes_saved_for_backward(blocks, x, BDIAConfig(reversible=rev)) for rev in (True, False)}
+    side_bytes_per_block = x.numel() // 8  # 1 bit per element for gammas +-1/2
+    gamma_bytes_per_block = x.shape[0] * 4
+    growth = kept[16][True] - kept[4][True]
+    assert growth == 12 * (side_bytes_per_block + gamma_bytes_per_block)
+    assert kept[4][True] < 0.2 * kept[4][False]
+    assert kept[16][False] > 3 * kept[4][False]  # stored activations grow with depth
+
+
+# ----------------------------------------------------------------------------- guards
+
+
+def test_guard_names_the_block_where_float32_loses_the_grid():
+    blocks = make_stack(3).train()
+    x = torch.randn(2, 3, 8)
+    x[0, 0, 0] = 2.0**14  # 2^(23 - 9)
+    with pytest.raises(RuntimeError, match=r"input of the stack \(x_0\).*fewer bits"):
+        run_blocks(blocks, x, BDIAConfig(bits=9))
+    run_blocks(blocks, x, BDIAConfig(bits=6)).sum().backward()  # fine with fewer bits
+    blocks[1] = Loud()
+    with pytest.raises(RuntimeError, match=r"output of block 1 \(x_2\)"):
+        run_blocks(blocks, torch.randn(2, 3, 8), BDIAConfig(bits=9))
+
+
+class Loud(Block):
+    def residual(self, x, memory=None, scale=1.0):
+        return super().residual(x, memory, scale) + 1e5
+
+
+class Flaky(Block):
+    """Not deterministic: the recomputation differs from the forward."""
+
+    def residual(self, x, memory=None, scale=1.0):
+        return super().residual(x, memory, scale) + 2.0**-9 * len(self.calls)
+
+
+def test_reconstruction_check_catches_a_non_deterministic_block():
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([Block(), Flaky(), Block()]).train()
+    out = run_blocks(blocks, torch.randn(2, 3, 8, requires_grad=True), BDIAConfig())
+    with pytest.raises(RuntimeError, match="did not rebuild x_0 bit for bit"):
+        out.sum().backward()
+
+
+def test_fingerprint_catches_a_single_element_difference():
+    x = grid((4, 3, 8), 9)
+    y = x.clone()
+    y[1, 2, 3] += 2.0**-9
+    assert not torch.equal(bdia.fingerprint(x, 9), bdia.fingerprint(y, 9))
+
+
+# ----------------------------------------------------------------------------- demo (paper Fig. 2 and 6)
+
+
+def test_reconstruction_demo_shows_eq_16_drifting_and_eq_24_exact():
+    errors = bdia.reconstruction_errors(depth=12, dim=32, heads=4, batch=2, seq=8)
+    assert all(e == 0.0 for e in errors["eq24"])
+    assert errors["eq16"][12] == 0.0 and errors["eq16"][0] > 0.0
+    assert errors["eq16"][0] > errors["eq16"][9]
