@@ -125,8 +125,8 @@ class BDIAConfig:
         object.__setattr__(self, "gammas", gammas)
         if not gammas:
             raise ValueError("BDIAConfig: gammas is empty; give at least one value, e.g. (-0.5, 0.5)")
-        if self.bits is not None and (not isinstance(self.bits, int) or self.bits < 0):
-            raise ValueError(f"BDIAConfig: bits must be a non-negative integer or None, got {self.bits!r}")
+        if self.bits is not None and not isinstance(self.bits, int):  # l may be negative (Table 4)
+            raise ValueError(f"BDIAConfig: bits must be an integer (l in 2^-l) or None, got {self.bits!r}")
         if abs(sum(gammas) / len(gammas)) > 1e-12:
             warnings.warn(
                 f"BDIAConfig: the mean of gammas {gammas} is not 0, but inference uses E[gamma] = 0 "

@@ -100,8 +100,9 @@ def test_prop_4_3_gamma_product_needs_no_rounding(m):
 
 
 @pytest.mark.parametrize("gamma", [0.5, -0.5, 0.25, -0.125])
-def test_prop_4_4_eq_24_inverts_eq_21_exactly(gamma):
-    bits, m = 9, bdia.power_of_two_exponent(gamma)
+@pytest.mark.parametrize("bits", [9, 0, -2])
+def test_prop_4_4_eq_24_inverts_eq_21_exactly(gamma, bits):
+    m = bdia.power_of_two_exponent(gamma)
     x_prev, x, h = grid((500,), bits, seed=1), grid((500,), bits, seed=2), torch.randn(500, generator=torch.Generator().manual_seed(3))
     s = bdia.side_info(x_prev, bits, m)
     x_next = bdia.bdia_step(x_prev, x, h, gamma, bits, s)
@@ -137,7 +138,7 @@ def test_side_information_is_packed_to_m_bits_per_element(m, n):
         (dict(gammas=(-1.0, 1.0)), r"= 2\^-m with m >= 1"),
         (dict(gammas=(-0.5, -0.25, 0.25, 0.5)), "one magnitude"),
         (dict(gammas=()), "empty"),
-        (dict(bits=-1), "non-negative"),
+        (dict(bits=1.5), "must be an integer"),
     ],
 )
 def test_config_rejects_what_cannot_be_exactly_reversible(kwargs, message):
@@ -149,6 +150,7 @@ def test_config_rejects_what_cannot_be_exactly_reversible(kwargs, message):
 def test_config_allows_those_settings_without_reversibility_and_warns_on_nonzero_mean():
     BDIAConfig(gammas=(-0.5, 0.0, 0.5), bits=None, reversible=False)
     BDIAConfig(gammas=(-0.6, 0.6), reversible=False)
+    BDIAConfig(gammas=(0.0,), bits=5, reversible=False)  # a quantized plain ViT (Table 4)
     with pytest.warns(UserWarning, match="mean"):
         BDIAConfig(gammas=(0.5,))
     with warnings.catch_warnings():
