@@ -1,0 +1,224 @@
+"""
+Memory and speed of one training step of a transformer block stack, in every mode a
+user would choose between:
+
+    plain       standard back-propagation (all activations stored)
+    checkpoint  torch.utils.checkpoint around each block (the usual memory saver)
+    bdia        BDIA training with stored activations (eqs. 18-21)
+    bdia-rev    BDIA with online back-propagation (activations rebuilt by eq. 24)
+
+Memory is measured per mode and depth in a fresh process: on CUDA max_memory_allocated
+over one step, on CPU the peak-RSS rise of one step (MALLOC_MMAP_THRESHOLD_=65536, so
+freed tensors leave RSS). Both are measured after a warm-up step, so parameters,
+gradients and optimizer state are already allocated and the rise is the activations
+(plus transient workspace). Time: warm-up, then the modes interleaved, medians.
+
+    python bench.py --family gpt --depths 6,12,24,48 --device cpu
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from bdia import BDIAConfig, run_blocks, side_bits
+from models import Block
+
+MODES = ("plain", "checkpoint", "bdia", "bdia-rev")
+FAMILIES = {  # (width, heads, MLP width, tokens, causal)
+    "vit": (512, 8, 512, 65, False),  # the paper's ViT on CIFAR: 64 patches + CLS
+    "gpt": (768, 12, 3072, 256, True),  # nanoGPT-like
+}
+
+
+def build_stack(args, depth):
+    dim, heads, mlp, _, causal = family(args)
+    torch.manual_seed(0)
+    return nn.ModuleList(Block(dim, heads, mlp, args.dropout, causal=causal) for _ in range(depth))
+
+
+def family(args):
+    dim, heads, mlp, tokens, causal = FAMILIES[args.family]
+    return args.dim or dim, args.heads or heads, args.mlp_dim or (args.dim and 4 * args.dim) or mlp, tokens, causal
+
+
+def forward(mode, blocks, x):
+    if mode == "plain":
+        return run_blocks(blocks, x, None)
+    if mode == "checkpoint":
+        for block in blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return x
+    return run_blocks(blocks, x, BDIAConfig(reversible=mode == "bdia-rev"))
+
+
+def make_step(args, mode, depth, device):
+    blocks = build_stack(args, depth).to(device).train()
+    _, _, _, tokens, _ = family(args)
+    x = torch.randn(args.batch_size, tokens, family(args)[0], device=device)
+    optimizer = torch.optim.AdamW(blocks.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss = forward(mode, blocks, x).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated between steps
+
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# -----------------------------------------------------------------------------
+# Memory, in a fresh process per (mode, depth)
+
+
+def rss_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def measure_memory(args, mode, depth):
+    """Bytes one training step allocates beyond what the step before left in place."""
+    device = torch.device(args.device)
+    step = make_step(args, mode, depth, device)
+    step()  # warm-up: gradients and optimizer state now exist
+    sync(device)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    before = rss_kb("VmRSS")
+    step()
+    return (rss_kb("VmHWM") - before) * 1024
+
+
+def memory_in_fresh_process(args, mode, depth):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    argv = [sys.executable, os.path.abspath(__file__), "--measure-memory", mode, str(depth)]
+    argv += [a for a in sys.argv[1:] if a not in ("--measure-memory",)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory run {mode} depth {depth} failed:\n{out.stderr}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+# -----------------------------------------------------------------------------
+# Time, modes interleaved in one process
+
+
+def measure_times(args, depth, device):
+    steps = {mode: make_step(args, mode, depth, device) for mode in args.modes}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    times = {mode: [] for mode in args.modes}
+    for _ in range(args.steps):
+        for mode, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[mode].append(time.perf_counter() - t0)
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
+def side_info_bytes(args, depth):
+    """Bytes of packed side information bdia-rev keeps per step: m bits per element, K-1 blocks."""
+    dim, _, _, tokens, _ = family(args)
+    per_block = side_bits(BDIAConfig().gammas) * -(-args.batch_size * tokens * dim // 8)
+    return (depth - 1) * per_block
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=FAMILIES, default="vit")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--depths", default="6,12,24,48")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dim", type=int, default=None, help="override the family's width (MLP becomes 4x)")
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--mlp-dim", type=int, default=None)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast in the blocks")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--measure-memory", nargs=2, metavar=("MODE", "DEPTH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.modes = args.modes.split(",")
+    if bad := [m for m in args.modes if m not in MODES]:
+        p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    try:
+        depths = [int(d) for d in args.depths.split(",")]
+    except ValueError:
+        p.error(f"--depths takes comma-separated integers, got {args.depths!r}")
+    if args.measure_memory:
+        mode, depth = args.measure_memory
+        print(measure_memory(args, mode, int(depth)))
+        return
+    run(args, depths)
+
+
+def run(args, depths):
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    results = []
+    for depth in tqdm(depths, desc="depths"):
+        times = measure_times(args, depth, device)
+        for mode in args.modes:
+            mem = None if args.no_memory else memory_in_fresh_process(args, mode, depth)
+            row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20)
+            if mode == "bdia-rev":
+                row["side_info_mb"] = side_info_bytes(args, depth) / 2**20
+            results.append(row)
+    for row in results:  # ratios to plain from the same run
+        plain = next(r for r in results if r["depth"] == row["depth"] and r["mode"] == "plain") if "plain" in args.modes else None
+        row["time_vs_plain"] = plain and row["step_ms"] / plain["step_ms"]
+        row["memory_vs_plain"] = plain and row["activation_mb"] and row["activation_mb"] / plain["activation_mb"]
+    print_table(args, results)
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k != "measure_memory"}
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "device": device_name(device), "results": results}, f, indent=2)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def print_table(args, results):
+    dim, heads, mlp, tokens, _ = family(args)
+    print(f"\n{args.family} stack: width {dim}, {heads} heads, MLP {mlp}, {tokens} tokens, batch {args.batch_size}, "
+          f"dropout {args.dropout}, {device_name(torch.device(args.device))}")
+    print(f"{'mode':>11} {'depth':>5} {'act. MB':>9} {'x plain':>8} {'step ms':>9} {'x plain':>8} {'side MB':>8}")
+
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "-"
+
+    for r in results:
+        print(f"{r['mode']:>11} {r['depth']:>5} {fmt(r['activation_mb'], '9.1f')} {fmt(r['memory_vs_plain'], '8.2f')} "
+              f"{r['step_ms']:9.1f} {fmt(r['time_vs_plain'], '8.2f')} {fmt(r.get('side_info_mb'), '8.2f')}")
+
+
+if __name__ == "__main__":
+    main()
