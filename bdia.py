@@ -456,20 +456,17 @@ def reconstruction_errors(depth=12, dim=256, heads=8, batch=4, seq=64, bits=9, s
     gammas = draw_gammas(BDIAConfig(), batch, depth, x0.device, x0.dtype)
     errors = {}
     for name, b in (("eq16", None), ("eq24", bits)):
-        m = side_bits((0.5,))
-        xs, sides = [quantize(x0, b)], [None]
+        config = BDIAConfig(bits=b, reversible=False)
+        xs, sides = [quantize(x0, b)], []  # sides[k]: the s_{k-1} block k used
         for k, block in enumerate(blocks):  # forward, keeping every x_k for comparison
-            h = block.residual(xs[k])
-            if k == 0:
-                xs.append(first_step(xs[0], h, b))
-                continue
-            sides.append(side_info(xs[k - 1], b, m) if b is not None else None)
-            xs.append(bdia_step(xs[k - 1], xs[k], h, per_sample(gammas[:, k - 1], h), b, sides[k]))
+            x_next, side = bdia_block(block, k, xs[k - 1] if k else None, xs[k], gammas, config, ())
+            xs.append(x_next)
+            sides.append(side)
         rebuilt = {depth: xs[depth], depth - 1: xs[depth - 1]}
         for k in range(depth - 1, 0, -1):  # backward, from the top pair only
             gamma = per_sample(gammas[:, k - 1], xs[k])
             h = blocks[k].residual(rebuilt[k])
-            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gamma, b, sides[k])
+            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gamma, b, sides[k])  # (24) or (16)
         errors[name] = [(rebuilt[k] - xs[k]).abs().max().item() for k in range(depth + 1)]
     return errors
 
