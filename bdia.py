@@ -66,22 +66,19 @@ def side_info(x, bits, m):
     return torch.remainder(-x.detach() * 2.0**bits, 2.0**m)  # a constant: no gradient
 
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
 def pack_bits(s, m):
     """Pack integer values 0 <= s < 2^m into m bits each: m bit planes, 8 flags per byte."""
     n = s.numel()
     s = s.reshape(-1).to(torch.uint8)
     s = torch.cat([s, s.new_zeros((-n) % 8)])  # pad to a multiple of 8
-    shifts = _SHIFTS.to(s.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=s.device)
     planes = [((s >> j) & 1).view(-1, 8) << shifts for j in range(m)]
     return torch.stack(planes).sum(dim=-1, dtype=torch.uint8)  # (m, ceil(n / 8))
 
 
 def unpack_bits(packed, m, shape, dtype):
     """Inverse of pack_bits: the m-bit values as a tensor of `shape` and `dtype`."""
-    shifts = _SHIFTS.to(packed.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     flags = (packed.unsqueeze(-1) >> shifts) & 1  # (m, ceil(n / 8), 8)
     s = sum(flags[j].reshape(-1).to(dtype) * 2**j for j in range(m))
     return s[: math.prod(shape)].view(shape)
@@ -153,6 +150,11 @@ class BDIAConfig:
                 f"BDIAConfig: reversible=True needs every |gamma| = 2^-m with m >= 1 (gammas="
                 f"{self.gammas}): only then is gamma (x + s 2^-l) exact (Prop. 4.3); use e.g. "
                 f"(-0.5, 0.5) or (-0.25, 0.25) {fix}"
+            )
+        if side_bits(self.gammas) > 8:
+            raise ValueError(
+                f"BDIAConfig: |gamma| below 2^-8 (gammas={self.gammas}) would need more than 8 bits "
+                f"of side information per element; use e.g. (-0.5, 0.5) {fix}"
             )
         if len({abs(g) for g in self.gammas}) > 1:
             raise ValueError(

@@ -137,6 +137,7 @@ def test_side_information_is_packed_to_m_bits_per_element(m, n):
         (dict(gammas=(-0.6, 0.6)), r"= 2\^-m with m >= 1"),
         (dict(gammas=(-1.0, 1.0)), r"= 2\^-m with m >= 1"),
         (dict(gammas=(-0.5, -0.25, 0.25, 0.5)), "one magnitude"),
+        (dict(gammas=(-(2.0**-9), 2.0**-9)), "more than 8 bits"),
         (dict(gammas=()), "empty"),
         (dict(bits=1.5), "must be an integer"),
     ],
