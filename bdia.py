@@ -368,7 +368,7 @@ class ReversibleBlock(torch.autograd.Function):
         rng_before = tape.rng_state()
         x_next, side = bdia_block(block, k, x_prev, x, gammas, tape.config, context)
         tape.magnitudes.append(x_next.abs().amax())
-        ctx.tape, ctx.block, ctx.k, ctx.n_context = tape, block, k, n_context
+        ctx.tape, ctx.block, ctx.k = tape, block, k
         ctx.rng = tape.rng_state_if_drawn(rng_before)
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         # All a block keeps goes through save_for_backward (the tests count it with
@@ -383,7 +383,10 @@ class ReversibleBlock(torch.autograd.Function):
     def backward(ctx, g_next):
         tape, block, k, config = ctx.tape, ctx.block, ctx.k, ctx.tape.config
         packed, gammas, *tensor_context = ctx.saved_tensors
-        context = [c if t is None else t.detach().requires_grad_(t.requires_grad) for t, c in zip(tensor_context, ctx.other_context)]
+        context = [  # context tensors that need a gradient become leaves of the recomputation
+            c if t is None else t.detach().requires_grad_(t.requires_grad)
+            for t, c in zip(tensor_context, ctx.other_context)
+        ]
         context_leaves = [c for c in context if torch.is_tensor(c) and c.requires_grad]
         params = [p for p in block.parameters() if p.requires_grad]
         x_next, x = tape.take(k)  # x_{k+1}, x_k
