@@ -384,3 +384,11 @@ def test_reconstruction_demo_shows_eq_16_drifting_and_eq_24_exact():
     assert all(e == 0.0 for e in errors["eq24"])
     assert errors["eq16"][12] == 0.0 and errors["eq16"][0] > 0.0
     assert errors["eq16"][0] > errors["eq16"][9]
+
+
+def test_back_propagating_a_reversible_graph_twice_is_refused():
+    blocks = make_stack(3).train()
+    out = run_blocks(blocks, torch.randn(2, 3, 8, requires_grad=True), BDIAConfig())
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already back-propagated"):
+        out.sum().backward()
