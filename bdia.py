@@ -293,7 +293,7 @@ class Tape:
         self.config = config
         self.cuda_device = x0.device if x0.device.type == "cuda" else None
         self.fingerprint = fingerprint(x0, config.bits)
-        self.magnitudes = [x0.abs().amax()]
+        self.magnitudes = [x0.detach().abs().amax()]
         self.rebuilt = {}
 
     def rng_state(self):

@@ -330,6 +330,9 @@ def test_reversible_memory_grows_with_depth_only_by_the_packed_side_bits():
     gamma_bytes_per_block = x.shape[0] * 4
     growth = kept[16][True] - kept[4][True]
     assert growth == 12 * (side_bytes_per_block + gamma_bytes_per_block)
+    # Besides the top pair (x_{K-1}, x_K), which the Tape holds, nothing but the side bits,
+    # the gammas and a few scalars is kept:
+    assert kept[4][True] < 3 * (side_bytes_per_block + gamma_bytes_per_block) + 64
     assert kept[4][True] < 0.2 * kept[4][False]
     assert kept[16][False] > 3 * kept[4][False]  # stored activations grow with depth
 
