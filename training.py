@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -249,7 +250,7 @@ def cosine_lr(step, total_steps, lr, warmup=0, min_lr=0.0):
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return min_lr + 0.5 * (1.0 + np.cos(np.pi * progress)) * (lr - min_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 Dist = namedtuple("Dist", "rank world_size local_rank enabled")

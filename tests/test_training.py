@@ -107,6 +107,7 @@ def test_cosine_lr_warms_up_then_decays_to_min_lr():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(type(lr) is float for lr in lrs)  # numpy scalars would not load with weights_only=True
 
 
 def test_single_process_without_torchrun(monkeypatch):
