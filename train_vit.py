@@ -292,14 +292,6 @@ def gamma_sweep(model, args, val, mean, std, device):
     return results
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: peak RSS of the process
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = training.pick_device(args.device)
@@ -345,7 +337,7 @@ def main(argv=None):
         val_loss, val_acc = evaluate(model_to_run, val_x, val_y, args, mean, std, device)
         best_acc = max(best_acc, val_acc)
         log.write(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-                  lr=optimizer.param_groups[0]["lr"], epoch_seconds=epoch_seconds[-1], peak_memory_mb=peak_memory_mb(device))
+                  lr=optimizer.param_groups[0]["lr"], epoch_seconds=epoch_seconds[-1], peak_memory_mb=training.peak_memory_mb(device))
         print(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, val loss {val_loss:.4f} acc {val_acc:.4f}, "
               f"{epoch_seconds[-1]:.1f}s")
         training.save_checkpoint(out / "ckpt.pt", dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -361,7 +353,7 @@ def main(argv=None):
     if val_acc is None and start_epoch > args.epochs:
         print(f"checkpoint already at epoch {args.epochs}")
     else:
-        print(f"best val acc {best_acc:.4f}, final val acc {val_acc:.4f}, peak memory {peak_memory_mb(device):.0f} MB, "
+        print(f"best val acc {best_acc:.4f}, final val acc {val_acc:.4f}, peak memory {training.peak_memory_mb(device):.0f} MB, "
               f"{np.mean(epoch_seconds):.1f} s/epoch")
 
 

@@ -97,6 +97,8 @@ def test_download_verifies_and_never_leaves_a_partial_file(tmp_path):
     dest.unlink()
     with pytest.raises(training.DownloadError, match="checksum mismatch.*by hand: copy it"):
         training.download(source.as_uri(), dest, md5="0" * 32, manual="copy it")
+    with pytest.raises(training.DownloadError, match="checksum mismatch"):
+        training.download(source.as_uri(), dest, size=2999)
     with pytest.raises(training.DownloadError, match="cannot download"):
         training.download((tmp_path / "missing").as_uri(), dest)
     assert list((tmp_path / "data").iterdir()) == []

@@ -53,12 +53,23 @@ def test_one_epoch_in_each_mode_writes_log_and_checkpoint(tmp_path, cifar_dir, f
     assert (tmp_path / "out" / "ckpt.pt").is_file()
 
 
-def test_resume_continues_exactly(tmp_path, cifar_dir):
-    straight = run(tmp_path, cifar_dir, "--bdia", "--epochs", "2", out="a")
-    run(tmp_path, cifar_dir, "--bdia", "--epochs", "1", out="b")
-    resumed = run(tmp_path, cifar_dir, "--bdia", "--epochs", "2", "--resume", out="b")
-    assert [r["epoch"] for r in resumed] == [1, 2]
-    assert resumed[1]["train_loss"] == straight[1]["train_loss"]
+def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch):
+    straight = run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", out="a")
+    real_epoch, calls = train_vit.train_epoch, []
+
+    def killed_in_epoch_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args)
+
+    monkeypatch.setattr(train_vit, "train_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", out="b")
+    monkeypatch.undo()
+    resumed = run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", "--resume", out="b")
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    assert resumed[2]["train_loss"] == straight[2]["train_loss"]
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
