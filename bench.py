@@ -6,6 +6,8 @@ user would choose between:
     checkpoint  torch.utils.checkpoint around each block (the usual memory saver)
     bdia        BDIA training with stored activations (eqs. 18-21)
     bdia-rev    BDIA with online back-propagation (activations rebuilt by eq. 24)
+    revvit      RevViT's two-stream reversible blocks with their own online back-propagation
+                (the paper's reversible baseline; vit family only)
 
 Memory is measured per mode and depth in a fresh process: on CUDA max_memory_allocated
 over one step, on CPU the peak-RSS rise of one step (MALLOC_MMAP_THRESHOLD_=65536, so
@@ -29,18 +31,20 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from bdia import BDIAConfig, run_blocks, side_bits
-from models import Block
+from models import Block, RevBlock, run_rev_blocks
 
-MODES = ("plain", "checkpoint", "bdia", "bdia-rev")
+MODES = ("plain", "checkpoint", "bdia", "bdia-rev", "revvit")
 FAMILIES = {  # (width, heads, MLP width, tokens, causal)
     "vit": (512, 8, 512, 65, False),  # the paper's ViT on CIFAR: 64 patches + CLS
     "gpt": (768, 12, 3072, 256, True),  # nanoGPT-like
 }
 
 
-def build_stack(args, depth):
+def build_stack(args, mode, depth):
     dim, heads, mlp, _, causal = family(args)
     torch.manual_seed(0)
+    if mode == "revvit":
+        return nn.ModuleList(RevBlock(dim, heads, mlp, args.dropout) for _ in range(depth))
     return nn.ModuleList(Block(dim, heads, mlp, args.dropout, causal=causal) for _ in range(depth))
 
 
@@ -52,6 +56,8 @@ def family(args):
 def forward(mode, blocks, x):
     if mode == "plain":
         return run_blocks(blocks, x, None)
+    if mode == "revvit":
+        return torch.cat(run_rev_blocks(blocks, x, x, reversible=True), dim=-1)
     if mode == "checkpoint":
         for block in blocks:
             x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
@@ -60,7 +66,7 @@ def forward(mode, blocks, x):
 
 
 def make_step(args, mode, depth, device):
-    blocks = build_stack(args, depth).to(device).train()
+    blocks = build_stack(args, mode, depth).to(device).train()
     _, _, _, tokens, _ = family(args)
     x = torch.randn(args.batch_size, tokens, family(args)[0], device=device)
     optimizer = torch.optim.AdamW(blocks.parameters(), lr=1e-4)
@@ -147,7 +153,7 @@ def side_info_bytes(args, depth):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="vit")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} (revvit: vit family)")
     p.add_argument("--depths", default="6,12,24,48")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dim", type=int, default=None, help="override the family's width (MLP becomes 4x)")
@@ -163,6 +169,8 @@ def main():
     p.add_argument("--measure-memory", nargs=2, metavar=("MODE", "DEPTH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.modes = args.modes.split(",")
+    if args.family == "gpt" and "revvit" in args.modes:
+        args.modes.remove("revvit")  # RevViT is the ViT family's baseline
     if bad := [m for m in args.modes if m not in MODES]:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     try:

@@ -23,6 +23,16 @@ def test_bench_runs_every_mode_and_reversible_keeps_least(tmp_path):
     assert "bdia-rev" in run.stdout and "x plain" in run.stdout
 
 
+def test_bench_vit_family_includes_revvit(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "bench.py", "--family", "vit", "--dim", "32", "--heads", "2", "--depths", "2",
+            "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--no-memory",
+            "--modes", "plain,revvit", "--json", str(out)]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["plain", "revvit"]
+
+
 def test_bench_rejects_unknown_modes():
     run = subprocess.run([sys.executable, "bench.py", "--modes", "plain,magic"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and "unknown mode" in run.stderr
