@@ -143,6 +143,11 @@ def measure_times(args, depth, device):
     return {mode: statistics.median(t) for mode, t in times.items()}
 
 
+def state_bytes(args, mode, depth):
+    """Parameters, gradients and AdamW's two moments: 4 float32 copies of the weights."""
+    return 4 * 4 * sum(p.numel() for p in build_stack(args, mode, depth).parameters())
+
+
 def side_info_bytes(args, depth):
     """Bytes of packed side information bdia-rev keeps per step: m bits per element, K-1 blocks."""
     dim, _, _, tokens, _ = family(args)
@@ -193,9 +198,11 @@ def run(args, depths):
         times = measure_times(args, depth, device)
         for mode in args.modes:
             mem = None if args.no_memory else memory_in_fresh_process(args, mode, depth)
-            row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20)
+            row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20,
+                       state_mb=state_bytes(args, mode, depth) / 2**20)
             if mode == "bdia-rev":
                 row["side_info_mb"] = side_info_bytes(args, depth) / 2**20
+                row["side_info_share"] = mem and side_info_bytes(args, depth) / mem
             results.append(row)
     for row in results:  # ratios to plain from the same run
         plain = next(r for r in results if r["depth"] == row["depth"] and r["mode"] == "plain") if "plain" in args.modes else None
@@ -218,14 +225,18 @@ def print_table(args, results):
     dim, heads, mlp, tokens, _ = family(args)
     print(f"\n{args.family} stack: width {dim}, {heads} heads, MLP {mlp}, {tokens} tokens, batch {args.batch_size}, "
           f"dropout {args.dropout}, {device_name(torch.device(args.device))}")
-    print(f"{'mode':>11} {'depth':>5} {'act. MB':>9} {'x plain':>8} {'step ms':>9} {'x plain':>8} {'side MB':>8}")
+    print("act. MB: what a training step allocates beyond the parameters, gradients and optimizer state (state MB)")
+    print(f"{'mode':>11} {'depth':>5} {'state MB':>9} {'act. MB':>9} {'x plain':>8} {'step ms':>9} {'x plain':>8} "
+          f"{'side MB':>8} {'side %':>7}")
 
     def fmt(v, spec):
         return format(v, spec) if v is not None else "-"
 
     for r in results:
-        print(f"{r['mode']:>11} {r['depth']:>5} {fmt(r['activation_mb'], '9.1f')} {fmt(r['memory_vs_plain'], '8.2f')} "
-              f"{r['step_ms']:9.1f} {fmt(r['time_vs_plain'], '8.2f')} {fmt(r.get('side_info_mb'), '8.2f')}")
+        share = r.get("side_info_share")
+        print(f"{r['mode']:>11} {r['depth']:>5} {r['state_mb']:9.1f} {fmt(r['activation_mb'], '9.1f')} "
+              f"{fmt(r['memory_vs_plain'], '8.2f')} {r['step_ms']:9.1f} {fmt(r['time_vs_plain'], '8.2f')} "
+              f"{fmt(r.get('side_info_mb'), '8.2f')} {fmt(share and 100 * share, '7.1f')}")
 
 
 if __name__ == "__main__":
