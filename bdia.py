@@ -63,7 +63,7 @@ def side_info(x, bits, m):
     2^m and gamma (x + s 2^-l) is again on the grid with no rounding (Prop. 4.3).
     For m = 1, s is the parity of n, exactly eq. (20). Returned as float, like x.
     """
-    return torch.remainder(-x.detach() * 2.0**bits, 2.0**m)  # a constant: no gradient
+    return torch.remainder(x.detach() * -(2.0**bits), 2.0**m)  # a constant: no gradient
 
 
 def pack_bits(s, m):
@@ -293,7 +293,7 @@ class Tape:
         self.config = config
         self.cuda_device = x0.device if x0.device.type == "cuda" else None
         self.fingerprint = fingerprint(x0, config.bits)
-        self.magnitudes = [x0.detach().abs().amax()]
+        self.magnitudes = [max_abs(x0)]
         self.rebuilt = {}
 
     def rng_state(self):
@@ -320,6 +320,10 @@ class Tape:
                 "back-propagated twice (retain_graph=True is not supported with reversible=True)"
             )
         return self.rebuilt.pop(k + 1), self.rebuilt[k]
+
+
+def max_abs(x):
+    return torch.linalg.vector_norm(x.detach(), float("inf"))
 
 
 def fingerprint(x, bits):
@@ -367,7 +371,7 @@ class ReversibleBlock(torch.autograd.Function):
         context = context_and_params[:n_context]
         rng_before = tape.rng_state()
         x_next, side = bdia_block(block, k, x_prev, x, gammas, tape.config, context)
-        tape.magnitudes.append(x_next.abs().amax())
+        tape.magnitudes.append(max_abs(x_next))
         ctx.tape, ctx.block, ctx.k = tape, block, k
         ctx.rng = tape.rng_state_if_drawn(rng_before)
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
