@@ -148,14 +148,16 @@ def load_pairs(args):
         where = path
     if not pairs:
         raise DataError(f"no sentence pairs in {where}")
-    return pairs[: args.max_pairs] if args.max_pairs else pairs
+    return pairs
 
 
-def split_pairs(pairs, val_fraction=0.1, seed=0):
-    """Shuffle with a fixed seed (independent of --seed) and split off the validation part."""
+def split_pairs(pairs, val_fraction=0.1, limit=0, seed=0):
+    """Shuffle with a fixed seed (independent of --seed), keep `limit` pairs (0: all) and
+    split off the validation part."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(pairs) * val_fraction)) if len(pairs) > 1 else 0
+    order = order[:limit] if limit else order
+    n_val = max(1, round(len(order) * val_fraction)) if len(order) > 1 else 0
     return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
 
 
@@ -339,7 +341,7 @@ def train(args, parser):
     out = Path(args.out_dir)
     ckpt_path = out / "ckpt.pt"
     training.seed_everything(args.seed)
-    train_pairs, val_pairs = split_pairs(load_pairs(args), args.val_fraction)
+    train_pairs, val_pairs = split_pairs(load_pairs(args), args.val_fraction, args.max_pairs)
     ckpt = training.load_checkpoint(ckpt_path, device) if args.resume else None
     if ckpt is not None:
         src_vocab, tgt_vocab, lowercase = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"]), ckpt["lowercase"]
@@ -430,7 +432,7 @@ def build_parser():
                    "eng-fra.txt to --data-dir; gettext-fr: the French gettext catalogues in --locale-dir")
     g.add_argument("--data-dir", default="data", help="where --dataset eng-fra is stored (default data)")
     g.add_argument("--locale-dir", default="/usr/share/locale/fr/LC_MESSAGES")
-    g.add_argument("--max-pairs", type=int, default=0, help="use only the first N pairs (0: all)")
+    g.add_argument("--max-pairs", type=int, default=0, help="use N pairs drawn with the split's fixed seed (0: all)")
     g.add_argument("--val-fraction", type=float, default=0.1)
     g.add_argument("--min-freq", type=int, default=1, help="rarer tokens become <unk>")
     g.add_argument("--max-tokens", type=int, default=40, help="drop pairs with a longer side")
