@@ -63,10 +63,7 @@ def side_info(x, bits, m):
     2^m and gamma (x + s 2^-l) is again on the grid with no rounding (Prop. 4.3).
     For m = 1, s is the parity of n, exactly eq. (20). Returned as float, like x.
     """
-    return torch.remainder(-x.detach() * 2.0**bits, 2.0**m)  # a constant: no gradient
-
-
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+    return torch.remainder(x.detach() * -(2.0**bits), 2.0**m)  # a constant: no gradient
 
 
 def pack_bits(s, m):
@@ -74,14 +71,14 @@ def pack_bits(s, m):
     n = s.numel()
     s = s.reshape(-1).to(torch.uint8)
     s = torch.cat([s, s.new_zeros((-n) % 8)])  # pad to a multiple of 8
-    shifts = _SHIFTS.to(s.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=s.device)
     planes = [((s >> j) & 1).view(-1, 8) << shifts for j in range(m)]
     return torch.stack(planes).sum(dim=-1, dtype=torch.uint8)  # (m, ceil(n / 8))
 
 
 def unpack_bits(packed, m, shape, dtype):
     """Inverse of pack_bits: the m-bit values as a tensor of `shape` and `dtype`."""
-    shifts = _SHIFTS.to(packed.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     flags = (packed.unsqueeze(-1) >> shifts) & 1  # (m, ceil(n / 8), 8)
     s = sum(flags[j].reshape(-1).to(dtype) * 2**j for j in range(m))
     return s[: math.prod(shape)].view(shape)
@@ -153,6 +150,11 @@ class BDIAConfig:
                 f"BDIAConfig: reversible=True needs every |gamma| = 2^-m with m >= 1 (gammas="
                 f"{self.gammas}): only then is gamma (x + s 2^-l) exact (Prop. 4.3); use e.g. "
                 f"(-0.5, 0.5) or (-0.25, 0.25) {fix}"
+            )
+        if side_bits(self.gammas) > 8:
+            raise ValueError(
+                f"BDIAConfig: |gamma| below 2^-8 (gammas={self.gammas}) would need more than 8 bits "
+                f"of side information per element; use e.g. (-0.5, 0.5) {fix}"
             )
         if len({abs(g) for g in self.gammas}) > 1:
             raise ValueError(
@@ -229,10 +231,12 @@ def run_blocks(blocks, x, config, *context):
             "under torch.autocast instead"
         )
     gammas = draw_gammas(config, x.shape[0], len(blocks), x.device, x.dtype)
-    if not config.reversible or not torch.is_grad_enabled():
-        return bdia_stack(blocks, x, gammas, config, context)[1]
-    params = [p for p in blocks.parameters() if p.requires_grad]
-    return ReversibleBDIA.apply(blocks, config, gammas, len(context), x, *context, *params)
+    if config.reversible and torch.is_grad_enabled():
+        return reversible_stack(blocks, x, gammas, config, context)
+    x_prev, x = None, quantize(x, config.bits)  # (18)
+    for k, block in enumerate(blocks):
+        x_prev, x = x, bdia_block(block, k, x_prev, x, gammas, config, context)[0]
+    return x
 
 
 def residual_of(block, x, context):
@@ -240,10 +244,20 @@ def residual_of(block, x, context):
     return block.residual(x, *context).to(x.dtype)
 
 
+def bdia_block(block, k, x_prev, x, gammas, config, context):
+    """One block of BDIA training: x_{k+1} by (19) for k = 0, else by (21) (or (10)).
+    Returns x_{k+1} and the side information s_{k-1} (20) it used (None if none)."""
+    h = residual_of(block, x, context)
+    if k == 0:
+        return first_step(x, h, config.bits), None  # (19)
+    side = None if config.bits is None else side_info(x_prev, config.bits, side_bits(config.gammas))  # (20)
+    gamma = per_sample(gammas[:, k - 1], x)
+    return bdia_step(x_prev, x, h, gamma, config.bits, side), side  # (21)
+
+
 def bdia_inference(blocks, x, config, *context):
     """Eq. (25) when eval_gamma is 0 (or (10)/(21) with the constant eval_gamma, paper Fig. 1)."""
     gamma, bits = config.eval_gamma, config.bits
-    m = side_bits((gamma,))
     x_prev, x = None, quantize(x, bits)  # (18)
     for k, block in enumerate(blocks):
         h = residual_of(block, x, context)
@@ -252,84 +266,69 @@ def bdia_inference(blocks, x, config, *context):
         elif gamma == 0:
             x_prev, x = x, quantize(x + h, bits)  # (25)
         else:
-            side = side_info(x_prev, bits, m) if bits is not None else None
+            side = side_info(x_prev, bits, side_bits((gamma,))) if bits is not None else None
             x_prev, x = x, bdia_step(x_prev, x, h, gamma, bits, side)
     return x
 
 
-def bdia_stack(blocks, x, gammas, config, context, tape=None):
-    """BDIA training forward, eqs. (18)-(21) (or (6), (10)): returns (x_{K-1}, x_K).
-
-    Stored-activation mode runs it with autograd recording; the reversible mode runs it
-    under no_grad and passes a `tape` that keeps only what the backward pass needs.
-    """
-    bits, m = config.bits, side_bits(config.gammas)
-    x_prev, x = None, quantize(x, bits)  # (18)
-    for k, block in enumerate(blocks):
-        if tape is not None:
-            tape.before_block(x)
-        h = residual_of(block, x, context)
-        if k == 0:
-            x_prev, x = x, first_step(x, h, bits)  # (19)
-        else:
-            side = side_info(x_prev, bits, m) if bits is not None else None  # (20)
-            if tape is not None:
-                tape.keep_side(side, m)
-            gamma = per_sample(gammas[:, k - 1], x)
-            x_prev, x = x, bdia_step(x_prev, x, h, gamma, bits, side)  # (21)
-        if tape is not None:
-            tape.after_block(block)
-    if tape is not None:
-        tape.watch(x)  # the guard also checks the top, x_K
-    return x_prev, x
-
-
 # -----------------------------------------------------------------------------
 # Online back-propagation
+#
+# Each block is one autograd Function, ReversibleBlock, whose inputs are (x_{k-1}, x_k),
+# the context and the block's trainable parameters, and whose output is x_{k+1}. Its
+# forward stores no activation; only the packed side bits s_{k-1}. Autograd runs the
+# blocks' backwards from the top down; block k's backward takes (x_k, x_{k+1}) from the
+# shared Tape, recomputes h_k(x_k) with grad, rebuilds x_{k-1} by (24) for block k-1, and
+# returns the gradients of its own inputs. So parameter gradients arrive block by block
+# (DDP's hooks fire as they do for a plain model) and context gradients are summed over
+# blocks by autograd itself.
 
 
 class Tape:
-    """What the reversible forward keeps for backward, besides the top pair (x_{K-1}, x_K):
-    the side information packed to m bits per element, the RNG state of each block that
-    drew random numbers (dropout), and |x_k| per block for the float32 exactness guard."""
+    """What the blocks of one reversible forward share: the activations rebuilt so far
+    (at first only the top pair (x_{K-1}, x_K)), a fingerprint of x_0, and |x_k| for the
+    float32 exactness guard."""
 
-    def __init__(self, device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.sides, self.cpu_states, self.cuda_states, self.magnitudes = [], [], [], []
+    def __init__(self, x0, config):
+        self.config = config
+        self.cuda_device = x0.device if x0.device.type == "cuda" else None
+        self.fingerprint = fingerprint(x0, config.bits)
+        self.magnitudes = [max_abs(x0)]
+        self.rebuilt = {}
 
     def rng_state(self):
-        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None
+        cuda = self.cuda_device and torch.cuda.get_rng_state(self.cuda_device)
+        return torch.get_rng_state(), cuda
 
-    def watch(self, x):
-        self.magnitudes.append(x.abs().amax())
+    def rng_state_if_drawn(self, before):
+        """The RNG states from `before` a block, or None if the block drew no random numbers
+        (then memory does not grow with depth beyond the side bits)."""
+        after = self.rng_state()
+        cuda_changed = self.cuda_device is not None and not torch.equal(before[1], after[1])
+        return before if cuda_changed or not torch.equal(before[0], after[0]) else None
 
-    def before_block(self, x):
-        self.watch(x)
-        self.state = self.rng_state()
+    def restore_rng(self, state):
+        torch.set_rng_state(state[0])
+        if self.cuda_device is not None:
+            torch.cuda.set_rng_state(state[1], self.cuda_device)
 
-    def keep_side(self, side, m):
-        self.sides.append(pack_bits(side, m))
+    def take(self, k):
+        """(x_{k+1}, x_k) for the backward of block k; x_{k+1} is not needed after it."""
+        if k + 1 not in self.rebuilt:
+            raise RuntimeError(
+                "BDIA: this reversible graph was already back-propagated; it cannot be "
+                "back-propagated twice (retain_graph=True is not supported with reversible=True)"
+            )
+        return self.rebuilt.pop(k + 1), self.rebuilt[k]
 
-    def after_block(self, block):
-        # Keep a block's RNG state only if it drew random numbers, so that with no
-        # dropout the memory kept does not grow with depth beyond the side bits.
-        cpu_after, cuda_after = self.rng_state()
-        cpu_before, cuda_before = self.state
-        self.cpu_states.append(None if torch.equal(cpu_before, cpu_after) else cpu_before)
-        changed = self.cuda and not torch.equal(cuda_before, cuda_after)
-        self.cuda_states.append(cuda_before if changed else None)
 
-    def restore_rng(self, k):
-        if self.cpu_states[k] is not None:
-            torch.set_rng_state(self.cpu_states[k])
-        if self.cuda_states[k] is not None:
-            torch.cuda.set_rng_state(self.cuda_states[k], self.device)
+def max_abs(x):
+    return torch.linalg.vector_norm(x.detach(), float("inf"))
 
 
 def fingerprint(x, bits):
     """Integer checksums of x on the 2^-l grid: any single-element change alters them."""
-    n = torch.round(x * 2.0**bits).to(torch.int64)
+    n = torch.round(x.detach() * 2.0**bits).to(torch.int64)
     return torch.stack([n.sum(), (n * n).sum()])
 
 
@@ -345,114 +344,87 @@ def check_magnitudes(magnitudes, x, bits):
     raise RuntimeError(
         f"BDIA: |x| reached {magnitudes[k].item():.4g} at {where}, but {x.dtype} holds the 2^-{bits} "
         f"grid exactly only below 2^{math.log2(limit):.0f} = {limit:g}; the reversible backward "
-        f"would return wrong gradients. Use fewer bits (e.g. bits={max(bits - 3, 0)}), normalise "
+        f"would return wrong gradients. Use fewer bits (e.g. bits={bits - 3}), normalise "
         f"the stack's input, or keep the residual stream in float64"
     )
 
 
-class ReversibleBDIA(torch.autograd.Function):
-    """BDIA training with online back-propagation: no activations are stored.
+def reversible_stack(blocks, x, gammas, config, context):
+    """BDIA training (18)-(21) whose backward rebuilds the activations by (24)."""
+    x_prev, x = None, quantize(x, config.bits)  # (18)
+    tape = Tape(x, config)
+    for k, block in enumerate(blocks):
+        params = [p for p in block.parameters() if p.requires_grad]
+        x_next = ReversibleBlock.apply(tape, block, k, gammas, x_prev, x, len(context), *context, *params)
+        x_prev, x = x, x_next
+    check_magnitudes(tape.magnitudes, x, config.bits)
+    tape.rebuilt = {len(blocks): x.detach(), len(blocks) - 1: x_prev.detach()}
+    tape.magnitudes = None
+    return x
 
-    Inputs: the blocks, config, gammas, the number of context arguments, x, the context
-    and the trainable parameters (inputs, so that DDP hooks fire and frozen inputs work).
-    """
+
+class ReversibleBlock(torch.autograd.Function):
+    """Block k of a reversible BDIA stack: (x_{k-1}, x_k) -> x_{k+1}, no activations kept."""
 
     @staticmethod
-    def forward(ctx, blocks, config, gammas, n_context, x, *context_and_params):
+    def forward(ctx, tape, block, k, gammas, x_prev, x, n_context, *context_and_params):
         context = context_and_params[:n_context]
-        tape = Tape(x.device)
-        x_prev, x_top = bdia_stack(blocks, x, gammas, config, context, tape)
-        check_magnitudes(tape.magnitudes, x, config.bits)
-        ctx.blocks, ctx.config, ctx.n_context, ctx.tape = blocks, config, n_context, tape
-        ctx.autocast = (
-            torch.is_autocast_enabled(x.device.type),
-            torch.get_autocast_dtype(x.device.type),
-        )
-        # Everything held for backward but the RNG states of blocks with dropout goes
-        # through save_for_backward (and so through saved-tensor hooks, which the tests count).
-        tensor_context = [c if torch.is_tensor(c) else None for c in context]
+        rng_before = tape.rng_state()
+        x_next, side = bdia_block(block, k, x_prev, x, gammas, tape.config, context)
+        tape.magnitudes.append(max_abs(x_next))
+        ctx.tape, ctx.block, ctx.k = tape, block, k
+        ctx.rng = tape.rng_state_if_drawn(rng_before)
+        ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+        # All a block keeps goes through save_for_backward (the tests count it with
+        # saved-tensor hooks), but for the RNG states of blocks with dropout.
+        packed = None if side is None else pack_bits(side, side_bits(tape.config.gammas))
         ctx.other_context = [None if torch.is_tensor(c) else c for c in context]
-        ctx.save_for_backward(
-            x_prev, x_top, gammas, fingerprint(quantize(x, config.bits), config.bits),
-            *tape.sides, *tensor_context,
-        )
-        tape.sides = tape.magnitudes = None
-        return x_top
+        tensor_context = [c if torch.is_tensor(c) else None for c in context]
+        ctx.save_for_backward(packed, gammas, *tensor_context)
+        return x_next
 
     @staticmethod
-    def backward(ctx, grad_top):
-        blocks, config, tape = ctx.blocks, ctx.config, ctx.tape
-        x_prev, x_top, gammas, print0, *rest = ctx.saved_tensors
-        sides, tensor_context = rest[: len(blocks) - 1], rest[len(blocks) - 1 :]
-        context = [t if t is not None else c for t, c in zip(tensor_context, ctx.other_context)]
-        context = [c.detach().requires_grad_() if torch.is_tensor(c) and c.requires_grad else c for c in context]
-        params = [p for p in blocks.parameters() if p.requires_grad]
-        grads = Grads(params, context)
-        bits, m = config.bits, side_bits(config.gammas)
-        enabled, dtype = ctx.autocast
-        device = x_top.device
-
-        # Walk down: (x_k, x_{k+1}) -> x_{k-1}. g_next = dL/dx_{k+1} is complete; g_cur =
-        # dL/dx_k so far holds only what reached it through gamma_{k+1} in (21).
-        x_next, x = x_top, x_prev
-        g_next, g_cur = grad_top, torch.zeros_like(grad_top)
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            for k in range(len(blocks) - 1, -1, -1):
-                tape.restore_rng(k)
-                x_leaf = x.detach().requires_grad_()
-                with torch.autocast(device.type, dtype=dtype, enabled=enabled):
-                    h = residual_of(blocks[k], x_leaf, context)
-                if k == 0:  # x_1 = x_0 + Q[h_0(x_0)]: dx_1/dx_0 = I + dh_0/dx_0 (STE)
-                    g_x = grads.block_vjp(blocks[k], h, x_leaf, g_next)
-                    g_x0 = g_cur + g_next + g_x
-                    x_prev = x
-                    break
-                gamma = per_sample(gammas[:, k - 1], x)
-                g_x = grads.block_vjp(blocks[k], h, x_leaf, (1 + gamma) * g_next)
-                side = unpack_bits(sides[k - 1], m, x.shape, x.dtype)
-                x_prev = bdia_unstep(x_next, x, h.detach(), gamma, bits, side)  # (24)
-                x_next, x = x, x_prev
-                g_next, g_cur = g_cur + (1 - gamma) * g_next + g_x, gamma * g_next
-
-        if not torch.equal(fingerprint(x_prev, bits), print0):
-            raise RuntimeError(
-                "BDIA: the reversible backward did not rebuild x_0 bit for bit. A block is not "
-                "deterministic between forward and recomputation (a non-deterministic kernel, an "
-                "attention backend that differs with and without grad, or RNG use outside the "
-                "block's own call); make the blocks deterministic or use reversible=False"
-            )
-        x_grad = g_x0 if ctx.needs_input_grad[4] else None
-        return (None, None, None, None, x_grad, *grads.context_grads, *grads.param_grads)
-
-
-class Grads:
-    """Gradient accumulators for the trainable parameters and the context tensors."""
-
-    def __init__(self, params, context):
-        self.params = params
-        self.index = {id(p): i for i, p in enumerate(params)}
-        self.param_grads = [None] * len(params)
-        self.context = context
-        self.context_grads = [None] * len(context)
-
-    def block_vjp(self, block, h, x_leaf, grad_h):
-        """Back-propagate grad_h through one recomputed block; return dL/dx_k via h_k."""
-        own = [p for p in block.parameters() if p.requires_grad]
-        ctx_in = [c for c in self.context if torch.is_tensor(c) and c.requires_grad]
-        inputs = [x_leaf, *own, *ctx_in]
-        got = torch.autograd.grad(h, inputs, grad_h, allow_unused=True)
-        for p, g in zip(own, got[1 : 1 + len(own)]):
-            self._add(self.param_grads, self.index[id(p)], g)
-        ctx_ids = {id(c): i for i, c in enumerate(self.context)}
-        for c, g in zip(ctx_in, got[1 + len(own) :]):
-            self._add(self.context_grads, ctx_ids[id(c)], g)
-        return got[0] if got[0] is not None else torch.zeros_like(x_leaf)
-
-    @staticmethod
-    def _add(slots, i, g):
-        if g is not None:
-            slots[i] = g if slots[i] is None else slots[i] + g
+    def backward(ctx, g_next):
+        tape, block, k, config = ctx.tape, ctx.block, ctx.k, ctx.tape.config
+        packed, gammas, *tensor_context = ctx.saved_tensors
+        context = [  # context tensors that need a gradient become leaves of the recomputation
+            c if t is None else t.detach().requires_grad_(t.requires_grad)
+            for t, c in zip(tensor_context, ctx.other_context)
+        ]
+        context_leaves = [c for c in context if torch.is_tensor(c) and c.requires_grad]
+        params = [p for p in block.parameters() if p.requires_grad]
+        x_next, x = tape.take(k)  # x_{k+1}, x_k
+        x_leaf = x.detach().requires_grad_()
+        devices = [] if tape.cuda_device is None else [tape.cuda_device]
+        with torch.random.fork_rng(devices, enabled=ctx.rng is not None), torch.enable_grad():
+            if ctx.rng is not None:
+                tape.restore_rng(ctx.rng)  # replay this block's dropout masks exactly
+            enabled, dtype = ctx.autocast
+            with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+                h = residual_of(block, x_leaf, context)
+        # dx_{k+1}/dx_{k-1} = gamma, dx_{k+1}/dx_k = (1 - gamma) + (1 + gamma) dh/dx (Q: straight-through)
+        gamma = 0.0 if k == 0 else per_sample(gammas[:, k - 1], x)
+        grads = torch.autograd.grad(h, [x_leaf, *params, *context_leaves], (1 + gamma) * g_next, allow_unused=True)
+        g_h, param_grads, leaf_grads = grads[0], grads[1 : 1 + len(params)], grads[1 + len(params) :]
+        g_x = (1 - gamma) * g_next + (0 if g_h is None else g_h)
+        g_prev = None
+        if k > 0:
+            side = unpack_bits(packed, side_bits(config.gammas), x.shape, x.dtype)
+            x_prev = bdia_unstep(x_next, x, h.detach(), gamma, config.bits, side)  # (24)
+            tape.rebuilt[k - 1] = x_prev
+            if k == 1 and not torch.equal(fingerprint(x_prev, config.bits), tape.fingerprint):
+                raise RuntimeError(
+                    "BDIA: the reversible backward did not rebuild x_0 bit for bit. A block is not "
+                    "deterministic between forward and recomputation (a non-deterministic kernel, an "
+                    "attention backend that differs with and without grad, or RNG use outside the "
+                    "block's own call); make the blocks deterministic or use reversible=False"
+                )
+            g_prev = gamma * g_next if ctx.needs_input_grad[4] else None
+        else:
+            tape.rebuilt.pop(0)
+        leaf_grad = dict(zip(map(id, context_leaves), leaf_grads))
+        context_grads = [leaf_grad.get(id(c)) for c in context]
+        return (None, None, None, None, g_prev, g_x, None, *context_grads, *param_grads)
 
 
 # -----------------------------------------------------------------------------
@@ -493,20 +465,17 @@ def reconstruction_errors(depth=12, dim=256, heads=8, batch=4, seq=64, bits=9, s
     gammas = draw_gammas(BDIAConfig(), batch, depth, x0.device, x0.dtype)
     errors = {}
     for name, b in (("eq16", None), ("eq24", bits)):
-        m = side_bits((0.5,))
-        xs, sides = [quantize(x0, b)], [None]
+        config = BDIAConfig(bits=b, reversible=False)
+        xs, sides = [quantize(x0, b)], []  # sides[k]: the s_{k-1} block k used
         for k, block in enumerate(blocks):  # forward, keeping every x_k for comparison
-            h = block.residual(xs[k])
-            if k == 0:
-                xs.append(first_step(xs[0], h, b))
-                continue
-            sides.append(side_info(xs[k - 1], b, m) if b is not None else None)
-            xs.append(bdia_step(xs[k - 1], xs[k], h, per_sample(gammas[:, k - 1], h), b, sides[k]))
+            x_next, side = bdia_block(block, k, xs[k - 1] if k else None, xs[k], gammas, config, ())
+            xs.append(x_next)
+            sides.append(side)
         rebuilt = {depth: xs[depth], depth - 1: xs[depth - 1]}
         for k in range(depth - 1, 0, -1):  # backward, from the top pair only
             gamma = per_sample(gammas[:, k - 1], xs[k])
             h = blocks[k].residual(rebuilt[k])
-            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gamma, b, sides[k])
+            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gamma, b, sides[k])  # (24) or (16)
         errors[name] = [(rebuilt[k] - xs[k]).abs().max().item() for k in range(depth + 1)]
     return errors
 

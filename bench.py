@@ -6,6 +6,8 @@ user would choose between:
     checkpoint  torch.utils.checkpoint around each block (the usual memory saver)
     bdia        BDIA training with stored activations (eqs. 18-21)
     bdia-rev    BDIA with online back-propagation (activations rebuilt by eq. 24)
+    revvit      RevViT's two-stream reversible blocks with their own online back-propagation
+                (the paper's reversible baseline; vit family only)
 
 Memory is measured per mode and depth in a fresh process: on CUDA max_memory_allocated
 over one step, on CPU the peak-RSS rise of one step (MALLOC_MMAP_THRESHOLD_=65536, so
@@ -29,18 +31,20 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from bdia import BDIAConfig, run_blocks, side_bits
-from models import Block
+from models import Block, RevBlock, run_rev_blocks
 
-MODES = ("plain", "checkpoint", "bdia", "bdia-rev")
+MODES = ("plain", "checkpoint", "bdia", "bdia-rev", "revvit")
 FAMILIES = {  # (width, heads, MLP width, tokens, causal)
     "vit": (512, 8, 512, 65, False),  # the paper's ViT on CIFAR: 64 patches + CLS
     "gpt": (768, 12, 3072, 256, True),  # nanoGPT-like
 }
 
 
-def build_stack(args, depth):
+def build_stack(args, mode, depth):
     dim, heads, mlp, _, causal = family(args)
     torch.manual_seed(0)
+    if mode == "revvit":
+        return nn.ModuleList(RevBlock(dim, heads, mlp, args.dropout) for _ in range(depth))
     return nn.ModuleList(Block(dim, heads, mlp, args.dropout, causal=causal) for _ in range(depth))
 
 
@@ -52,6 +56,8 @@ def family(args):
 def forward(mode, blocks, x):
     if mode == "plain":
         return run_blocks(blocks, x, None)
+    if mode == "revvit":
+        return torch.cat(run_rev_blocks(blocks, x, x, reversible=True), dim=-1)
     if mode == "checkpoint":
         for block in blocks:
             x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
@@ -60,7 +66,7 @@ def forward(mode, blocks, x):
 
 
 def make_step(args, mode, depth, device):
-    blocks = build_stack(args, depth).to(device).train()
+    blocks = build_stack(args, mode, depth).to(device).train()
     _, _, _, tokens, _ = family(args)
     x = torch.randn(args.batch_size, tokens, family(args)[0], device=device)
     optimizer = torch.optim.AdamW(blocks.parameters(), lr=1e-4)
@@ -137,6 +143,11 @@ def measure_times(args, depth, device):
     return {mode: statistics.median(t) for mode, t in times.items()}
 
 
+def state_bytes(args, mode, depth):
+    """Parameters, gradients and AdamW's two moments: 4 float32 copies of the weights."""
+    return 4 * 4 * sum(p.numel() for p in build_stack(args, mode, depth).parameters())
+
+
 def side_info_bytes(args, depth):
     """Bytes of packed side information bdia-rev keeps per step: m bits per element, K-1 blocks."""
     dim, _, _, tokens, _ = family(args)
@@ -147,7 +158,7 @@ def side_info_bytes(args, depth):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="vit")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} (revvit: vit family)")
     p.add_argument("--depths", default="6,12,24,48")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dim", type=int, default=None, help="override the family's width (MLP becomes 4x)")
@@ -163,6 +174,8 @@ def main():
     p.add_argument("--measure-memory", nargs=2, metavar=("MODE", "DEPTH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.modes = args.modes.split(",")
+    if args.family == "gpt" and "revvit" in args.modes:
+        args.modes.remove("revvit")  # RevViT is the ViT family's baseline
     if bad := [m for m in args.modes if m not in MODES]:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     try:
@@ -185,9 +198,11 @@ def run(args, depths):
         times = measure_times(args, depth, device)
         for mode in args.modes:
             mem = None if args.no_memory else memory_in_fresh_process(args, mode, depth)
-            row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20)
+            row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20,
+                       state_mb=state_bytes(args, mode, depth) / 2**20)
             if mode == "bdia-rev":
                 row["side_info_mb"] = side_info_bytes(args, depth) / 2**20
+                row["side_info_share"] = mem and side_info_bytes(args, depth) / mem
             results.append(row)
     for row in results:  # ratios to plain from the same run
         plain = next(r for r in results if r["depth"] == row["depth"] and r["mode"] == "plain") if "plain" in args.modes else None
@@ -210,14 +225,18 @@ def print_table(args, results):
     dim, heads, mlp, tokens, _ = family(args)
     print(f"\n{args.family} stack: width {dim}, {heads} heads, MLP {mlp}, {tokens} tokens, batch {args.batch_size}, "
           f"dropout {args.dropout}, {device_name(torch.device(args.device))}")
-    print(f"{'mode':>11} {'depth':>5} {'act. MB':>9} {'x plain':>8} {'step ms':>9} {'x plain':>8} {'side MB':>8}")
+    print("act. MB: what a training step allocates beyond the parameters, gradients and optimizer state (state MB)")
+    print(f"{'mode':>11} {'depth':>5} {'state MB':>9} {'act. MB':>9} {'x plain':>8} {'step ms':>9} {'x plain':>8} "
+          f"{'side MB':>8} {'side %':>7}")
 
     def fmt(v, spec):
         return format(v, spec) if v is not None else "-"
 
     for r in results:
-        print(f"{r['mode']:>11} {r['depth']:>5} {fmt(r['activation_mb'], '9.1f')} {fmt(r['memory_vs_plain'], '8.2f')} "
-              f"{r['step_ms']:9.1f} {fmt(r['time_vs_plain'], '8.2f')} {fmt(r.get('side_info_mb'), '8.2f')}")
+        share = r.get("side_info_share")
+        print(f"{r['mode']:>11} {r['depth']:>5} {r['state_mb']:9.1f} {fmt(r['activation_mb'], '9.1f')} "
+              f"{fmt(r['memory_vs_plain'], '8.2f')} {r['step_ms']:9.1f} {fmt(r['time_vs_plain'], '8.2f')} "
+              f"{fmt(r.get('side_info_mb'), '8.2f')} {fmt(share and 100 * share, '7.1f')}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,156 @@ class Block(nn.Module):
 # ViT and RevViT (image classification, paper 5.2)
 
 
+class PatchEmbedding(nn.Module):
+    """Image (batch, C, H, W) -> tokens: linear patch embedding, a CLS token in front,
+    learned positions and dropout (lucidrains' vit-pytorch, as in the paper's ViT)."""
+
+    def __init__(self, image_size, patch, channels, dim, dropout):
+        super().__init__()
+        assert image_size % patch == 0, f"image size {image_size} must be divisible by the patch size {patch}"
+        self.patch = patch
+        self.proj = nn.Linear(channels * patch * patch, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, images):
+        B, C, H, W = images.shape
+        p = self.patch
+        patches = images.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.proj(patches)], dim=1)
+        return self.dropout(x + self.pos_embedding).float()  # float32 residual stream, also under autocast
+
+
+class ViT(nn.Module):
+    """The paper's ViT for 32x32 images: patch embedding, pre-norm blocks, LayerNorm + Linear
+    head on the CLS token. The blocks run through run_blocks with the config `self.bdia`
+    (None: the plain ViT), so a BDIA-trained ViT is a plain ViT at inference."""
+
+    def __init__(self, num_classes=10, image_size=32, patch=4, channels=3, dim=512, depth=6, heads=8,
+                 mlp_dim=512, dropout=0.1, emb_dropout=0.1, bdia=None):
+        super().__init__()
+        self.bdia = bdia
+        self.embedding = PatchEmbedding(image_size, patch, channels, dim, emb_dropout)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, bias=False) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, images):
+        x = run_blocks(self.blocks, self.embedding(images), self.bdia)
+        return self.head(self.norm(x[:, 0]))
+
+
+class RevBlock(nn.Module):
+    """A two-stream reversible block (Mangalam et al. 2023): Y1 = X1 + F(X2), Y2 = X2 + G(Y1),
+    with F pre-norm attention and G pre-norm MLP."""
+
+    def __init__(self, dim, heads, mlp_dim, dropout):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout, bias=False)
+        self.ln_2, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_dim, dropout)
+
+    def F(self, x):
+        return self.attn(self.ln_1(x))
+
+    def G(self, x):
+        return self.mlp(self.ln_2(x))
+
+    def forward(self, x1, x2):
+        y1 = x1 + self.F(x2)
+        return y1, x2 + self.G(y1)
+
+
+class RevViT(nn.Module):
+    """RevViT, the paper's reversible baseline: the embedding duplicated into two streams,
+    reversible blocks, the streams concatenated before the head. Trained with its own online
+    back-propagation (ReversibleRevBlock) unless reversible=False."""
+
+    def __init__(self, num_classes=10, image_size=32, patch=4, channels=3, dim=512, depth=6, heads=8,
+                 mlp_dim=512, dropout=0.1, emb_dropout=0.1, reversible=True):
+        super().__init__()
+        self.reversible = reversible
+        self.embedding = PatchEmbedding(image_size, patch, channels, dim, emb_dropout)
+        self.blocks = nn.ModuleList(RevBlock(dim, heads, mlp_dim, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(2 * dim)
+        self.head = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, images):
+        x = self.embedding(images)
+        x1, x2 = run_rev_blocks(self.blocks, x, x, self.reversible and self.training and torch.is_grad_enabled())
+        return self.head(self.norm(torch.cat([x1, x2], dim=-1)[:, 0]))
+
+
+def run_rev_blocks(blocks, x1, x2, reversible):
+    """The two-stream stack; with `reversible`, activations are rebuilt in backward."""
+    if not reversible:
+        for block in blocks:
+            x1, x2 = block(x1, x2)
+        return x1, x2
+    tops = {}  # block index -> its output pair, as rebuilt during backward
+    for k, block in enumerate(blocks):
+        params = [p for p in block.parameters() if p.requires_grad]
+        x1, x2 = ReversibleRevBlock.apply(tops, block, k, x1, x2, *params)
+    tops[len(blocks) - 1] = (x1.detach(), x2.detach())
+    return x1, x2
+
+
+class ReversibleRevBlock(torch.autograd.Function):
+    """One RevViT block without stored activations. Backward rebuilds the inputs from the
+    outputs, X2 = Y2 - G(Y1), X1 = Y1 - F(X2), replaying F's and G's dropout masks from the
+    RNG states saved in forward (the global RNG is restored afterwards, never re-seeded)."""
+
+    @staticmethod
+    def forward(ctx, tops, block, k, x1, x2, *params):
+        ctx.tops, ctx.block, ctx.k = tops, block, k
+        ctx.rng_f = rng_state(x1.device)
+        y1 = x1 + block.F(x2)
+        ctx.rng_g = rng_state(x1.device)
+        y2 = x2 + block.G(y1)
+        ctx.autocast = torch.is_autocast_enabled(x1.device.type), torch.get_autocast_dtype(x1.device.type)
+        return y1, y2
+
+    @staticmethod
+    def backward(ctx, g_y1, g_y2):
+        block, params = ctx.block, [p for p in ctx.block.parameters() if p.requires_grad]
+        y1, y2 = ctx.tops.pop(ctx.k)
+        device = y1.device
+        enabled, dtype = ctx.autocast
+        with torch.random.fork_rng([device] if device.type == "cuda" else []), torch.enable_grad(), \
+                torch.autocast(device.type, dtype=dtype, enabled=enabled):
+            y1 = y1.detach().requires_grad_()
+            set_rng_state(ctx.rng_g, device)
+            g_out = block.G(y1).to(y1.dtype)
+            set_rng_state(ctx.rng_f, device)
+            x2 = (y2 - g_out.detach()).requires_grad_()
+            f_out = block.F(x2).to(y1.dtype)
+        g_grads = torch.autograd.grad(g_out, [y1, *params], g_y2, allow_unused=True)
+        g_x1 = g_y1 + g_grads[0]  # dL/dY1 in full: dL/dX1 (Y1 = X1 + F(X2))
+        f_grads = torch.autograd.grad(f_out, [x2, *params], g_x1, allow_unused=True)
+        g_x2 = g_y2 + f_grads[0]
+        if ctx.k > 0:
+            ctx.tops[ctx.k - 1] = ((y1 - f_out).detach(), x2.detach())  # X1 = Y1 - F(X2)
+        param_grads = [add_grads(a, b) for a, b in zip(g_grads[1:], f_grads[1:])]
+        return (None, None, None, g_x1, g_x2, *param_grads)
+
+
+def rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def add_grads(a, b):
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
+
+
+
 # -----------------------------------------------------------------------------
 # Encoder-decoder translation transformer (paper 5.3)
 
@@ -209,3 +359,59 @@ def sinusoidal_positions(length, dim):
 
 # -----------------------------------------------------------------------------
 # GPT (paper 5.1 and Appendix F)
+
+
+class GPT(nn.Module):
+    """nanoGPT's architecture: token and position embeddings, pre-norm causal blocks, final
+    LayerNorm, LM head tied to the token embedding, GPT-2 initialisation. The blocks run
+    through run_blocks with `self.bdia`, so a BDIA-trained GPT is a plain GPT at inference.
+    Parameter names follow GPT-2's (transformer.wte/wpe/h.N/ln_f)."""
+
+    def __init__(self, vocab_size, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True, bdia=None):
+        super().__init__()
+        self.block_size, self.bdia = block_size, bdia
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd),
+            wpe=nn.Embedding(block_size, n_embd),
+            drop=nn.Dropout(dropout),
+            h=nn.ModuleList(Block(n_embd, n_head, 4 * n_embd, dropout, bias, causal=True) for _ in range(n_layer)),
+            ln_f=nn.LayerNorm(n_embd),
+        ))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * n_layer) ** 0.5)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        """idx (batch, T) token ids -> logits (batch, T, vocab), and the loss when targets are given."""
+        T = idx.shape[1]
+        if T > self.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos)).float()
+        x = run_blocks(self.transformer.h, x, self.bdia)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample continuations of idx (batch, T): temperature, optional top-k; gamma 0 at inference."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.block_size:])
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            idx = torch.cat([idx, torch.multinomial(F.softmax(logits, dim=-1), 1)], dim=1)
+        return idx

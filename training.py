@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -111,6 +112,15 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def peak_memory_mb(device):
+    """Peak memory so far: allocated CUDA memory, or on CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints, RNG state and logs
 
@@ -205,16 +215,18 @@ def file_digest(path, algorithm):
     return h.hexdigest()
 
 
-def download(url, dest, md5=None, sha256=None, manual=""):
-    """Fetch `url` to `dest` with a progress bar, verify its checksum, and only then move it
-    into place; an existing `dest` with the right checksum is used as is."""
+def download(url, dest, md5=None, sha256=None, size=None, manual=""):
+    """Fetch `url` to `dest` with a progress bar, verify its checksum (and size, where only
+    that is published), and only then move it into place; an existing verified `dest` is
+    used as is."""
     from tqdm import tqdm
 
     dest = Path(dest)
     expected = [(alg, digest) for alg, digest in (("md5", md5), ("sha256", sha256)) if digest]
 
     def verified(path):
-        return all(file_digest(path, alg) == digest for alg, digest in expected)
+        right_size = size is None or path.stat().st_size == size
+        return right_size and all(file_digest(path, alg) == digest for alg, digest in expected)
 
     if dest.is_file() and verified(dest):
         return dest
@@ -249,7 +261,7 @@ def cosine_lr(step, total_steps, lr, warmup=0, min_lr=0.0):
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return min_lr + 0.5 * (1.0 + np.cos(np.pi * progress)) * (lr - min_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 Dist = namedtuple("Dist", "rank world_size local_rank enabled")

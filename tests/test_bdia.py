@@ -137,6 +137,7 @@ def test_side_information_is_packed_to_m_bits_per_element(m, n):
         (dict(gammas=(-0.6, 0.6)), r"= 2\^-m with m >= 1"),
         (dict(gammas=(-1.0, 1.0)), r"= 2\^-m with m >= 1"),
         (dict(gammas=(-0.5, -0.25, 0.25, 0.5)), "one magnitude"),
+        (dict(gammas=(-(2.0**-9), 2.0**-9)), "more than 8 bits"),
         (dict(gammas=()), "empty"),
         (dict(bits=1.5), "must be an integer"),
     ],
@@ -329,6 +330,9 @@ def test_reversible_memory_grows_with_depth_only_by_the_packed_side_bits():
     gamma_bytes_per_block = x.shape[0] * 4
     growth = kept[16][True] - kept[4][True]
     assert growth == 12 * (side_bytes_per_block + gamma_bytes_per_block)
+    # Besides the top pair (x_{K-1}, x_K), which the Tape holds, nothing but the side bits,
+    # the gammas and a few scalars is kept:
+    assert kept[4][True] < 3 * (side_bytes_per_block + gamma_bytes_per_block) + 64
     assert kept[4][True] < 0.2 * kept[4][False]
     assert kept[16][False] > 3 * kept[4][False]  # stored activations grow with depth
 
@@ -383,3 +387,11 @@ def test_reconstruction_demo_shows_eq_16_drifting_and_eq_24_exact():
     assert all(e == 0.0 for e in errors["eq24"])
     assert errors["eq16"][12] == 0.0 and errors["eq16"][0] > 0.0
     assert errors["eq16"][0] > errors["eq16"][9]
+
+
+def test_back_propagating_a_reversible_graph_twice_is_refused():
+    blocks = make_stack(3).train()
+    out = run_blocks(blocks, torch.randn(2, 3, 8, requires_grad=True), BDIAConfig())
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already back-propagated"):
+        out.sum().backward()

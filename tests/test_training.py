@@ -97,6 +97,8 @@ def test_download_verifies_and_never_leaves_a_partial_file(tmp_path):
     dest.unlink()
     with pytest.raises(training.DownloadError, match="checksum mismatch.*by hand: copy it"):
         training.download(source.as_uri(), dest, md5="0" * 32, manual="copy it")
+    with pytest.raises(training.DownloadError, match="checksum mismatch"):
+        training.download(source.as_uri(), dest, size=2999)
     with pytest.raises(training.DownloadError, match="cannot download"):
         training.download((tmp_path / "missing").as_uri(), dest)
     assert list((tmp_path / "data").iterdir()) == []
@@ -107,6 +109,7 @@ def test_cosine_lr_warms_up_then_decays_to_min_lr():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(type(lr) is float for lr in lrs)  # numpy scalars would not load with weights_only=True
 
 
 def test_single_process_without_torchrun(monkeypatch):

@@ -1,0 +1,141 @@
+"""
+The paper's figures, drawn from this project's own outputs (matplotlib, optional):
+
+    python plot.py curves OUT_A/log.jsonl OUT_B/log.jsonl --labels BDIA-ViT,ViT -o curves.png  # Fig. 4, 5, 9
+    python plot.py gamma-sweep OUT_A/gamma_sweep.json OUT_B/gamma_sweep.json -o gamma.png       # Fig. 1
+    python plot.py reconstruction -o reconstruction.png                                          # Fig. 2, 6
+    python plot.py bench bench.json -o bench.png                  # memory and step time vs depth
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def labels_for(paths, labels):
+    names = labels.split(",") if labels else [Path(p).parent.name or str(p) for p in paths]
+    if len(names) != len(paths):
+        sys.exit(f"error: {len(paths)} files but {len(names)} labels")
+    return names
+
+
+def plot_curves(args, plt):
+    """Training and validation loss (and accuracy, when logged) per epoch or iteration."""
+    runs = [(name, read_jsonl(p)) for name, p in zip(labels_for(args.files, args.labels), args.files)]
+    has_acc = any("val_acc" in row for _, rows in runs for row in rows)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    for name, rows in runs:
+        step = "epoch" if rows and "epoch" in rows[0] else "iter"
+        for key, style in (("train_loss", "--"), ("val_loss", "-")):
+            points = [(r[step], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                axes[0, 0].plot(*zip(*points), style, label=f"{name} {key.split('_')[0]}")
+        if has_acc:
+            points = [(r[step], r["val_acc"]) for r in rows if r.get("val_acc") is not None]
+            axes[0, 1].plot(*zip(*points), label=name)
+        axes[0, 0].set_xlabel(step)
+    axes[0, 0].set_ylabel("loss")
+    if has_acc:
+        axes[0, 1].set_xlabel(step)
+        axes[0, 1].set_ylabel("validation accuracy")
+    return fig, axes.ravel()
+
+
+def read_gamma_sweep(path):
+    """(gammas, accuracies) from gamma_sweep.json: {"gamma": acc} or a list of
+    {"gamma": g, "val_acc": a} records."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and "results" in data:
+        data = data["results"]
+    if isinstance(data, dict):
+        points = sorted((float(g), a) for g, a in data.items())
+    else:
+        points = sorted((float(r["gamma"]), r["val_acc"]) for r in data)
+    return zip(*points)
+
+
+def plot_gamma_sweep(args, plt):
+    """Validation accuracy with one constant gamma across blocks at inference (Fig. 1)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, path in zip(labels_for(args.files, args.labels), args.files):
+        ax.plot(*read_gamma_sweep(path), "o-", label=name)
+    ax.set_xlabel("gamma at inference")
+    ax.set_ylabel("validation accuracy")
+    return fig, [ax]
+
+
+def plot_reconstruction(args, plt):
+    """max |rebuilt x_k - x_k| per block, eq. (16) vs eq. (24), log scale (Fig. 2 and 6)."""
+    from bdia import reconstruction_errors
+
+    errors = reconstruction_errors(depth=args.depth)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("eq16", "no quantization, eq. (16)"), ("eq24", "l = 9 with side info, eq. (24)")):
+        values = [max(e, 1e-12) for e in errors[key]]  # log scale: exact zeros drawn at 1e-12
+        ax.semilogy(range(len(values)), values, "o-", label=label)
+    ax.set_xlabel("k (x_k rebuilt from the top pair)")
+    ax.set_ylabel("max |rebuilt x_k - x_k| (0 drawn at 1e-12)")
+    return fig, [ax]
+
+
+def plot_bench(args, plt):
+    """Activation memory and step time relative to the plain model, per depth."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for path in args.files:
+        results = json.loads(Path(path).read_text())["results"]
+        for mode in dict.fromkeys(r["mode"] for r in results):
+            rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["depth"])
+            for ax, key in zip(axes, ("memory_vs_plain", "time_vs_plain")):
+                points = [(r["depth"], r[key]) for r in rows if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), "o-", label=mode)
+    for ax, what in zip(axes, ("activation memory", "step time")):
+        ax.set_xlabel("depth (blocks)")
+        ax.set_ylabel(f"{what} / plain")
+    return fig, axes
+
+
+FIGURES = {"curves": plot_curves, "gamma-sweep": plot_gamma_sweep, "reconstruction": plot_reconstruction, "bench": plot_bench}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("figure", choices=FIGURES)
+    p.add_argument("files", nargs="*", help="log.jsonl, gamma_sweep.json or bench JSON files")
+    p.add_argument("--labels", default=None, help="comma-separated legend names, one per file")
+    p.add_argument("--depth", type=int, default=12, help="reconstruction: blocks in the stack")
+    p.add_argument("-o", "--output", default=None, help="PNG file (default: FIGURE.png)")
+    args = p.parse_args(argv)
+    if args.figure != "reconstruction" and not args.files:
+        p.error(f"{args.figure} needs at least one input file")
+    if missing := [f for f in args.files if not Path(f).is_file()]:
+        p.error(f"no such file: {', '.join(missing)}")
+    plt = pyplot()
+    fig, axes = FIGURES[args.figure](args, plt)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    output = args.output or f"{args.figure}.png"
+    fig.savefig(output, dpi=100)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

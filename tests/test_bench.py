@@ -1,0 +1,38 @@
+"""bench.py on a tiny configuration: every mode runs, the JSON is valid and physical."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_runs_every_mode_and_reversible_keeps_least(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "bench.py", "--family", "gpt", "--dim", "64", "--heads", "4", "--depths", "12",
+            "--batch-size", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr
+    results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"plain", "checkpoint", "bdia", "bdia-rev"}
+    assert all(r["step_ms"] > 0 and r["activation_mb"] > 0 for r in results.values())
+    assert results["bdia-rev"]["activation_mb"] < 0.5 * results["plain"]["activation_mb"]
+    assert results["checkpoint"]["activation_mb"] < results["plain"]["activation_mb"]
+    assert results["bdia-rev"]["side_info_mb"] == 11 * 8 * 256 * 64 / 8 / 2**20
+    assert "bdia-rev" in run.stdout and "x plain" in run.stdout
+
+
+def test_bench_vit_family_includes_revvit(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "bench.py", "--family", "vit", "--dim", "32", "--heads", "2", "--depths", "2",
+            "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--no-memory",
+            "--modes", "plain,revvit", "--json", str(out)]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["plain", "revvit"]
+
+
+def test_bench_rejects_unknown_modes():
+    run = subprocess.run([sys.executable, "bench.py", "--modes", "plain,magic"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "unknown mode" in run.stderr

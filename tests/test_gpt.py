@@ -1,0 +1,166 @@
+"""GPT and train_gpt.py on tiny models and text files the tests write."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_gpt  # noqa: E402
+from bdia import BDIAConfig  # noqa: E402
+from models import GPT  # noqa: E402
+
+torch.set_num_threads(1)
+TINY = ["--n-layer", "3", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+        "--eval-iters", "4", "--lr", "3e-3", "--warmup-iters", "5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "verse.txt"
+    path.write_text("the cat sat on the mat. the dog sat on the log. " * 60)
+    return path
+
+
+def run(tmp_path, *flags, out="out"):
+    train_gpt.main([*TINY, "--out-dir", str(tmp_path / out), *flags])
+    return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+
+
+def test_reversible_gradients_match_stored_and_eval_is_the_plain_gpt():
+    torch.manual_seed(0)
+    model = GPT(50, block_size=16, n_layer=4, n_head=2, n_embd=32, dropout=0.1).train()
+    idx = torch.randint(0, 50, (4, 16))
+    results = []
+    for reversible in (True, False):
+        model.bdia = BDIAConfig(reversible=reversible)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        logits, loss = model(idx, idx)
+        loss.backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l_r, g_r), (l_s, g_s) = results
+    assert torch.equal(l_r, l_s)
+    for a, b in zip(g_r, g_s):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-30)).item() < 1e-5
+    model.eval()
+    model.bdia = None
+    plain = model(idx)[0]
+    model.bdia = BDIAConfig(bits=None, reversible=False)
+    assert torch.equal(model(idx)[0], plain)
+
+
+@pytest.mark.parametrize("flags", [[], ["--bdia"], ["--bdia", "--no-reversible"]])
+def test_training_on_a_text_file_learns(tmp_path, text_file, flags):
+    rows = run(tmp_path, "--text-file", str(text_file), "--max-iters", "60", "--eval-interval", "30", *flags)
+    assert [r["iter"] for r in rows] == [0, 30, 60]
+    assert all(np.isfinite(r["val_loss"]) for r in rows)
+    assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"]
+    assert (tmp_path / "out" / "ckpt.pt").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path, text_file, capsys, monkeypatch):
+    flags = ["--text-file", str(text_file), "--eval-interval", "10", "--bdia", "--dropout", "0.1", "--max-iters", "20"]
+    straight = run(tmp_path, *flags, out="a")
+    real_step, calls = train_gpt.train_step, []
+
+    def killed_at_iteration_13(*args):
+        calls.append(1)
+        if len(calls) > 13:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train_gpt, "train_step", killed_at_iteration_13)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *flags, out="b")
+    monkeypatch.undo()
+    resumed = run(tmp_path, *flags, "--resume", out="b")  # continues from the checkpoint of iteration 10
+    assert resumed[-1]["iter"] == 20 and resumed[-1]["val_loss"] == straight[-1]["val_loss"]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    train_gpt.main(["--out-dir", str(tmp_path / "a"), "--sample", "2", "--sample-tokens", "20", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2 and len(out.splitlines()[1]) > 0
+
+
+def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path, text_file):
+    # One gamma, so that each sample's gamma is the same however the batch is split.
+    flags = [*TINY, "--text-file", str(text_file), "--max-iters", "3", "--eval-interval", "3", "--bdia", "--gammas", "0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py", *flags,
+           "--out-dir", str(tmp_path / "ddp")]
+    run_ddp = subprocess.run(ddp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run_ddp.returncode == 0, run_ddp.stderr[-3000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = run(tmp_path, *flags[len(TINY):], "--batch-size", "16", out="single")
+    ddp_rows = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    for a, b in zip(ddp_rows, single):
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["train_loss"] - b["train_loss"]) < 1e-5
+
+
+def test_bin_files_with_meta_pkl_and_train_fraction(tmp_path):
+    folder = tmp_path / "bins"
+    folder.mkdir()
+    np.arange(1000, dtype=np.uint16).__mod__(7).tofile(folder / "train.bin")
+    np.arange(200, dtype=np.uint16).__mod__(7).tofile(folder / "val.bin")
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 7, "itos": {i: c for i, c in enumerate("abcdefg")}, "stoi": {}}, f)
+    assert train_gpt.load_meta(folder) == {"vocab_size": 7, "itos": list("abcdefg")}
+    train, val = train_gpt.load_tokens(folder, 0.5, 32)
+    assert len(train) == 500 and len(val) == 200
+    rows = run(tmp_path, "--data-dir", str(folder), "--max-iters", "2", "--eval-interval", "2", "--train-fraction", "0.5")
+    assert rows[-1]["iter"] == 2
+    with open(folder / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 7, "itos": np.arange(3)}, f)  # not plain data: refused
+    with pytest.raises(pickle.UnpicklingError, match="plain data"):
+        train_gpt.load_meta(folder)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data-dir", "MISSING"], "lacks train.bin, val.bin"),
+        (["--text-file", "TEXT", "--block-size", "4000"], "not more than --block-size"),
+        (["--text-file", "NOPE.txt"], "no such text file"),
+        (["--text-file", "TEXT", "--bdia", "--gammas", "0.3,-0.3"], "2^-m"),
+        (["--text-file", "TEXT", "--n-embd", "33"], "divisible"),
+        ([], "give the data"),
+        (["--text-file", "TEXT", "--resume"], "without --resume"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(tmp_path, text_file, capsys, flags, message):
+    flags = [str(text_file) if f == "TEXT" else str(tmp_path / f) if f in ("MISSING", "NOPE.txt") else f for f in flags]
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main([*TINY, "--max-iters", "1", "--out-dir", str(tmp_path / "o"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_shakespeare_download_failure_names_the_alternative(tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main([*TINY, "--dataset", "shakespeare_char", "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--text-file" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_shakespeare_is_prepared_from_a_verified_download(tmp_path, monkeypatch):
+    source = tmp_path / "input.txt"
+    source.write_text(("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 30000)[: train_gpt.SHAKESPEARE_BYTES])
+    monkeypatch.setattr(train_gpt, "SHAKESPEARE_URL", source.as_uri())
+    folder = train_gpt.shakespeare_dir(tmp_path / "data")
+    meta = train_gpt.load_meta(folder)
+    assert meta["vocab_size"] == len(set(source.read_text()))
+    assert len(np.fromfile(folder / "train.bin", dtype=np.uint16)) == int(0.9 * train_gpt.SHAKESPEARE_BYTES)

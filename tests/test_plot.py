@@ -1,0 +1,55 @@
+"""plot.py renders every figure from tiny inputs to a non-empty PNG."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytest.importorskip("matplotlib", reason="matplotlib is optional; .ci/run installs it")
+import plot  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data.startswith(PNG) and len(data) > 1000
+
+
+def test_curves_from_vit_and_gpt_logs(tmp_path):
+    vit = write_jsonl(tmp_path / "vit.jsonl", [{"epoch": e, "train_loss": 2 - e / 3, "val_loss": 2 - e / 4, "val_acc": 0.3 + e / 10} for e in range(1, 4)])
+    gpt = write_jsonl(tmp_path / "gpt.jsonl", [{"iter": i, "train_loss": 3 - i / 100, "val_loss": 3.1 - i / 120} for i in (0, 100, 200)])
+    for files, name in (([vit], "a.png"), ([vit, gpt], "b.png")):
+        plot.main(["curves", *files, "-o", str(tmp_path / name)])
+        assert_png(tmp_path / name)
+
+
+def test_gamma_sweep_in_both_layouts(tmp_path):
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"-0.5": 0.8, "0.0": 0.9, "0.5": 0.82}))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps([{"gamma": g, "val_acc": 0.9 - abs(g)} for g in (-0.5, 0.0, 0.5)]))
+    plot.main(["gamma-sweep", str(a), str(b), "--labels", "BDIA-ViT,ViT", "-o", str(tmp_path / "g.png")])
+    assert_png(tmp_path / "g.png")
+
+
+def test_reconstruction_and_bench(tmp_path):
+    plot.main(["reconstruction", "--depth", "4", "-o", str(tmp_path / "r.png")])
+    assert_png(tmp_path / "r.png")
+    rows = [{"mode": m, "depth": d, "memory_vs_plain": 1 / (i + 1), "time_vs_plain": 1 + i / 5} for i, m in enumerate(["plain", "bdia-rev"]) for d in (6, 12)]
+    (tmp_path / "bench.json").write_text(json.dumps({"results": rows}))
+    plot.main(["bench", str(tmp_path / "bench.json"), "-o", str(tmp_path / "b.png")])
+    assert_png(tmp_path / "b.png")
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        plot.main(["curves", str(tmp_path / "missing.jsonl")])
+    assert e.value.code == 2 and "no such file" in capsys.readouterr().err

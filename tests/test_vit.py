@@ -1,0 +1,178 @@
+"""ViT, RevViT and train_vit.py on tiny models and tiny data files the tests write."""
+
+import gzip
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_vit  # noqa: E402
+from bdia import BDIAConfig  # noqa: E402
+from models import RevViT, ViT  # noqa: E402
+
+torch.set_num_threads(1)
+TINY = ["--dim", "16", "--heads", "2", "--mlp-dim", "32", "--depth", "3", "--patch", "8", "--batch-size", "16",
+        "--device", "cpu", "--eval-batch-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    """A tiny CIFAR-10 in the real "python version" layout: pickled dicts of bytes keys."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 16) for i in range(1, 6)] + [("test_batch", 40)]:
+        labels = rng.integers(0, 10, n)
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        data[:, :1024] = (labels * 25)[:, None]  # learnable: the red channel tells the class
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels.tolist()}, f)
+    return root
+
+
+def run(tmp_path, cifar_dir, *flags, out="out"):
+    train_vit.main([*TINY, "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path / out), *flags])
+    return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--bdia"], ["--bdia", "--no-reversible"], ["--model", "revvit"], ["--bdia", "--bits", "none", "--no-reversible"],
+     ["--bdia", "--gammas", "-0.25,0.25"], ["--optimizer", "adamw"]],
+)
+def test_one_epoch_in_each_mode_writes_log_and_checkpoint(tmp_path, cifar_dir, flags):
+    rows = run(tmp_path, cifar_dir, "--epochs", "1", *flags)
+    assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"]) and 0 <= rows[0]["val_acc"] <= 1
+    assert set(rows[0]) >= {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "peak_memory_mb"}
+    assert (tmp_path / "out" / "ckpt.pt").is_file()
+
+
+def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch):
+    straight = run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", out="a")
+    real_epoch, calls = train_vit.train_epoch, []
+
+    def killed_in_epoch_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args)
+
+    monkeypatch.setattr(train_vit, "train_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", out="b")
+    monkeypatch.undo()
+    resumed = run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", "--resume", out="b")
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    assert resumed[2]["train_loss"] == straight[2]["train_loss"]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gamma_sweep_after_training(tmp_path, cifar_dir, capsys):
+    run(tmp_path, cifar_dir, "--bdia", "--epochs", "1", "--eval-gammas", "-0.5,0,0.5")
+    sweep = json.loads((tmp_path / "out" / "gamma_sweep.json").read_text())
+    assert [r["gamma"] for r in sweep] == [-0.5, 0.0, 0.5]
+    assert "gamma at inference" in capsys.readouterr().out
+
+
+def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+
+    def write_idx(name, array):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        with gzip.open(folder / name, "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+
+    for split, n in (("train", 20), ("t10k", 10)):
+        write_idx(f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    monkeypatch.setattr(train_vit, "FASHION_SYSTEM_DIR", tmp_path / "absent")
+    train_x, train_y, val_x, val_y = train_vit.load_dataset("fashion-mnist", tmp_path)
+    assert train_x.shape == (20, 1, 32, 32) and val_y.shape == (10,) and train_x.dtype == torch.uint8
+    train_vit.main([*TINY, "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--epochs", "1",
+                    "--out-dir", str(tmp_path / "out"), "--bdia"])
+
+
+def test_bdia_trained_vit_loads_into_a_plain_vit():
+    torch.manual_seed(0)
+    bdia_vit = ViT(dim=16, depth=3, heads=2, mlp_dim=32, bdia=BDIAConfig()).train()
+    images = torch.randn(4, 3, 32, 32)
+    bdia_vit(images).sum().backward()
+    plain = ViT(dim=16, depth=3, heads=2, mlp_dim=32)
+    plain.load_state_dict(bdia_vit.state_dict())  # strict: the same keys
+    plain.eval(), bdia_vit.eval()
+    bdia_vit.bdia = BDIAConfig(bits=None, reversible=False)
+    assert torch.equal(plain(images), bdia_vit(images))
+
+
+def test_revvit_reversible_gradients_match_stored_activations():
+    torch.manual_seed(0)
+    model = RevViT(dim=16, depth=6, heads=2, mlp_dim=32, dropout=0.1).train()
+    images = torch.randn(4, 3, 32, 32)
+    results = []
+    for reversible in (True, False):
+        model.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(images)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_r, grads_r), (out_s, grads_s) = results
+    assert torch.equal(out_r, out_s)
+    for a, b in zip(grads_r, grads_s):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-30)).item() < 1e-5
+
+
+def test_set_adam_steps_against_the_gradient():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = train_vit.SETAdam([w], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    assert (w.abs() < torch.tensor([1.0, 2.0, 3.0])).all()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--bdia", "--gammas", "0.3,-0.3"], "2^-m"),
+        (["--dim", "15"], "divisible"),
+        (["--model", "revvit", "--bdia"], "apply to --model vit"),
+        (["--epochs", "0"], "at least 1"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(tmp_path, cifar_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, cifar_dir, *flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_or_corrupt_data_exit_2_with_both_alternatives(tmp_path, cifar_dir, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    with pytest.raises(SystemExit) as e:
+        train_vit.main([*TINY, "--data-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot download" in err and "extracted folder cifar-10-batches-py" in err
+    assert not any((tmp_path / "empty").rglob("*.part"))
+    bad = tmp_path / "bad" / "cifar-10-batches-py"
+    bad.mkdir(parents=True)
+    (bad / "data_batch_1").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        train_vit.main([*TINY, "--data-dir", str(tmp_path / "bad"), "--out-dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, cifar_dir, "--resume", out="never-trained")
+    assert e.value.code == 2 and "without --resume" in capsys.readouterr().err
