@@ -394,7 +394,8 @@ def train(args, parser):
         if args.bleu_every and (epoch % args.bleu_every == 0 or epoch == args.epochs):
             fields["val_bleu"] = validation_bleu(model, val_ex, tgt_vocab, args.batch_size, device, args.amp,
                                                  args.bleu_samples)
-        fields.update(lr=lr, seconds=round(time.time() - t0, 2), mode=mode)
+        fields.update(lr=lr, seconds=round(time.time() - t0, 2), mode=mode,
+                      peak_memory_mb=round(training.peak_memory_mb(device), 1))
         log.write(**fields)
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
         training.save_checkpoint(ckpt_path, dict(
