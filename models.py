@@ -250,6 +250,113 @@ def add_grads(a, b):
 # Encoder-decoder translation transformer (paper 5.3)
 
 
+class Seq2Seq(nn.Module):
+    """Pre-norm encoder-decoder transformer for translation (paper 5.3, Fig. 5).
+
+    Tokens are embedded, scaled by sqrt(dim) and added to sinusoidal positions. The encoder
+    blocks (self-attention, MLP) get the source padding mask as context; the decoder blocks
+    (causal self-attention, cross-attention to the encoder output, MLP) get the encoder
+    memory and its mask. Both stacks run through run_blocks with the config `self.bdia`
+    (None: the plain model), so with reversible BDIA the memory's gradient is summed over
+    all decoder blocks and flows back into the encoder. Final LayerNorms; the output
+    projection is tied to the target embedding unless tie=False.
+    """
+
+    def __init__(self, src_vocab, tgt_vocab, dim=192, heads=6, mlp_dim=192, enc_layers=6, dec_layers=6,
+                 dropout=0.1, max_len=256, pad_id=1, tie=True, bdia=None):
+        super().__init__()
+        self.dim, self.pad_id, self.bdia = dim, pad_id, bdia
+        self.src_emb = nn.Embedding(src_vocab, dim)
+        self.tgt_emb = nn.Embedding(tgt_vocab, dim)
+        for emb in (self.src_emb, self.tgt_emb):  # x sqrt(dim) in embed() makes the entries ~ N(0, 1)
+            nn.init.normal_(emb.weight, std=dim**-0.5)
+        self.register_buffer("pos", sinusoidal_positions(max_len, dim), persistent=False)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(enc_layers))
+        self.decoder = nn.ModuleList(
+            Block(dim, heads, mlp_dim, dropout, causal=True, cross=True) for _ in range(dec_layers)
+        )
+        self.ln_enc, self.ln_dec = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, tgt_vocab, bias=False)
+        if tie:
+            self.head.weight = self.tgt_emb.weight
+
+    def embed(self, emb, tokens):
+        if tokens.shape[1] > self.pos.shape[0]:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than max_len={self.pos.shape[0]}")
+        return self.drop(emb(tokens) * self.dim**0.5 + self.pos[: tokens.shape[1]])
+
+    def encode(self, src):
+        """src (batch, S) token ids -> (memory (batch, S, dim), memory_mask (batch, 1, 1, S))."""
+        mask = (src != self.pad_id)[:, None, None, :]  # True = attend: padding is never a key
+        x = run_blocks(self.encoder, self.embed(self.src_emb, src), self.bdia, None, mask)
+        return self.ln_enc(x), mask
+
+    def decode(self, tgt, memory, memory_mask):
+        """tgt (batch, T) ids (starting with <bos>) -> logits (batch, T, tgt_vocab).
+        Causal self-attention needs no target padding mask: padding only follows real
+        tokens, so no real position ever attends to it (and the loss ignores pad targets)."""
+        y = run_blocks(self.decoder, self.embed(self.tgt_emb, tgt), self.bdia, memory, None, memory_mask)
+        return self.head(self.ln_dec(y))
+
+    def forward(self, src, tgt):
+        return self.decode(tgt, *self.encode(src))
+
+    @torch.no_grad()
+    def greedy(self, src, bos_id, eos_id, max_new=64):
+        """Greedy decoding, encoder run once: (batch, <= max_new) ids, eos and after set to pad."""
+        memory, mask = self.encode(src)
+        out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+        for _ in range(max_new):
+            next_id = self.decode(out, memory, mask)[:, -1].argmax(-1)
+            next_id = next_id.masked_fill(done, self.pad_id)
+            out = torch.cat([out, next_id[:, None]], dim=1)
+            done |= next_id == eos_id
+            if done.all():
+                break
+        return out[:, 1:].masked_fill(out[:, 1:] == eos_id, self.pad_id)
+
+    @torch.no_grad()
+    def beam_search(self, src, bos_id, eos_id, beam=4, max_new=64, length_penalty=1.0):
+        """Beam search for one source sentence src (1, S), encoder run once. Returns the ids
+        (without <bos>/<eos>) of the hypothesis with the best log-probability / length^penalty."""
+        memory, mask = self.encode(src)
+        seqs = torch.full((1, 1), bos_id, dtype=torch.long, device=src.device)
+        scores = torch.zeros(1, device=src.device)
+        finished = []  # (normalised score, ids)
+        for step in range(1, max_new + 1):
+            n = seqs.shape[0]
+            logp = self.decode(seqs, memory.expand(n, -1, -1), mask.expand(n, -1, -1, -1))[:, -1].log_softmax(-1)
+            total = (scores[:, None] + logp).flatten()
+            top, idx = total.topk(min(2 * beam, total.numel()))
+            rows, ids = idx // logp.shape[1], idx % logp.shape[1]
+            keep = []
+            for score, row, tok in zip(top.tolist(), rows.tolist(), ids.tolist()):
+                if tok == eos_id:
+                    finished.append((score / step**length_penalty, seqs[row, 1:].tolist()))
+                elif len(keep) < beam:
+                    keep.append((score, row, tok))
+            # An open hypothesis's sum only falls, so max_new**penalty bounds its final score.
+            bound = max((s for s, _, _ in keep), default=float("-inf")) / max_new**length_penalty
+            if not keep or (len(finished) >= beam and max(f[0] for f in finished) >= bound):
+                break
+            seqs = torch.cat([seqs[[r for _, r, _ in keep]], torch.tensor([[t] for _, _, t in keep], device=src.device)], 1)
+            scores = torch.tensor([s for s, _, _ in keep], device=src.device)
+        if not finished:  # nothing ended within max_new tokens: take the best open hypothesis
+            finished = [(scores[0].item() / max_new**length_penalty, seqs[0, 1:].tolist())]
+        return max(finished, key=lambda f: f[0])[1]
+
+
+def sinusoidal_positions(length, dim):
+    """The fixed positional encoding of Vaswani et al.: sin on even, cos on odd features."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq[: dim // 2])
+    return pe
+
+
 # -----------------------------------------------------------------------------
 # GPT (paper 5.1 and Appendix F)
 
