@@ -40,6 +40,8 @@ class Attention(nn.Module):
             q = F.linear(x, w[:dim], None if b is None else b[:dim])
             k, v = F.linear(memory, w[dim:], None if b is None else b[dim:]).chunk(2, dim=-1)
         q, k, v = (self.split_heads(t) for t in (q, k, v))
+        if self.causal and mask is not None:  # a padding mask does not switch causality off
+            mask = mask & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
