@@ -80,8 +80,10 @@ def unpack_bits(packed, m, shape, dtype):
     """Inverse of pack_bits: the m-bit values as a tensor of `shape` and `dtype`."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     flags = (packed.unsqueeze(-1) >> shifts) & 1  # (m, ceil(n / 8), 8)
-    s = sum(flags[j].reshape(-1).to(dtype) * 2**j for j in range(m))
-    return s[: math.prod(shape)].view(shape)
+    s = flags[0]
+    for j in range(1, m):
+        s = s | (flags[j] << j)
+    return s.reshape(-1)[: math.prod(shape)].view(shape).to(dtype)
 
 
 def power_of_two_exponent(gamma):
@@ -323,7 +325,7 @@ class Tape:
 
 
 def max_abs(x):
-    return torch.linalg.vector_norm(x.detach(), float("inf"))
+    return x.detach().abs().amax()
 
 
 def fingerprint(x, bits):
