@@ -16,7 +16,6 @@ OUT_DIR/ckpt.pt (atomic, after every epoch; --resume continues exactly).
 import argparse
 import csv
 import gettext
-import math
 import random
 import re
 import sys
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 import training
 from bdia import BDIAConfig
+from metrics import corpus_bleu
 from models import Seq2Seq
 
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
@@ -253,35 +253,6 @@ def collate(examples, batch, device):
         return out.to(device)
 
     return pad([examples[i][0] for i in batch]), pad([examples[i][1] for i in batch])
-
-
-# -----------------------------------------------------------------------------
-# Corpus BLEU (Papineni et al. 2002), one reference per sentence
-
-
-def ngram_counts(tokens, n):
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-
-
-def corpus_bleu(hypotheses, references, max_n=4):
-    """Corpus BLEU in [0, 100]: clipped n-gram precisions p_1..p_max_n summed over the
-    corpus, their geometric mean, times the brevity penalty exp(1 - r / c) when the
-    hypotheses (c tokens) are shorter than the references (r tokens). 0 if some p_n is 0."""
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    matches, totals = [0] * max_n, [0] * max_n
-    c = r = 0
-    for hyp, ref in zip(hypotheses, references):
-        c, r = c + len(hyp), r + len(ref)
-        for n in range(1, max_n + 1):
-            h, g = ngram_counts(hyp, n), ngram_counts(ref, n)
-            matches[n - 1] += sum(min(k, g[gram]) for gram, k in h.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    if c == 0 or min(matches) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
-    brevity = min(0.0, 1.0 - r / c)
-    return 100.0 * math.exp(log_precision + brevity)
 
 
 # -----------------------------------------------------------------------------
