@@ -1,0 +1,371 @@
+"""GPT-2 files (safetensors, HF layout, BPE), LoRA, KV-cache beam search and finetune_e2e.py,
+on tiny checkpoints, vocabularies and E2E files the tests write."""
+
+import json
+import math
+import os
+import struct
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import finetune_e2e  # noqa: E402
+import gpt2_files  # noqa: E402
+from bdia import BDIAConfig  # noqa: E402
+from models import GPT, LoRALinear, add_lora, banned_tokens, set_lora_merged  # noqa: E402
+
+torch.set_num_threads(1)
+SHAPE = dict(block_size=128, n_layer=2, n_head=2, n_embd=16)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+# -----------------------------------------------------------------------------
+# Fixtures written independently of gpt2_files: a safetensors writer/reader, the HF layout
+
+
+def st_write(path, tensors):
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": {torch.float32: "F32", torch.float16: "F16"}[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def st_read(path):
+    """header, {name: float32 tensor} from the raw bytes: 8-byte length, JSON, offsets."""
+    data = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    body, out = data[8 + n:], {}
+    ends = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
+    assert ends[0][0] == 0 and ends[-1][1] == len(body)  # the tensors fill the body exactly
+    assert all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
+    for name, info in header.items():
+        if name != "__metadata__":
+            assert info["dtype"] == "F32"
+            begin, end = info["data_offsets"]
+            out[name] = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.float32).reshape(info["shape"])
+    return header, out
+
+
+def hf_layout(model):
+    """The model's weights as the hub's gpt2 files hold them: no prefix, Conv1D (in, out),
+    the causal-mask buffers attn.bias / attn.masked_bias of old transformers versions."""
+    hf = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        name = key.removeprefix("transformer.")
+        hf[name] = value.t().contiguous() if name.endswith(CONV1D) else value.clone()
+    for i in range(model.model_args["n_layer"]):
+        T = model.block_size
+        hf[f"h.{i}.attn.bias"] = torch.ones(T, T).tril().view(1, 1, T, T)
+        hf[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return hf
+
+
+def write_config(folder, vocab_size):
+    config = {"model_type": "gpt2", "vocab_size": vocab_size, "n_positions": SHAPE["block_size"], "n_embd": SHAPE["n_embd"],
+              "n_layer": SHAPE["n_layer"], "n_head": SHAPE["n_head"], "activation_function": "gelu_new"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("t", "h"), ("a", "t"), ("Ġ", "c")]
+
+
+def tiny_vocab():
+    """The 256 byte symbols, the merged symbols and <|endoftext|>."""
+    symbols = list(gpt2_files.bytes_to_unicode().values()) + [a + b for a, b in MERGES] + ["<|endoftext|>"]
+    return {s: i for i, s in enumerate(dict.fromkeys(symbols))}
+
+
+def write_tokenizer(folder, hf=True):
+    vocab, merges = tiny_vocab(), "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES)
+    (folder / ("vocab.json" if hf else "encoder.json")).write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / ("merges.txt" if hf else "vocab.bpe")).write_text(merges, encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A folder with model.safetensors, pytorch_model.bin, config.json, vocab.json, merges.txt."""
+    folder = tmp_path_factory.mktemp("gpt2-tiny")
+    torch.manual_seed(0)
+    model = GPT(len(tiny_vocab()), gelu="tanh", **SHAPE).eval()
+    st_write(folder / "model.safetensors", hf_layout(model))
+    torch.save(hf_layout(model), folder / "pytorch_model.bin")
+    write_config(folder, len(tiny_vocab()))
+    write_tokenizer(folder)
+    return folder, model
+
+
+# -----------------------------------------------------------------------------
+# Loading and exporting GPT-2
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_from_pretrained_gives_the_logits_of_the_model_built_directly(checkpoint, weights):
+    folder, model = checkpoint
+    loaded = GPT.from_pretrained(folder / weights).eval()
+    idx = torch.randint(0, model.model_args["vocab_size"], (2, 20))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_from_pretrained_lists_missing_and_unexpected_keys(checkpoint, tmp_path):
+    folder, model = checkpoint
+    hf = hf_layout(model)
+    del hf["h.1.mlp.c_fc.bias"]
+    hf["h.0.attn.extra.weight"] = torch.zeros(2)
+    st_write(tmp_path / "model.safetensors", hf)
+    write_config(tmp_path, model.model_args["vocab_size"])
+    with pytest.raises(gpt2_files.GPT2FileError, match=r"missing \['transformer.h.1.mlp.c_fc.bias'\]; "
+                                                      r"unexpected \['transformer.h.0.attn.extra.weight'\]"):
+        GPT.from_pretrained(tmp_path)
+    with pytest.raises(gpt2_files.GPT2FileError, match="not one of gpt2"):
+        GPT.from_pretrained(tmp_path / "nowhere")
+
+
+def test_export_then_import_is_identical_and_parses_independently(checkpoint, tmp_path):
+    _, model = checkpoint
+    model.save_pretrained(tmp_path)
+    header, tensors = st_read(tmp_path / "model.safetensors")
+    assert header["__metadata__"] == {"format": "pt"} and "lm_head.weight" not in tensors
+    w = tensors["transformer.h.0.attn.c_attn.weight"]
+    assert w.shape == (16, 48) and torch.equal(w, model.transformer.h[0].attn.c_attn.weight.t())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["activation_function"]) == (2, 16, "gelu_new")
+    again = GPT.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, model.model_args["vocab_size"], (3, 17))
+    assert torch.equal(again(idx)[0], model(idx)[0])
+
+
+def test_safetensors_reader_refuses_a_truncated_file(checkpoint, tmp_path):
+    data = (checkpoint[0] / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    with pytest.raises(gpt2_files.GPT2FileError, match="truncated or corrupt"):
+        gpt2_files.read_safetensors(tmp_path / "cut.safetensors")
+
+
+# -----------------------------------------------------------------------------
+# BPE
+
+
+def test_bpe_round_trips_utf8_and_applies_merges_in_rank_order(tmp_path):
+    write_tokenizer(tmp_path, hf=False)
+    tok = gpt2_files.GPT2Tokenizer.from_dir(tmp_path)
+    assert tok.bpe("Ġthe") == ["Ġthe"]  # Ġ t -> Ġt (rank 0), h e -> he (1), Ġt he -> Ġthe (2)
+    assert tok.bpe("the") == ["t", "he"]  # h e (rank 1) before t h (rank 3), then no (t, he) merge
+    assert tok.bpe("that") == ["th", "at"]
+    assert tok.encode(" the cat") == [tok.encoder["Ġthe"], tok.encoder["Ġc"], tok.encoder["at"]]
+    for text in ["the cat's 3 hats\n\n  ", "Café £30 — naïve 日本語 🙂\t½", "", "'s'll 'RE x\u00a0y"]:
+        assert tok.decode(tok.encode(text)) == text
+    # GPT-2's pre-tokenizer: contractions, a space joined to the next word, digits apart
+    assert gpt2_files.pretokenizer().findall("I'll pay £30 now  ok") == ["I", "'ll", " pay", " £", "30", " now", " ", " ok"]
+    reversed_ranks = gpt2_files.GPT2Tokenizer(tok.encoder, MERGES[::-1])
+    assert reversed_ranks.bpe("the") == ["th", "e"]  # now t h has the lower rank
+    write_tokenizer(tmp_path, hf=True)  # the HF file names give the same tokenizer
+    assert gpt2_files.load_tokenizer(tmp_path).encode("the cat") == tok.encode("the cat")
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+def lora_model(checkpoint, bdia=None):
+    torch.manual_seed(3)
+    model = GPT.from_pretrained(checkpoint[0], dropout=0.1, bdia=bdia)
+    adapters = add_lora(model, rank=2, alpha=8, dropout=0.1, mlp=True)
+    for p in adapters:
+        torch.nn.init.normal_(p, std=0.1)  # B starts at zero; make the update non-trivial
+    return model, adapters
+
+
+def test_lora_adapters_get_the_same_gradients_reversible_and_stored(checkpoint):
+    model, adapters = lora_model(checkpoint)
+    assert not model.transformer.wte.weight.requires_grad  # the stack's input needs no grad
+    assert isinstance(model.transformer.h[0].attn.c_attn, LoRALinear) and len(adapters) == 2 * 3 * 2
+    idx = torch.randint(0, model.model_args["vocab_size"], (4, 24))
+    grads = []
+    for reversible in (True, False):
+        model.bdia = BDIAConfig(reversible=reversible)
+        model.train().zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        model(idx, idx)[1].backward()
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        grads.append([p.grad.clone() for p in adapters])
+    for a, b in zip(*grads):
+        assert b.norm() > 0 and ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_lora_merged_equals_unmerged_and_exports_merged(checkpoint, tmp_path):
+    model, _ = lora_model(checkpoint)
+    model.eval()
+    idx = torch.randint(0, model.model_args["vocab_size"], (2, 30))
+    unmerged = model(idx)[0]
+    base = model.transformer.h[1].attn.c_attn.weight.clone()
+    set_lora_merged(model, True)
+    assert torch.allclose(model(idx)[0], unmerged, atol=1e-5)
+    delta = model.transformer.h[1].attn.c_attn.weight - base
+    assert delta[:16].abs().sum() > 0 and torch.equal(delta[16:32], torch.zeros(16, 16))  # key rows untouched
+    set_lora_merged(model, False)
+    assert torch.allclose(model.transformer.h[1].attn.c_attn.weight, base, atol=1e-6)
+    model.save_pretrained(tmp_path)  # adapters folded in: a plain GPT-2 checkpoint
+    assert not any("lora" in k for k in st_read(tmp_path / "model.safetensors")[1])
+    assert torch.allclose(GPT.from_pretrained(tmp_path).eval()(idx)[0], unmerged, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# KV cache and beam search
+
+
+def test_kv_cache_matches_the_full_forward(checkpoint):
+    model = checkpoint[1]
+    idx = torch.randint(0, model.model_args["vocab_size"], (3, 25))
+    cache = model.new_cache()
+    parts = [model.forward_cached(idx[:, a:b], cache) for a, b in ((0, 10), (10, 11), (11, 25))]
+    assert torch.allclose(torch.cat(parts, 1), model(idx)[0], atol=1e-5)
+    ids, scores = model.beam_search(idx[:, :6], eos_id=5, beam=4, max_new=12, no_repeat_ngram=2)
+    ids_nc, scores_nc = model.beam_search(idx[:, :6], eos_id=5, beam=4, max_new=12, no_repeat_ngram=2, use_cache=False)
+    assert ids == ids_nc and scores == pytest.approx(scores_nc, abs=1e-5)
+
+
+class Bigram(GPT):
+    """A 'model' whose next-token distribution depends on the last token only (a table)."""
+
+    def __init__(self, table):
+        super().__init__(len(table), block_size=32, n_layer=1, n_head=1, n_embd=4)
+        self.logp = torch.tensor(table).log()
+
+    def forward(self, idx, targets=None):
+        return self.logp[idx], None
+
+    def forward_cached(self, idx, cache):
+        kv = idx[:, None, :, None].float()
+        cache[0]["k"] = cache[0]["v"] = torch.cat([cache[0]["k"], kv], 2) if "k" in cache[0] else kv
+        return self.logp[idx]
+
+
+def test_beam_search_on_a_bigram_table():
+    # tokens 0, 1, 2 and eos 3. After 0: 1 (0.5), 2 (0.4), eos (0.1); after 1: 1 (0.4),
+    # 2 (0.3), eos (0.3); after 2: eos (0.9). Greedy runs 1 1 1 1; beam 2 finds "2 eos"
+    # with p = 0.36 (better than "1 eos", 0.15, and "eos", 0.1).
+    table = [[0.0, 0.5, 0.4, 0.1], [0.0, 0.4, 0.3, 0.3], [0.05, 0.025, 0.025, 0.9], [0.25] * 4]
+    model = Bigram(table).eval()
+    contexts = torch.tensor([[1, 0], [1, 2]])
+    for use_cache in (True, False):
+        ids, scores = model.beam_search(contexts, 3, beam=2, max_new=4, length_penalty=0.8, no_repeat_ngram=0,
+                                        use_cache=use_cache)
+        assert ids == [[2], []]
+        assert scores == pytest.approx([math.log(0.36) / 2**0.8, math.log(0.9)])
+    ids, scores = model.beam_search(contexts[:1], 3, beam=1, max_new=4, length_penalty=1.0, no_repeat_ngram=0)
+    assert ids == [[1, 1, 1, 1]] and scores == pytest.approx([math.log(0.5 * 0.4**3) / 4])
+    # no-repeat-ngram 2: after "1 1", the bigram (1, 1) is banned, so greedy takes 2, then eos
+    ids, _ = model.beam_search(contexts[:1], 3, beam=1, max_new=4, no_repeat_ngram=2)
+    assert ids == [[1, 1, 2]]
+    assert banned_tokens([5, 6, 7, 5, 6], 3) == [7] and banned_tokens([5, 6], 3) == []
+
+
+# -----------------------------------------------------------------------------
+# finetune_e2e.py end to end
+
+RESTAURANTS = [("The Vaults", "pub", "more than £30"), ("Café Adriatic", "coffee shop", "cheap"),
+               ("The Eagle", "restaurant", "moderate"), ("Zizzi", "pub", "cheap")]
+
+
+def write_e2e(folder):
+    rows = [(f"name[{n}], eatType[{t}], priceRange[{p}]", f"{n} is a {t} with {p} prices.") for n, t, p in RESTAURANTS]
+    rows += [(mr, ref.replace(" is a", " is a nice")) for mr, ref in rows]
+    for name, part in (("trainset.csv", rows * 3), ("devset.csv", rows[:4]), ("testset_w_refs.csv", rows[2:])):
+        with open(folder / name, "w", encoding="utf-8") as f:
+            f.write("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in part))
+    return folder
+
+
+TINY = ["--epochs", "2", "--batch-size", "4", "--warmup-steps", "2", "--lr", "3e-3", "--beam", "2",
+        "--max-new-tokens", "8", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def e2e_dir(tmp_path_factory):
+    return write_e2e(tmp_path_factory.mktemp("e2e"))
+
+
+def finetune(checkpoint, e2e_dir, out, *flags):
+    finetune_e2e.main(["--init-from", str(checkpoint[0]), "--data-dir", str(e2e_dir), "--out-dir", str(out), *TINY, *flags])
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("flags,mode", [([], "FT"), (["--bdia"], "FT-BDIA"), (["--lora-rank", "2", "--lora-alpha", "8"], "LoRA"),
+                                        (["--lora-rank", "2", "--bdia", "--gammas", "-0.5,0,0.5", "--bits", "none",
+                                          "--no-reversible"], "LoRA+BDIA")])
+def test_finetune_e2e_modes(checkpoint, e2e_dir, tmp_path, flags, mode, capsys):
+    log = finetune(checkpoint, e2e_dir, tmp_path, *flags)
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["mode"] == mode for r in log)
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in log)
+    assert (tmp_path / "ckpt.pt").is_file()
+    scores = json.loads((tmp_path / "e2e_scores.json").read_text())
+    assert scores["mode"] == mode and scores["contexts"] == 4 and scores["references"] == 6  # 2 MRs have 2 refs
+    assert set(scores["scores"]) == {"BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"}
+    assert len((tmp_path / "predictions.txt").read_text(encoding="utf-8").splitlines()) == 4
+    assert "Method" in capsys.readouterr().out
+
+
+def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path, monkeypatch):
+    flags = ["--lora-rank", "2", "--bdia", "--no-test"]
+    whole = finetune(checkpoint, e2e_dir, tmp_path / "whole", *flags, "--export", str(tmp_path / "hf"))
+    real_loss, calls = finetune_e2e.loss_on, []
+
+    def killed_in_epoch_2(*args):  # epoch 1: 6 steps and 1 validation batch
+        calls.append(1)
+        if len(calls) > 9:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(finetune_e2e, "loss_on", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(checkpoint, e2e_dir, tmp_path / "split", *flags)
+    monkeypatch.undo()
+    split = finetune(checkpoint, e2e_dir, tmp_path / "split", *flags, "--resume")
+    assert [(r["train_loss"], r["val_loss"]) for r in split] == [(r["train_loss"], r["val_loss"]) for r in whole]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["trainable"] for d in ("whole", "split"))
+    assert set(a) == set(b) and all(".lora_" in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    exported = GPT.from_pretrained(tmp_path / "hf")  # LoRA merged into a plain GPT-2
+    assert not torch.equal(exported.transformer.h[0].attn.c_attn.weight, checkpoint[1].transformer.h[0].attn.c_attn.weight)
+
+
+def test_lora_repo_line_format_and_mr_conversion(tmp_path):
+    assert finetune_e2e.mr_to_context("name[The Vaults], eatType[pub], priceRange[more than £30], familyFriendly[yes]") == \
+        "name : The Vaults | Type : pub | price : more than £30 | family friendly : yes"
+    (tmp_path / "train.txt").write_text("name : A | Type : pub||A is a pub .\n\nname : B||B .\n", encoding="utf-8")
+    assert finetune_e2e.read_pairs(tmp_path / "train.txt") == [("name : A | Type : pub", "A is a pub ."), ("name : B", "B .")]
+    (tmp_path / "bad.txt").write_text("no separator here\n")
+    with pytest.raises(finetune_e2e.DataError, match="bad.txt:1"):
+        finetune_e2e.read_pairs(tmp_path / "bad.txt")
+    tok = gpt2_files.GPT2Tokenizer(tiny_vocab(), MERGES)
+    examples = [finetune_e2e.encode_example(tok, "name : A", "the cat", 64)]
+    x, y = finetune_e2e.collate(examples, [0], tok.eos_id, "cpu")
+    ids, n_ctx = examples[0]
+    assert ids[n_ctx - 1] == ids[-1] == tok.eos_id and x[0].tolist() == ids[:-1]
+    assert y[0].tolist() == [-1] * (n_ctx - 1) + ids[n_ctx:]  # loss on the completion (and its eos) only
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train-file", "missing.csv"], "no such data file"),
+    (["--init-from", "no-such-model"], "not one of gpt2"),
+    (["--lora-rank", "-1"], "must not be negative"),
+    (["--bdia", "--gammas", "-0.5,0,0.5"], "revers"),
+])
+def test_finetune_e2e_errors_exit_2_without_traceback(checkpoint, e2e_dir, tmp_path, flags, message, capsys):
+    argv = ["--init-from", str(checkpoint[0]), "--data-dir", str(e2e_dir), "--out-dir", str(tmp_path), *TINY, *flags]
+    with pytest.raises(SystemExit) as e:
+        finetune_e2e.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
