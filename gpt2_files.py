@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import unicodedata
+import urllib.error
 import urllib.request
 from functools import lru_cache
 from pathlib import Path

@@ -154,6 +154,28 @@ def test_safetensors_reader_refuses_a_truncated_file(checkpoint, tmp_path):
         gpt2_files.read_safetensors(tmp_path / "cut.safetensors")
 
 
+def test_hub_download_checks_the_hubs_checksums(checkpoint, tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    hub = tmp_path / "hub" / "gpt2"  # a stand-in for the hub, reached through file:// URLs
+    hub.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(checkpoint[0] / f, hub / f)
+    weights, config = (hub / "model.safetensors").read_bytes(), (hub / "config.json").read_bytes()
+    checks = {"model.safetensors": ("sha256", hashlib.sha256(weights).hexdigest(), len(weights)),
+              "config.json": ("git-sha1", hashlib.sha1(b"blob %d\0" % len(config) + config).hexdigest(), len(config))}
+    monkeypatch.setattr(gpt2_files, "HUB_URL", (tmp_path / "hub").as_uri() + "/{name}/{file}")
+    monkeypatch.setattr(gpt2_files, "hub_checksum", lambda url: checks[url.rsplit("/", 1)[1]])
+    hf, model_args = gpt2_files.load_gpt2("gpt2", tmp_path / "cache")
+    assert model_args["n_layer"] == 2 and (tmp_path / "cache" / "gpt2" / "model.safetensors").read_bytes() == weights
+    checks["config.json"] = ("git-sha1", "0" * 40, len(config))
+    with pytest.raises(gpt2_files.GPT2FileError, match="corrupted"):
+        gpt2_files.load_gpt2("gpt2", tmp_path / "cache2")
+    assert not (tmp_path / "cache2" / "gpt2" / "config.json").exists()
+    assert list((tmp_path / "cache2" / "gpt2").iterdir()) == []  # nothing unverified left behind
+
+
 # -----------------------------------------------------------------------------
 # BPE
 
@@ -369,3 +391,14 @@ def test_finetune_e2e_errors_exit_2_without_traceback(checkpoint, e2e_dir, tmp_p
         finetune_e2e.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_table_prints_runs_in_table_1_layout(tmp_path, capsys):
+    for name, bleu in (("ft", 68.2), ("ft-bdia", 69.1)):
+        (tmp_path / name).mkdir()
+        scores = {"BLEU": bleu, "NIST": 8.62, "METEOR": None, "ROUGE-L": 71.04, "CIDEr": 2.47}
+        (tmp_path / name / "e2e_scores.json").write_text(json.dumps({"mode": name.upper(), "scores": scores}))
+    finetune_e2e.main(["--table", str(tmp_path / "ft"), str(tmp_path / "ft-bdia")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["Method", "BLEU", "NIST", "MET", "ROUGE-L", "CIDEr"]
+    assert lines[1].split() == ["FT", "68.2", "8.62", "-", "71.0", "2.47"] and lines[2].split()[:2] == ["FT-BDIA", "69.1"]
