@@ -135,13 +135,17 @@ def load_dataset(name, data_dir):
 
 
 def augment(images, generator):
-    """Random crop with 4-pixel zero padding and random horizontal flip, on a uint8 batch."""
+    """Random crop with 4-pixel zero padding and random horizontal flip, on a uint8 batch on
+    any device (one gather, no per-image loop); the random draws come from the CPU generator."""
     B, C, H, W = images.shape
-    padded = F.pad(images, (4, 4, 4, 4))
-    dx, dy = torch.randint(0, 9, (2, B), generator=generator).tolist()
-    flips = torch.rand(B, generator=generator) < 0.5
-    out = torch.stack([padded[i, :, dy[i]: dy[i] + H, dx[i]: dx[i] + W] for i in range(B)])
-    return torch.where(flips.view(B, 1, 1, 1), out.flip(3), out)
+    dx, dy = torch.randint(0, 9, (2, B), generator=generator).to(images.device)
+    flips = (torch.rand(B, generator=generator) < 0.5).to(images.device)
+    rows = dy[:, None] + torch.arange(H, device=images.device)  # (B, H) rows of the padded image
+    cols = dx[:, None] + torch.arange(W, device=images.device)  # (B, W) columns
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
+    padded = F.pad(images, (4, 4, 4, 4)).permute(0, 2, 3, 1)  # (B, H + 8, W + 8, C)
+    batch = torch.arange(B, device=images.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def normalize(images, mean, std):
@@ -247,11 +251,12 @@ def train_epoch(model, optimizer, images, labels, args, epoch, mean, std, device
     model.train()
     generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
     order = torch.randperm(len(images), generator=generator)
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+    correct, seen = torch.zeros((), dtype=torch.int64, device=device), 0
     bar = tqdm(range(0, len(order), args.batch_size), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-    for start in bar:
+    for step, start in enumerate(bar):
         idx = order[start: start + args.batch_size]
-        x = normalize(augment(images[idx], generator).to(device, non_blocking=True), mean, std)
+        x = normalize(augment(images[idx].to(device, non_blocking=True), generator), mean, std)
         y = labels[idx].to(device, non_blocking=True)
         with training.autocast(device, args.amp):
             logits = model(x)
@@ -259,11 +264,12 @@ def train_epoch(model, optimizer, images, labels, args, epoch, mean, std, device
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(idx)
-        correct += (logits.argmax(-1) == y).sum().item()
+        total_loss += loss.detach() * len(idx)
+        correct += (logits.argmax(-1) == y).sum()
         seen += len(idx)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / bar.format_dict['elapsed']:.0f}" if bar.format_dict["elapsed"] else "")
-    return total_loss / seen, correct / seen
+        if step % 20 == 0 and bar.format_dict["elapsed"]:
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{seen / bar.format_dict['elapsed']:.0f}")
+    return total_loss.item() / seen, correct.item() / seen
 
 
 @torch.no_grad()

@@ -1,0 +1,166 @@
+"""The engine's promises on a CUDA device, with the project's real blocks (models.Block on
+torch's scaled_dot_product_attention) and each SDPA kernel: flash (under bf16 autocast),
+memory-efficient and math. A kernel picked in the forward (no grad) that differed from the
+one picked in the recomputation (with grad) would break bit-exactness, so it is checked here
+kernel by kernel. Without a CUDA device these tests cannot run and are skipped; the README
+records when and where they last ran.
+
+Gradient tolerances: 1e-5 relative in float32. Under bf16 autocast the reversible and the
+stored-activation backward sum the same float32 contributions to dL/dx_k in a different
+order; a last-bit difference there can flip the bf16 rounding of the gradient entering the
+next block's autocast region, so the two agree to about one bf16 step (2^-8), not to 1e-5."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bdia import BDIAConfig, run_blocks  # noqa: E402
+from models import Block, RevViT, ViT  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+KERNELS = {  # kernel -> autocast dtype it runs under (flash needs 16-bit inputs)
+    "flash": (SDPBackend.FLASH_ATTENTION, torch.bfloat16),
+    "efficient-fp32": (SDPBackend.EFFICIENT_ATTENTION, None),
+    "efficient-bf16": (SDPBackend.EFFICIENT_ATTENTION, torch.bfloat16),
+    "math-fp32": (SDPBackend.MATH, None),
+}
+
+
+def gpt_stack(depth, dropout=0.1, cross=False, seed=0):
+    """A GPT-like stack: width 256, 4 heads of 64 (a head size flash supports), MLP 1024."""
+    torch.manual_seed(seed)
+    blocks = nn.ModuleList(Block(256, 4, 1024, dropout, causal=True, cross=cross) for _ in range(depth))
+    return blocks.cuda().train()
+
+
+def record_inputs(blocks):
+    """Wrap each block's residual so that every x it is called on is kept (forward, then
+    the backward's recomputation)."""
+    for block in blocks:
+        calls, residual = [], block.residual
+        block.calls = calls
+
+        def recorded(x, *context, calls=calls, residual=residual):
+            calls.append(x.detach().clone())
+            return residual(x, *context)
+
+        block.residual = recorded
+
+
+def step(blocks, x, config, kernel, context=(), seed=0):
+    """Forward and backward of one step; returns the output and all gradients."""
+    backend, amp_dtype = KERNELS[kernel]
+    blocks.zero_grad(set_to_none=True)
+    for t in (x, *context):
+        t.grad = None
+    torch.manual_seed(seed)
+    with sdpa_kernel(backend), torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = run_blocks(blocks, x, config, *context)
+        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
+        (out.float() * weights).sum().backward()
+    grads = [t.grad for t in (x, *context)] + [p.grad for p in blocks.parameters()]
+    return out.detach(), [g.clone() for g in grads]
+
+
+def tolerance(kernel):
+    return 1e-5 if KERNELS[kernel][1] is None else 2**-8
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("depth", [1, 2, 3, 12])
+def test_every_activation_is_rebuilt_bit_for_bit_on_cuda(kernel, depth):
+    blocks = gpt_stack(depth, dropout=0.1)
+    record_inputs(blocks)
+    x = torch.randn(4, 128, 256, device="cuda", requires_grad=True)
+    step(blocks, x, BDIAConfig(), kernel)
+    for k, block in enumerate(blocks):
+        assert len(block.calls) == 2, f"block {k} ran {len(block.calls)} times"
+        assert torch.equal(block.calls[1], block.calls[0]), f"x_{k} was not rebuilt exactly ({kernel})"
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_reversible_and_stored_modes_agree_on_cuda(kernel):
+    blocks = gpt_stack(6, dropout=0.1)
+    x = torch.randn(4, 128, 256, device="cuda", requires_grad=True)
+    out_r, grads_r = step(blocks, x, BDIAConfig(), kernel, seed=3)
+    out_s, grads_s = step(blocks, x, BDIAConfig(reversible=False), kernel, seed=3)
+    assert torch.equal(out_r, out_s)
+    for a, b in zip(grads_r, grads_s):
+        assert rel_err(a, b) < tolerance(kernel)
+
+
+@pytest.mark.parametrize("kernel", ["efficient-fp32", "efficient-bf16"])
+def test_decoder_stack_with_memory_and_masks_on_cuda(kernel):
+    blocks = gpt_stack(4, dropout=0.1, cross=True)
+    x = torch.randn(4, 32, 256, device="cuda", requires_grad=True)
+    memory = torch.randn(4, 48, 256, device="cuda", requires_grad=True)
+    memory_mask = torch.ones(4, 1, 1, 48, dtype=torch.bool, device="cuda")
+    memory_mask[:2, ..., 40:] = False  # two sources are padded
+    context = (memory, None, memory_mask)
+    out_r, grads_r = step_with_context(blocks, x, BDIAConfig(), kernel, context)
+    out_s, grads_s = step_with_context(blocks, x, BDIAConfig(reversible=False), kernel, context)
+    assert torch.equal(out_r, out_s)
+    for a, b in zip(grads_r, grads_s):
+        assert rel_err(a, b) < tolerance(kernel)
+
+
+def step_with_context(blocks, x, config, kernel, context):
+    """step() for a context holding None and boolean masks (only memory takes a gradient)."""
+    backend, amp_dtype = KERNELS[kernel]
+    blocks.zero_grad(set_to_none=True)
+    x.grad = context[0].grad = None
+    torch.manual_seed(4)
+    with sdpa_kernel(backend), torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = run_blocks(blocks, x, config, *context)
+        out.float().square().mean().backward()
+    grads = [x.grad, context[0].grad] + [p.grad for p in blocks.parameters()]
+    return out.detach(), [g.clone() for g in grads]
+
+
+def test_reversible_step_leaves_the_cuda_rng_as_stored_mode_does():
+    blocks = gpt_stack(3, dropout=0.1)
+    x = torch.randn(2, 64, 256, device="cuda", requires_grad=True)
+    after = []
+    for reversible in (True, False):
+        step(blocks, x, BDIAConfig(reversible=reversible), "efficient-fp32", seed=9)
+        after.append((torch.rand(4), torch.rand(4, device="cuda")))
+    assert torch.equal(after[0][0], after[1][0]) and torch.equal(after[0][1], after[1][1])
+
+
+def test_paper_vit_trains_identically_in_both_bdia_modes_on_cuda():
+    results = []
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        model = ViT(bdia=BDIAConfig(reversible=reversible)).cuda().train()  # the paper's config
+        images = torch.randn(16, 3, 32, 32, device="cuda")
+        torch.manual_seed(1)
+        loss = nn.functional.cross_entropy(model(images), torch.arange(16, device="cuda") % 10)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_r, grads_r), (loss_s, grads_s) = results
+    assert torch.equal(loss_r, loss_s)
+    for a, b in zip(grads_r, grads_s):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_revvit_reversible_gradients_match_stored_activations_on_cuda():
+    results = []
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        model = RevViT(reversible=reversible).cuda().train()
+        images = torch.randn(16, 3, 32, 32, device="cuda")
+        torch.manual_seed(1)
+        model(images).square().sum().backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-5  # RevViT rebuilds its inputs to float rounding only
