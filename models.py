@@ -387,7 +387,7 @@ class GPT(nn.Module):
         super().__init__()
         self.block_size, self.bdia = block_size, bdia
         self.model_args = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                               n_embd=n_embd, gelu=gelu)
+                               n_embd=n_embd, bias=bias, gelu=gelu)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, n_embd),
             wpe=nn.Embedding(block_size, n_embd),
@@ -469,6 +469,8 @@ class GPT(nn.Module):
         """Export as a standard Hugging Face GPT-2 checkpoint: model.safetensors + config.json."""
         import gpt2_files
 
+        if not self.model_args["bias"]:
+            raise ValueError("a GPT-2 checkpoint has biases in every linear layer: this GPT was built with bias=False")
         return gpt2_files.save_gpt2(self.merged_state_dict(), self.model_args, directory)
 
     # Decoding with a KV cache
