@@ -186,13 +186,6 @@ def configure_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
 
 
-def linear_lr(step, total_steps, lr, warmup):
-    """Linear warmup for `warmup` steps, then linear decay to 0 at total_steps."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-
 def trainable_state(model):
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in names}
@@ -253,7 +246,7 @@ def train(args, model, tok, train_ex, valid_ex, device):
         bar = tqdm(epoch_batches, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
         for i, batch in enumerate(bar):
             step = epoch * steps_per_epoch + i
-            lr = linear_lr(step, total_steps, args.lr, args.warmup_steps)
+            lr = training.linear_lr(step, total_steps, args.lr, args.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = collate(train_ex, batch, tok.eos_id, device)

@@ -95,17 +95,18 @@ def write_safetensors(path, tensors, metadata=None):
         offset += len(raw)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    atomic_write(path, [struct.pack("<Q", len(text)), text, *chunks])
+    write_chunks(path, [struct.pack("<Q", len(text)), text, *chunks])
 
 
-def atomic_write(path, chunks):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-    os.replace(part, path)
+def write_chunks(path, chunks):
+    """Write byte strings one after another to `path`, atomically."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+
+    training.atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------
@@ -196,7 +197,7 @@ def save_gpt2(state, model_args, directory):
     config = hf_config(model_args["n_layer"], model_args["n_head"], model_args["n_embd"], model_args["vocab_size"],
                        model_args["block_size"], model_args.get("gelu", "none"))
     write_safetensors(directory / "model.safetensors", to_hf_state_dict(state), {"format": "pt"})
-    atomic_write(directory / "config.json", [json.dumps(config, indent=2).encode()])
+    write_chunks(directory / "config.json", [json.dumps(config, indent=2).encode()])
     return directory
 
 

@@ -125,19 +125,24 @@ def peak_memory_mb(device):
 # Checkpoints, RNG state and logs
 
 
-def save_checkpoint(path, state):
-    """torch.save to a temporary file beside `path`, then rename: a killed run never
-    leaves a half-written checkpoint."""
+def atomic_write(path, write):
+    """write(tmp) to a temporary file beside `path`, then rename it to `path`: a killed run
+    never leaves a half-written file, and a failed write leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path, state):
+    """torch.save, atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -262,6 +267,13 @@ def cosine_lr(step, total_steps, lr, warmup=0, min_lr=0.0):
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def linear_lr(step, total_steps, lr, warmup=0):
+    """Linear warmup for `warmup` steps, then linear decay to 0 at total_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
 Dist = namedtuple("Dist", "rank world_size local_rank enabled")
