@@ -235,6 +235,7 @@ def train(args, model, tok, train_ex, valid_ex, device):
         start_epoch = ckpt["epoch"]
     train_model = torch.compile(model) if args.compile else model
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume)
+    log.keep_only(lambda line: line["epoch"] <= start_epoch)  # start_epoch epochs are done
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{mode_name(args)}: {training.count_params(model) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), "
           f"{len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, {device}")

@@ -260,6 +260,8 @@ def run(args):
     if dist.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume) if training.is_main(dist) else None
+    if log:
+        log.keep_only(lambda line: line["iter"] < start_iter)  # the resumed run logs start_iter again
     if training.is_main(dist):
         mode = "BDIA-GPT" if args.bdia else "GPT"
         print(f"{mode}: {training.count_params(model) / 1e6:.2f}M parameters, {len(train_data)} training tokens, "

@@ -339,6 +339,7 @@ def train(args, parser):
         training.set_rng_state(ckpt["rng"])
     run_model = torch.compile(model) if args.compile else model
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume)
+    log.keep_only(lambda line: line["epoch"] < start_epoch)
     steps_per_epoch = len(length_batches(train_ex, args.batch_size))
     total_steps = args.epochs * steps_per_epoch
     mode = "plain" if config is None else f"bdia{'' if config.reversible else '-stored'}"

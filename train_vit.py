@@ -328,6 +328,7 @@ def main(argv=None):
         start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
     model_to_run = torch.compile(model) if args.compile else model
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume)
+    log.keep_only(lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
     print(f"{mode}: {training.count_params(model) / 1e6:.2f}M parameters, {len(train_x)} training images, "
           f"{args.dataset}, {device}, epochs {start_epoch}..{args.epochs}")

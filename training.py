@@ -203,6 +203,13 @@ class JsonlLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def keep_only(self, keep):
+        """Keep the lines for which keep(line) is true. On --resume: those written before the
+        checkpoint the run continues from, so that a run killed between its log line and its
+        checkpoint does not log that epoch twice."""
+        lines = "".join(json.dumps(r) + "\n" for r in self.read() if keep(r))
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(lines))
+
 
 # -----------------------------------------------------------------------------
 # Downloads

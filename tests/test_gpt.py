@@ -82,6 +82,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path, text_file
         run(tmp_path, *flags, out="b")
     monkeypatch.undo()
     resumed = run(tmp_path, *flags, "--resume", out="b")  # continues from the checkpoint of iteration 10
+    assert [r["iter"] for r in resumed] == [0, 10, 20]  # iteration 10 is logged once
     assert resumed[-1]["iter"] == 20 and resumed[-1]["val_loss"] == straight[-1]["val_loss"]
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]

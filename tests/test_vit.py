@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import training  # noqa: E402
 import train_vit  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import RevViT, ViT  # noqa: E402
@@ -100,6 +101,24 @@ def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
     assert train_x.shape == (20, 1, 32, 32) and val_y.shape == (10,) and train_x.dtype == torch.uint8
     train_vit.main([*TINY, "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--epochs", "1",
                     "--out-dir", str(tmp_path / "out"), "--bdia"])
+
+
+def test_a_run_killed_between_log_and_checkpoint_logs_each_epoch_once(tmp_path, cifar_dir, monkeypatch):
+    real_save, calls = training.save_checkpoint, []
+
+    def killed_while_saving_epoch_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(*args)
+
+    monkeypatch.setattr(training, "save_checkpoint", killed_while_saving_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, cifar_dir, "--epochs", "3", out="b")
+    monkeypatch.undo()
+    assert [r["epoch"] for r in training.JsonlLog(tmp_path / "b" / "log.jsonl", resume=True).read()] == [1, 2]
+    resumed = run(tmp_path, cifar_dir, "--epochs", "3", "--resume", out="b")  # from the checkpoint of epoch 1
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
 
 
 def test_bdia_trained_vit_loads_into_a_plain_vit():
