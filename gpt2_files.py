@@ -293,12 +293,17 @@ def _ranges(predicate):
     return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}" for a, b in spans)
 
 
+# Unicode's White_Space, GPT-2's \s (Python's \s also takes the separators U+001C..U+001F).
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
 @lru_cache(maxsize=1)
 def pretokenizer():
     r"""GPT-2's pattern, 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+,
-    with \p{L} and \p{N} spelt out from unicodedata (Python's re has no \p{...})."""
-    letters, numbers = _ranges(lambda c: c[0] == "L"), _ranges(lambda c: c[0] == "N")
-    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^\s{letters}{numbers}]+|\s+(?!\S)|\s+")
+    with \p{L}, \p{N} and \s spelt out (Python's re has no \p{...}, and its \s differs)."""
+    letters, numbers, space = _ranges(lambda c: c[0] == "L"), _ranges(lambda c: c[0] == "N"), WHITESPACE
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"
+                      rf"|[{space}]+(?![^{space}])|[{space}]+")
 
 
 class GPT2Tokenizer:

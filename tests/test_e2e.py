@@ -191,6 +191,8 @@ def test_bpe_round_trips_utf8_and_applies_merges_in_rank_order(tmp_path):
         assert tok.decode(tok.encode(text)) == text
     # GPT-2's pre-tokenizer: contractions, a space joined to the next word, digits apart
     assert gpt2_files.pretokenizer().findall("I'll pay £30 now  ok") == ["I", "'ll", " pay", " £", "30", " now", " ", " ok"]
+    # GPT-2's \s is Unicode's White_Space: the separators U+001C..U+001F (whitespace to Python) are not
+    assert gpt2_files.pretokenizer().findall("x \x1cy\u3000z") == ["x", " \x1c", "y", "\u3000", "z"]
     reversed_ranks = gpt2_files.GPT2Tokenizer(tok.encoder, MERGES[::-1])
     assert reversed_ranks.bpe("the") == ["th", "e"]  # now t h has the lower rank
     write_tokenizer(tmp_path, hf=True)  # the HF file names give the same tokenizer
