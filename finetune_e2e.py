@@ -385,7 +385,8 @@ def check_args(args, parser):
     for name in ("epochs", "batch_size", "beam", "max_new_tokens", "decode_batch", "max_seq_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit", "no_repeat_ngram"):
+    for name in ("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit", "no_repeat_ngram",
+                 "length_penalty"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     if not 0 <= args.label_smoothing < 1:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdia import run_blocks  # noqa: F401  (used by the models below)
+from bdia import run_blocks
 
 # -----------------------------------------------------------------------------
 # Building blocks shared by every model
@@ -336,6 +336,9 @@ class Seq2Seq(nn.Module):
     def beam_search(self, src, bos_id, eos_id, beam=4, max_new=64, length_penalty=1.0):
         """Beam search for one source sentence src (1, S), encoder run once. Returns the ids
         (without <bos>/<eos>) of the hypothesis with the best log-probability / length^penalty."""
+        if length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0 (got {length_penalty}): the early stop assumes that "
+                             "a longer hypothesis cannot score better")
         memory, mask = self.encode(src)
         seqs = torch.full((1, 1), bos_id, dtype=torch.long, device=src.device)
         scores = torch.zeros(1, device=src.device)
@@ -496,10 +499,13 @@ class GPT(nn.Module):
     def beam_search(self, contexts, eos_id, beam=10, max_new=64, length_penalty=0.8, no_repeat_ngram=4, use_cache=True):
         """Batched beam search from contexts (batch, L) of one length L, as the LoRA repository's
         E2E decoder: per example the `beam` best of beam x vocab continuations; one that ends in
-        eos becomes a candidate with score log p / length^length_penalty (length counts the eos);
-        tokens that would repeat an n-gram of the generated text are banned. An example stops
-        when no open hypothesis can beat its best candidate. Returns (lists of ids without
-        eos, their scores)."""
+        eos becomes a candidate with score log p / length^length_penalty (length counts the eos),
+        and so does every hypothesis still open after max_new tokens; tokens that would repeat
+        an n-gram of the generated text are banned. An example stops when no open hypothesis
+        can beat its best candidate. Returns (lists of ids without eos, their scores)."""
+        if length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0 (got {length_penalty}): the early stop assumes that "
+                             "a longer hypothesis cannot score better")
         batch, length = contexts.shape
         if length + max_new > self.block_size:
             raise ValueError(f"context {length} + max_new {max_new} tokens exceed block_size {self.block_size}")
@@ -536,10 +542,9 @@ class GPT(nn.Module):
                 logits = self.forward_cached(tokens.view(-1, 1), cache)[:, -1]
             else:
                 logits = self(torch.cat([contexts.repeat_interleave(beam, 0), out], dim=1))[0][:, -1]
-        for b in range(batch):  # no candidate within max_new tokens: the best open hypothesis
-            if best[b][0] == float("-inf"):
-                k = scores[b].argmax().item()
-                best[b] = ((scores[b, k] / max_new**length_penalty).item(), out[b * beam + k].tolist())
+        for (b, k), score in zip(torch.isfinite(scores).nonzero().tolist(), scores[torch.isfinite(scores)].tolist()):
+            if score / max_new**length_penalty > best[b][0]:  # open after max_new tokens: a candidate too
+                best[b] = (score / max_new**length_penalty, out[b * beam + k].tolist())
         return [ids for _, ids in best], [score for score, _ in best]
 
 

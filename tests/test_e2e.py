@@ -297,6 +297,20 @@ def test_beam_search_on_a_bigram_table():
     assert banned_tokens([5, 6, 7, 5, 6], 3) == [7] and banned_tokens([5, 6], 3) == []
 
 
+def test_beam_search_lets_hypotheses_open_at_max_new_compete_and_refuses_negative_penalty():
+    # After 0: 1 (0.6) or eos (0.4); after 1: 1 (0.9) or eos (0.1). With max_new 2 and no length
+    # penalty, "eos" ends with p = 0.4 but the open "1 1" has p = 0.54: as in the LoRA
+    # repository's decoder, open hypotheses of max_new tokens compete at the end.
+    table = [[0.0, 0.6, 0.0, 0.4], [0.0, 0.9, 0.0, 0.1], [0.25] * 4, [0.25] * 4]
+    model = Bigram(table).eval()
+    for use_cache in (True, False):
+        ids, scores = model.beam_search(torch.tensor([[0]]), 3, beam=2, max_new=2, length_penalty=0.0,
+                                        no_repeat_ngram=0, use_cache=use_cache)
+        assert ids == [[1, 1]] and scores == pytest.approx([math.log(0.54)])
+    with pytest.raises(ValueError, match="length_penalty"):
+        model.beam_search(torch.tensor([[0]]), 3, length_penalty=-0.5)
+
+
 # -----------------------------------------------------------------------------
 # finetune_e2e.py end to end
 
