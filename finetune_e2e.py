@@ -62,7 +62,7 @@ def mr_to_context(mr):
 
 def read_e2e_csv(path):
     """(context, reference) pairs from an E2E CSV with columns mr and ref (any case)."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of "mr"
         rows = list(csv.reader(f))
     if not rows:
         raise DataError(f"{path} is empty")
@@ -416,7 +416,11 @@ def run(args):
         raise DataError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.model_args['vocab_size']}")
 
     def encode(pairs, limit):
-        return [encode_example(tok, c, r, min(args.max_seq_len, model.block_size)) for c, r in (pairs[:limit] if limit else pairs)]
+        examples = [encode_example(tok, c, r, min(args.max_seq_len, model.block_size)) for c, r in (pairs[:limit] if limit else pairs)]
+        scored = [(ids, n_ctx) for ids, n_ctx in examples if n_ctx < len(ids)]  # some completion token left
+        if len(scored) < len(examples):
+            print(f"dropped {len(examples) - len(scored)} examples whose context fills --max-seq-len {args.max_seq_len}")
+        return scored
 
     train_ex, valid_ex = encode(splits["train"], args.train_limit), encode(splits["valid"], args.valid_limit)
     train(args, model, tok, train_ex, valid_ex, device)

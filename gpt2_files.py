@@ -60,19 +60,19 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 def read_safetensors(path):
     """{name: tensor} from a .safetensors file (memory-mapped; every tensor copied out)."""
     path = Path(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     try:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
         (n,) = struct.unpack("<Q", data[:8].tobytes())
         header = json.loads(data[8:8 + n].tobytes())
-    except (struct.error, ValueError) as e:
-        raise GPT2FileError(f"{path} is not a safetensors file ({e})") from e
-    header.pop("__metadata__", None)
+        header.pop("__metadata__", None)
+        entries = {name: (info["data_offsets"], info["dtype"], info["shape"]) for name, info in header.items()}
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise GPT2FileError(f"{path} is not a safetensors file ({type(e).__name__}: {e})") from e
     body, tensors = data[8 + n:], {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        dtype, shape = DTYPES.get(info["dtype"]), info["shape"]
+    for name, ((begin, end), dtype_name, shape) in entries.items():
+        dtype = DTYPES.get(dtype_name)
         if dtype is None:
-            raise GPT2FileError(f"{path}: tensor {name} has the unsupported dtype {info['dtype']}")
+            raise GPT2FileError(f"{path}: tensor {name} has the unsupported dtype {dtype_name}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
         if not 0 <= begin <= end <= len(body) or end - begin != nbytes:
             raise GPT2FileError(f"{path}: tensor {name} has offsets {begin}..{end} that do not fit its "

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import finetune_e2e  # noqa: E402
 import gpt2_files  # noqa: E402
+import training  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import GPT, LoRALinear, add_lora, banned_tokens, set_lora_merged  # noqa: E402
 
@@ -43,6 +44,7 @@ def st_read(path):
     """header, {name: float32 tensor} from the raw bytes: 8-byte length, JSON, offsets."""
     data = open(path, "rb").read()
     (n,) = struct.unpack("<Q", data[:8])
+    assert n % 8 == 0  # the header is padded so that the data starts 8-byte aligned
     header = json.loads(data[8:8 + n])
     body, out = data[8 + n:], {}
     ends = sorted(v["data_offsets"] for k, v in header.items() if k != "__metadata__")
@@ -152,6 +154,11 @@ def test_safetensors_reader_refuses_a_truncated_file(checkpoint, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
     with pytest.raises(gpt2_files.GPT2FileError, match="truncated or corrupt"):
         gpt2_files.read_safetensors(tmp_path / "cut.safetensors")
+    header = b'{"w": {"dtype": "F32", "shape": [1]}}'  # no data_offsets
+    for name, content in (("empty", b""), ("no-offsets", struct.pack("<Q", len(header)) + header + b"\0" * 4)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(gpt2_files.GPT2FileError, match="not a safetensors file"):
+            gpt2_files.read_safetensors(tmp_path / name)
 
 
 def test_hub_download_checks_the_hubs_checksums(checkpoint, tmp_path, monkeypatch):
@@ -239,6 +246,10 @@ def test_lora_merged_equals_unmerged_and_exports_merged(checkpoint, tmp_path):
     assert torch.allclose(model(idx)[0], unmerged, atol=1e-5)
     delta = model.transformer.h[1].attn.c_attn.weight - base
     assert delta[:16].abs().sum() > 0 and torch.equal(delta[16:32], torch.zeros(16, 16))  # key rows untouched
+    lora = model.transformer.h[1].attn.c_attn  # rank 2, alpha 8: W += (alpha / r) B A on query and value
+    A, B = lora.lora_A.view(2, 2, 16), lora.lora_B
+    for part, rows in ((0, slice(0, 16)), (1, slice(32, 48))):
+        assert torch.allclose(delta[rows], 8 / 2 * B[part] @ A[part], atol=1e-6)
     set_lora_merged(model, False)
     assert torch.allclose(model.transformer.h[1].attn.c_attn.weight, base, atol=1e-6)
     model.save_pretrained(tmp_path)  # adapters folded in: a plain GPT-2 checkpoint
@@ -377,6 +388,25 @@ def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path,
     assert set(a) == set(b) and all(".lora_" in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
     exported = GPT.from_pretrained(tmp_path / "hf")  # LoRA merged into a plain GPT-2
     assert not torch.equal(exported.transformer.h[0].attn.c_attn.weight, checkpoint[1].transformer.h[0].attn.c_attn.weight)
+
+
+def test_loss_is_label_smoothed_on_completion_tokens_only_and_lr_is_linear():
+    # a context of 2 tokens and a completion of 2 (the last is eos): only positions 1 and 2 are scored
+    x, y = finetune_e2e.collate([([7, 8, 9, 3], 2)], [0], pad_id=3, device="cpu")
+    assert x.tolist() == [[7, 8, 9]] and y.tolist() == [[-1, 9, 3]]
+
+    class Uniform(torch.nn.Module):  # logits 0 everywhere but 2 at token 9: p(9) = e^2 / (e^2 + 9)
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, 10)
+            logits[..., 9] = 2.0
+            return logits, None
+
+    logp9, logp_other = 2 - math.log(math.exp(2) + 9), -math.log(math.exp(2) + 9)
+    mean_logp = (logp9 + 9 * logp_other) / 10
+    eps = 0.1  # smoothed target: (1 - eps) on the label plus eps / 10 on every token
+    expected = [-(1 - eps) * lp - eps * mean_logp for lp in (logp9, logp_other)]
+    assert finetune_e2e.loss_on(Uniform(), x, y, eps).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    assert [training.linear_lr(s, 10, 1.0, warmup=4) for s in (0, 3, 4, 7, 10)] == [0.25, 1.0, 1.0, 0.5, 0.0]
 
 
 def test_lora_repo_line_format_and_mr_conversion(tmp_path):
