@@ -437,12 +437,7 @@ def main(argv=None):
     check_args(args, parser)
     try:
         run(args)
-    except (DataError, gpt2_files.GPT2FileError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as e:
-        if "cannot read checkpoint" not in str(e):
-            raise
+    except (DataError, gpt2_files.GPT2FileError, FileNotFoundError, training.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -206,7 +206,7 @@ def estimate_loss(model, splits, args, dist, device):
 def sample(args, device):
     try:
         ckpt = training.load_checkpoint(Path(args.out_dir) / "ckpt.pt", device)
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, training.CheckpointError) as e:
         raise DataError(str(e)) from e
     model = GPT(**ckpt["model_args"]).to(device).eval()
     model.load_state_dict(ckpt["model"])
@@ -250,7 +250,7 @@ def run(args):
     if args.resume:
         try:
             ckpt = training.load_checkpoint(out / "ckpt.pt", device)
-        except (FileNotFoundError, RuntimeError) as e:
+        except (FileNotFoundError, training.CheckpointError) as e:
             raise DataError(str(e)) from e
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -463,11 +463,7 @@ def main(argv=None):
         if args.translate is not None:
             return translate(args)
         return train(args, parser)
-    except (DataError, FileNotFoundError, training.DownloadError) as e:
-        parser.error(str(e))
-    except RuntimeError as e:
-        if "cannot read checkpoint" not in str(e):
-            raise
+    except (DataError, FileNotFoundError, training.DownloadError, training.CheckpointError) as e:
         parser.error(str(e))
 
 

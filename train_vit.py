@@ -319,7 +319,7 @@ def main(argv=None):
     if args.resume:
         try:
             ckpt = training.load_checkpoint(out / "ckpt.pt", device)
-        except (FileNotFoundError, RuntimeError) as e:
+        except (FileNotFoundError, training.CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         model.load_state_dict(ckpt["model"])

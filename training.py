@@ -145,6 +145,10 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be read."""
+
+
 def load_checkpoint(path, device="cpu"):
     """Load a checkpoint safely (weights_only=True: no code runs on load)."""
     path = Path(path)
@@ -153,7 +157,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path} ({e}); delete it or start a new --out-dir") from e
+        raise CheckpointError(f"cannot read checkpoint {path} ({e}); delete it or start a new --out-dir") from e
 
 
 def rng_state():
