@@ -221,12 +221,19 @@ def hub_checksum(url):
         response = e
         if e.code >= 400:
             raise
-    headers = response.headers
-    size = int(headers.get("X-Linked-Size") or headers.get("Content-Length") or 0) or None
+    return checksum_from_headers(response.status, response.headers)
+
+
+def checksum_from_headers(status, headers):
+    """(kind, digest, size) from the hub's answer to HEAD (redirects not followed). An LFS file
+    is a 302 to the CDN with X-Linked-Etag (sha256) and X-Linked-Size; a small file a 200 whose
+    ETag (maybe weak, W/"...") is its git blob sha1. digest "" if the hub sent none."""
     linked = (headers.get("X-Linked-Etag") or "").strip('"')
     if linked:
-        return "sha256", linked, size
-    return "git-sha1", (headers.get("ETag") or "").strip('"').removeprefix("W/").strip('"'), size
+        return "sha256", linked, int(headers.get("X-Linked-Size") or 0) or None
+    etag = (headers.get("ETag") or "").removeprefix("W/").strip('"')
+    size = int(headers.get("Content-Length") or 0) or None if status == 200 else None  # a redirect's body is not the file
+    return "git-sha1", etag, size
 
 
 def git_blob_sha1(path):
@@ -251,8 +258,10 @@ def fetch_from_hub(name, files, cache_dir=DEFAULT_CACHE):
             if kind == "sha256":
                 training.download(url, dest, sha256=digest, size=size, manual=manual)
                 continue
+            if not digest:
+                raise GPT2FileError(f"the hub sent no checksum for {url}, so it cannot be verified. To get it by hand: {manual}")
             unverified = training.download(url, folder / (file + ".unverified"), size=size, manual=manual)
-            if digest and git_blob_sha1(unverified) != digest:
+            if git_blob_sha1(unverified) != digest:
                 unverified.unlink()
                 raise GPT2FileError(f"{url} arrived corrupted (git sha1 mismatch). To get it by hand: {manual}")
             os.replace(unverified, dest)

@@ -181,6 +181,18 @@ def test_hub_download_checks_the_hubs_checksums(checkpoint, tmp_path, monkeypatc
         gpt2_files.load_gpt2("gpt2", tmp_path / "cache2")
     assert not (tmp_path / "cache2" / "gpt2" / "config.json").exists()
     assert list((tmp_path / "cache2" / "gpt2").iterdir()) == []  # nothing unverified left behind
+    checks["config.json"] = ("git-sha1", "", len(config))  # the hub sent no checksum: refused
+    with pytest.raises(gpt2_files.GPT2FileError, match="no checksum"):
+        gpt2_files.load_gpt2("gpt2", tmp_path / "cache3")
+
+
+def test_hub_checksums_are_read_from_the_hubs_headers():
+    lfs = {"X-Linked-Etag": '"ab12"', "X-Linked-Size": "1000", "Content-Length": "1320"}  # 302 to the CDN
+    assert gpt2_files.checksum_from_headers(302, lfs) == ("sha256", "ab12", 1000)
+    small = {"ETag": 'W/"cd34"', "Content-Length": "665"}
+    assert gpt2_files.checksum_from_headers(200, small) == ("git-sha1", "cd34", 665)
+    assert gpt2_files.checksum_from_headers(302, {"ETag": '"ef56"', "Content-Length": "12"}) == ("git-sha1", "ef56", None)
+    assert gpt2_files.checksum_from_headers(200, {}) == ("git-sha1", "", None)
 
 
 # -----------------------------------------------------------------------------
