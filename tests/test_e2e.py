@@ -379,18 +379,10 @@ def test_finetune_e2e_modes(checkpoint, e2e_dir, tmp_path, flags, mode, capsys):
     assert "Method" in capsys.readouterr().out
 
 
-def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path, monkeypatch):
+def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path, monkeypatch, kill_after):
     flags = ["--lora-rank", "2", "--bdia", "--no-test"]
     whole = finetune(checkpoint, e2e_dir, tmp_path / "whole", *flags, "--export", str(tmp_path / "hf"))
-    real_loss, calls = finetune_e2e.loss_on, []
-
-    def killed_in_epoch_2(*args):  # epoch 1: 6 steps and 1 validation batch
-        calls.append(1)
-        if len(calls) > 9:
-            raise KeyboardInterrupt
-        return real_loss(*args)
-
-    monkeypatch.setattr(finetune_e2e, "loss_on", killed_in_epoch_2)
+    kill_after(finetune_e2e, "loss_on", 9)  # killed in epoch 2 (epoch 1: 6 steps and 1 validation batch)
     with pytest.raises(KeyboardInterrupt):
         finetune(checkpoint, e2e_dir, tmp_path / "split", *flags)
     monkeypatch.undo()

@@ -66,18 +66,10 @@ def test_training_on_a_text_file_learns(tmp_path, text_file, flags):
     assert (tmp_path / "out" / "ckpt.pt").is_file()
 
 
-def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path, text_file, capsys, monkeypatch):
+def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path, text_file, capsys, monkeypatch, kill_after):
     flags = ["--text-file", str(text_file), "--eval-interval", "10", "--bdia", "--dropout", "0.1", "--max-iters", "20"]
     straight = run(tmp_path, *flags, out="a")
-    real_step, calls = train_gpt.train_step, []
-
-    def killed_at_iteration_13(*args):
-        calls.append(1)
-        if len(calls) > 13:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(train_gpt, "train_step", killed_at_iteration_13)
+    kill_after(train_gpt, "train_step", 13)  # killed at iteration 13
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, *flags, out="b")
     monkeypatch.undo()

@@ -54,17 +54,9 @@ def test_one_epoch_in_each_mode_writes_log_and_checkpoint(tmp_path, cifar_dir, f
     assert (tmp_path / "out" / "ckpt.pt").is_file()
 
 
-def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch):
+def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch, kill_after):
     straight = run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", out="a")
-    real_epoch, calls = train_vit.train_epoch, []
-
-    def killed_in_epoch_2(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args)
-
-    monkeypatch.setattr(train_vit, "train_epoch", killed_in_epoch_2)
+    kill_after(train_vit, "train_epoch", 1)  # killed in epoch 2
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", out="b")
     monkeypatch.undo()
@@ -103,16 +95,8 @@ def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
                     "--out-dir", str(tmp_path / "out"), "--bdia"])
 
 
-def test_a_run_killed_between_log_and_checkpoint_logs_each_epoch_once(tmp_path, cifar_dir, monkeypatch):
-    real_save, calls = training.save_checkpoint, []
-
-    def killed_while_saving_epoch_2(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_save(*args)
-
-    monkeypatch.setattr(training, "save_checkpoint", killed_while_saving_epoch_2)
+def test_a_run_killed_between_log_and_checkpoint_logs_each_epoch_once(tmp_path, cifar_dir, monkeypatch, kill_after):
+    kill_after(training, "save_checkpoint", 1)  # killed while saving epoch 2, after its log line
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, cifar_dir, "--epochs", "3", out="b")
     monkeypatch.undo()
