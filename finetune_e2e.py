@@ -109,11 +109,10 @@ def fetch_e2e(data_dir):
         raise DataError(str(e)) from e
     try:
         with zipfile.ZipFile(archive) as z:
-            for name in E2E_CSV.values():
-                member = next(m for m in z.namelist() if m.endswith("/" + name) or m == name)
-                part = data_dir / (name + ".part")
-                part.write_bytes(z.read(member))  # raises on a CRC mismatch
-                part.replace(data_dir / name)
+            names = z.namelist()
+        for name in E2E_CSV.values():
+            member = next(m for m in names if m.endswith("/" + name) or m == name)
+            training.unzip_member(archive, member, data_dir / name)
     except (zipfile.BadZipFile, StopIteration) as e:
         raise DataError(f"{archive} lacks the E2E CSVs or is corrupt ({e}); delete it and run again. {manual}") from e
     return data_dir
@@ -258,9 +257,10 @@ def train(args, model, tok, train_ex, valid_ex, device):
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            total += loss.item()
+            loss_value = loss.item()
+            total += loss_value
             tokens += x.numel()
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         seconds = time.perf_counter() - t0
         val_loss = validation_loss(model, valid_ex, args, tok.eos_id, device)
         log.write(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch, train_loss=total / len(epoch_batches),

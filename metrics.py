@@ -26,6 +26,14 @@ def ngram_counts(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
+def max_reference_counts(refs, n):
+    """Each n-gram's largest count in any one reference: what clips a hypothesis's count."""
+    most = Counter()
+    for ref in refs:
+        most |= ngram_counts(ref, n)  # | keeps the larger count of each n-gram
+    return most
+
+
 def as_reference_lists(references):
     """Each entry a list of references: a single token list becomes [it]."""
     return [refs if refs and isinstance(refs[0], (list, tuple)) else [refs] for refs in references]
@@ -54,10 +62,7 @@ def corpus_bleu(hypotheses, references, max_n=4):
         c += len(hyp)
         r += min((len(ref) for ref in refs), key=lambda n: (abs(n - len(hyp)), n))
         for n in range(1, max_n + 1):
-            h = ngram_counts(hyp, n)
-            most = Counter()
-            for ref in refs:
-                most |= ngram_counts(ref, n)  # | keeps the larger count of each n-gram
+            h, most = ngram_counts(hyp, n), max_reference_counts(refs, n)
             matches[n - 1] += sum(min(k, most[gram]) for gram, k in h.items())
             totals[n - 1] += max(len(hyp) - n + 1, 0)
     if c == 0 or min(matches) == 0:
@@ -84,9 +89,7 @@ def corpus_nist(hypotheses, references, max_n=5):
     hyp_len = ref_len = 0.0
     for hyp, refs in zip(hypotheses, references):
         for n in range(1, max_n + 1):
-            most = Counter()
-            for ref in refs:
-                most |= ngram_counts(ref, n)
+            most = max_reference_counts(refs, n)
             for gram, k in ngram_counts(hyp, n).items():
                 if most[gram]:
                     hits[n - 1][gram] += min(k, most[gram])

@@ -126,14 +126,9 @@ def fetch_eng_fra(data_dir):
         manual=f"download {ENG_FRA_URL}, unzip it and pass --data data/eng-fra.txt",
     )
     try:
-        with zipfile.ZipFile(archive) as z:
-            text = z.read("data/eng-fra.txt")  # raises on a CRC mismatch
+        training.unzip_member(archive, "data/eng-fra.txt", dest)
     except (zipfile.BadZipFile, KeyError) as e:
         raise DataError(f"{archive} has no readable data/eng-fra.txt ({e}); delete it and run again") from e
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    part.write_bytes(text)
-    part.replace(dest)
     return dest
 
 

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import urllib.request
+import zipfile
 from collections import namedtuple
 from pathlib import Path
 
@@ -266,6 +267,15 @@ def download(url, dest, md5=None, sha256=None, size=None, manual=""):
     finally:
         part.unlink(missing_ok=True)
     return dest
+
+
+def unzip_member(archive, member, dest):
+    """Copy one member of a zip archive to dest, atomically. The archives this project reads
+    publish no checksum, so integrity rests on the member's CRC-32, which zipfile checks
+    while reading (BadZipFile on a mismatch; KeyError for a missing member)."""
+    with zipfile.ZipFile(archive) as z:
+        data = z.read(member)
+    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # -----------------------------------------------------------------------------
