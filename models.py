@@ -21,12 +21,15 @@ class Attention(nn.Module):
     """Multi-head attention: self-attention, or cross-attention to `memory` when given.
 
     mask: a boolean mask broadcastable to (batch, heads, queries, keys), True = attend.
+    dropout: after the output projection; attn_dropout: on the attention probabilities
+    (None: the same as dropout, as in nanoGPT and nn.Transformer; the ViT uses 0).
     """
 
-    def __init__(self, dim, heads, dropout=0.0, bias=True, causal=False):
+    def __init__(self, dim, heads, dropout=0.0, bias=True, causal=False, attn_dropout=None):
         super().__init__()
         assert dim % heads == 0, f"dim {dim} must be divisible by heads {heads}"
-        self.heads, self.causal, self.dropout = heads, causal, dropout
+        self.heads, self.causal = heads, causal
+        self.attn_dropout = dropout if attn_dropout is None else attn_dropout
         self.c_attn = nn.Linear(dim, 3 * dim, bias=bias)  # query, key, value projections
         self.c_proj = nn.Linear(dim, dim)
         self.resid_dropout = nn.Dropout(dropout)
@@ -44,7 +47,7 @@ class Attention(nn.Module):
             mask = mask & torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.attn_dropout if self.training else 0.0,
         )
         y = y.transpose(1, 2).flatten(2)  # (batch, tokens, dim)
         return self.resid_dropout(self.c_proj(y))
@@ -66,17 +69,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Feed-forward network: Linear, GELU, Linear, dropout. gelu="tanh" is GPT-2's gelu_new."""
+    """Feed-forward network: Linear, GELU, dropout (hidden_dropout), Linear, dropout.
+    The ViT drops out the hidden layer too (lucidrains' FeedForward); GPT does not (nanoGPT).
+    gelu="tanh" is GPT-2's gelu_new."""
 
-    def __init__(self, dim, hidden, dropout=0.0, gelu="none"):
+    def __init__(self, dim, hidden, dropout=0.0, gelu="none", hidden_dropout=0.0):
         super().__init__()
         self.c_fc = nn.Linear(dim, hidden)
+        self.hidden_dropout = nn.Dropout(hidden_dropout)
         self.c_proj = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(dropout)
         self.gelu = gelu
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu)))
+        return self.dropout(self.c_proj(self.hidden_dropout(F.gelu(self.c_fc(x), approximate=self.gelu))))
 
 
 class Block(nn.Module):
@@ -85,17 +91,21 @@ class Block(nn.Module):
     residual(x) = f(x) + g(x + f(x)), eq. (4), f = attention, g = MLP. A decoder block
     (cross=True) adds cross-attention c to `memory`: f becomes a + c(x + a).
     Context (as run_blocks passes it): memory, self_mask, memory_mask.
+    vit_dropout: the ViT's dropout layout (no dropout on attention probabilities, dropout on
+    the MLP's hidden layer) instead of nanoGPT's.
     """
 
-    def __init__(self, dim, heads, mlp_dim, dropout=0.0, bias=True, causal=False, cross=False, gelu="none"):
+    def __init__(self, dim, heads, mlp_dim, dropout=0.0, bias=True, causal=False, cross=False, gelu="none",
+                 vit_dropout=False):
         super().__init__()
+        attn_dropout, hidden_dropout = (0.0, dropout) if vit_dropout else (None, 0.0)
         self.ln_1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout, bias, causal)
+        self.attn = Attention(dim, heads, dropout, bias, causal, attn_dropout)
         if cross:
             self.ln_cross = nn.LayerNorm(dim)
             self.cross_attn = Attention(dim, heads, dropout, bias)
         self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_dim, dropout, gelu)
+        self.mlp = MLP(dim, mlp_dim, dropout, gelu, hidden_dropout)
 
     def residual(self, x, memory=None, self_mask=None, memory_mask=None):
         f = self.attn(self.ln_1(x), mask=self_mask)
@@ -142,7 +152,7 @@ class ViT(nn.Module):
         super().__init__()
         self.bdia = bdia
         self.embedding = PatchEmbedding(image_size, patch, channels, dim, emb_dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, bias=False) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, bias=False, vit_dropout=True) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -153,12 +163,12 @@ class ViT(nn.Module):
 
 class RevBlock(nn.Module):
     """A two-stream reversible block (Mangalam et al. 2023): Y1 = X1 + F(X2), Y2 = X2 + G(Y1),
-    with F pre-norm attention and G pre-norm MLP."""
+    with F pre-norm attention and G pre-norm MLP, dropped out as the ViT's."""
 
     def __init__(self, dim, heads, mlp_dim, dropout):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout, bias=False)
-        self.ln_2, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_dim, dropout)
+        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout, bias=False, attn_dropout=0.0)
+        self.ln_2, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_dim, dropout, hidden_dropout=dropout)
 
     def F(self, x):
         return self.attn(self.ln_1(x))
