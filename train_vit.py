@@ -28,6 +28,7 @@ from tqdm import tqdm
 import training
 from bdia import BDIAConfig
 from models import RevViT, ViT
+from randaugment import rand_augment
 
 # -----------------------------------------------------------------------------
 # Data: CIFAR-10/100 (python pickles) and Fashion-MNIST (idx), held as uint8 tensors
@@ -48,9 +49,9 @@ FASHION_FILES = {  # name: md5
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
-MEAN_STD = {  # per channel, of the training images
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+MEAN_STD = {  # per channel: the CIFAR values of the reference's train_cifar10.py; Fashion-MNIST's own
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
 }
 
@@ -134,7 +135,7 @@ def load_dataset(name, data_dir):
     return data
 
 
-def augment(images, generator):
+def crop_and_flip(images, generator):
     """Random crop with 4-pixel zero padding and random horizontal flip, on a uint8 batch on
     any device (one gather, no per-image loop); the random draws come from the CPU generator."""
     B, C, H, W = images.shape
@@ -148,6 +149,13 @@ def augment(images, generator):
     return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+def augment(images, args, generator):
+    """The reference's training transform: RandAugment(N, M), then crop and flip (uint8)."""
+    if args.randaug:
+        images = rand_augment(images, args.randaug_n, args.randaug_m, generator)
+    return crop_and_flip(images, generator)
+
+
 def normalize(images, mean, std):
     return (images.float() / 255 - mean) / std
 
@@ -157,10 +165,19 @@ def normalize(images, mean, std):
 
 
 class SETAdam(torch.optim.Optimizer):
-    """SET-Adam (Zhang 2024), the optimizer the paper trains BDIA-ViT with. This rule comes
-    from a secondary description of the method, not from its authors' code: Adam's moments
-    m, v; then per parameter tensor (d elements) v~ = v (sum v)^2 / (d sum v^2),
-    w = sqrt(v~ / (1 - b2^t) + eps), w~ = w - min(w) / 2, step = lr / (1 - b1^t) m / w~."""
+    """SET-Adam (Zhang, arXiv 2302.01029 / ECML 2024), the optimizer the paper trains BDIA-ViT with.
+    Adam's second moment v is down-scaled, epsilon-embedded and down-translated per layer (here:
+    per parameter tensor, d elements) before the step:
+
+        m_t = b1 m_{t-1} + (1 - b1) g_t,   v_t = b2 v_{t-1} + (1 - b2) g_t^2      (Adam)
+        v~_t = cos^2(v_t, 1) v_t = v_t (sum v_t)^2 / (d sum v_t^2)             (down-scaling)
+        w_t = sqrt(v~_t / (1 - b2^t) + eps)                                   (epsilon-embedding)
+        w~_t = w_t - tau min(w_t),  tau = 1/2                                 (down-translating)
+        theta_t = theta_{t-1} - lr / (1 - b1^t) m_t / w~_t
+
+    The three operations and their order are the paper's abstract's; these formulas are the
+    only line-by-line statement that was reachable (a third-party description), not the
+    paper's Algorithm 1 itself, which could not be read from here: treat them as unverified."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-18, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -208,6 +225,11 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "fashion-mnist"], default="cifar10")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--limit-train", type=int, default=None, help="train on the first N training images")
+    p.add_argument("--limit-val", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--no-randaug", dest="randaug", action="store_false",
+                   help="no RandAugment before crop and flip (the reference applies it by default)")
+    p.add_argument("--randaug-n", type=int, default=2, help="RandAugment: operations per image (default 2)")
+    p.add_argument("--randaug-m", type=int, default=14, help="RandAugment: magnitude 0..30 (default 14)")
     p.add_argument("--epochs", type=int, default=400, help="default 400, as in the paper")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -231,6 +253,8 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "depth", "dim", "heads", "mlp_dim", "patch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.randaug_n < 0 or not 0 <= args.randaug_m <= 30:
+        p.error("--randaug-n must be at least 0 and --randaug-m within 0..30")
     if args.dim % args.heads:
         p.error(f"--dim {args.dim} must be divisible by --heads {args.heads}")
     if 32 % args.patch:
@@ -256,7 +280,7 @@ def train_epoch(model, optimizer, images, labels, args, epoch, mean, std, device
     bar = tqdm(range(0, len(order), args.batch_size), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
     for step, start in enumerate(bar):
         idx = order[start: start + args.batch_size]
-        x = normalize(augment(images[idx].to(device, non_blocking=True), generator), mean, std)
+        x = normalize(augment(images[idx].to(device, non_blocking=True), args, generator), mean, std)
         y = labels[idx].to(device, non_blocking=True)
         with training.autocast(device, args.amp):
             logits = model(x)
@@ -309,6 +333,8 @@ def main(argv=None):
         sys.exit(2)
     if args.limit_train:
         train_x, train_y = train_x[: args.limit_train], train_y[: args.limit_train]
+    if args.limit_val:
+        val_x, val_y = val_x[: args.limit_val], val_y[: args.limit_val]
     mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in MEAN_STD[args.dataset])
     classes = CIFAR[args.dataset]["classes"] if args.dataset in CIFAR else 10
 

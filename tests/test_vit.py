@@ -15,6 +15,7 @@ import training  # noqa: E402
 import train_vit  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import RevViT, ViT  # noqa: E402
+from randaugment import rand_augment  # noqa: E402
 
 torch.set_num_threads(1)
 TINY = ["--dim", "16", "--heads", "2", "--mlp-dim", "32", "--depth", "3", "--patch", "8", "--batch-size", "16",
@@ -105,6 +106,23 @@ def test_a_run_killed_between_log_and_checkpoint_logs_each_epoch_once(tmp_path, 
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
 
 
+def test_training_transform_is_randaugment_then_crop_and_flip(tmp_path, cifar_dir, capsys):
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    args = train_vit.parse_args(["--randaug-n", "2", "--randaug-m", "14"])
+    out = train_vit.augment(images, args, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(out, train_vit.crop_and_flip(rand_augment(images, 2, 14, g), g))
+    args = train_vit.parse_args(["--no-randaug"])
+    assert torch.equal(train_vit.augment(images, args, torch.Generator().manual_seed(5)),
+                       train_vit.crop_and_flip(images, torch.Generator().manual_seed(5)))
+    rows = run(tmp_path, cifar_dir, "--epochs", "1", "--no-randaug", "--limit-val", "10")
+    assert len(rows) == 1
+    with pytest.raises(SystemExit):
+        train_vit.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in ("--no-randaug", "--randaug-n", "--randaug-m"))
+
+
 def test_bdia_trained_vit_loads_into_a_plain_vit():
     torch.manual_seed(0)
     bdia_vit = ViT(dim=16, depth=3, heads=2, mlp_dim=32, bdia=BDIAConfig()).train()
@@ -143,6 +161,21 @@ def test_set_adam_steps_against_the_gradient():
         (w**2).sum().backward()
         opt.step()
     assert (w.abs() < torch.tensor([1.0, 2.0, 3.0])).all()
+
+
+def test_set_adam_first_step_by_hand():
+    """One step from the equations in SETAdam's docstring, worked out by hand for d = 2.
+    g = (0.2, -0.4), t = 1: m = 0.1 g, v = 0.001 g^2; cos^2(v, 1) = (sum v)^2 / (2 sum v^2)
+    = 0.2^2 / (2 (0.2^4 + 0.4^4)) ... in g: (0.04 + 0.16)^2 / (2 (0.0016 + 0.0256)) = 0.04 / 0.0544;
+    w = sqrt(v cos^2 / 0.001) = |g| c with c = sqrt(0.04 / 0.0544); w~ = w - min(w) / 2 = (0.1 c, 0.3 c);
+    step = lr / 0.1 * m / w~ = (0.02 / 0.1c, -0.04 / 0.3c) with lr = 0.1."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = train_vit.SETAdam([w], lr=0.1)
+    w.grad = torch.tensor([0.2, -0.4], dtype=torch.float64)
+    opt.step()
+    c = (0.04 / 0.0544) ** 0.5
+    assert torch.allclose(w.detach(), torch.tensor([1.0 - 0.02 / (0.1 * c), -2.0 + 0.04 / (0.3 * c)], dtype=torch.float64),
+                          rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
