@@ -95,9 +95,12 @@ def power_of_two_exponent(gamma):
 
 
 def side_bits(gammas):
-    """Bits of side information per element: the largest m among gammas = +-2^-m (1 if none)."""
-    ms = [power_of_two_exponent(g) for g in gammas]
-    return max([m for m in ms if m is not None], default=1)
+    """Bits of side information per element: m when every nonzero gamma is +-2^-m (the largest
+    m among them), else None: then no side information is used (and none is needed, since
+    only a +-2^-m product can be made exact, Prop. 4.3; training that is not reversible
+    quantizes the first term of (21) instead)."""
+    ms = [power_of_two_exponent(g) for g in gammas if g != 0]
+    return max(ms) if ms and None not in ms else None
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +156,7 @@ class BDIAConfig:
                 f"{self.gammas}): only then is gamma (x + s 2^-l) exact (Prop. 4.3); use e.g. "
                 f"(-0.5, 0.5) or (-0.25, 0.25) {fix}"
             )
-        if side_bits(self.gammas) > 8:
+        if max(power_of_two_exponent(g) for g in self.gammas) > 8:
             raise ValueError(
                 f"BDIAConfig: |gamma| below 2^-8 (gammas={self.gammas}) would need more than 8 bits "
                 f"of side information per element; use e.g. (-0.5, 0.5) {fix}"
@@ -180,12 +183,13 @@ def mixed_term(x, h, gamma, bits):
 
 
 def bdia_step(x_prev, x, h, gamma, bits, side=None):
-    """x_{k+1} from (x_{k-1}, x_k, h_k(x_k)): eq. (21), or eq. (10) when bits is None."""
+    """x_{k+1} from (x_{k-1}, x_k, h_k(x_k)): eq. (21), or eq. (10) when bits is None.
+    side None: (21) without the side term (gammas that are not +-2^-m, and inference)."""
     if bits is None:
         return gamma * x_prev + (1 - gamma) * x + (1 + gamma) * h  # (10)
     # Q_l on the first term is a no-op when |gamma| = 2^-m (Prop. 4.3); it keeps
     # other gammas (non-reversible training, e.g. +-0.6) on the grid (Lemma 4.2).
-    first = quantize(gamma * (x_prev + side * 2.0**-bits), bits)
+    first = quantize(gamma * (x_prev if side is None else x_prev + side * 2.0**-bits), bits)
     return first + mixed_term(x, h, gamma, bits)  # (21)
 
 
@@ -252,13 +256,16 @@ def bdia_block(block, k, x_prev, x, gammas, config, context):
     h = residual_of(block, x, context)
     if k == 0:
         return first_step(x, h, config.bits), None  # (19)
-    side = None if config.bits is None else side_info(x_prev, config.bits, side_bits(config.gammas))  # (20)
+    m = side_bits(config.gammas)
+    side = None if config.bits is None or m is None else side_info(x_prev, config.bits, m)  # (20)
     gamma = per_sample(gammas[:, k - 1], x)
     return bdia_step(x_prev, x, h, gamma, config.bits, side), side  # (21)
 
 
 def bdia_inference(blocks, x, config, *context):
-    """Eq. (25) when eval_gamma is 0 (or (10)/(21) with the constant eval_gamma, paper Fig. 1)."""
+    """Eq. (25) when eval_gamma is 0. A constant eval_gamma (paper Fig. 1) runs (10), or with
+    bits (21) without the side term: side information only serves the exact inverse (24),
+    which inference never takes."""
     gamma, bits = config.eval_gamma, config.bits
     x_prev, x = None, quantize(x, bits)  # (18)
     for k, block in enumerate(blocks):
@@ -268,8 +275,7 @@ def bdia_inference(blocks, x, config, *context):
         elif gamma == 0:
             x_prev, x = x, quantize(x + h, bits)  # (25)
         else:
-            side = side_info(x_prev, bits, side_bits((gamma,))) if bits is not None else None
-            x_prev, x = x, bdia_step(x_prev, x, h, gamma, bits, side)
+            x_prev, x = x, bdia_step(x_prev, x, h, gamma, bits)  # (10), or (21) without s
     return x
 
 

@@ -295,6 +295,35 @@ def test_inference_with_constant_eval_gamma_follows_eq_10():
     assert torch.allclose(out, x_k, atol=1e-6)
 
 
+def test_inference_with_constant_eval_gamma_and_bits_is_eq_21_without_side_information():
+    """Fig. 1's constant gamma at inference: (21) with s = 0; side information only serves (24)."""
+    bits = 9
+    blocks = make_stack(4).eval()
+    x = torch.randn(2, 3, 8)
+    out = run_blocks(blocks, x, BDIAConfig(bits=bits, eval_gamma=0.5), None)
+    q = lambda y: bdia.quantize(y, bits)  # noqa: E731
+    x_prev = q(x)
+    x_k = x_prev + q(blocks[0].residual(x_prev))  # (19)
+    for b in list(blocks)[1:]:
+        x_prev, x_k = x_k, q(0.5 * x_prev) + q(0.5 * x_k + 1.5 * b.residual(x_k))
+    assert torch.equal(out, x_k)
+
+
+def test_side_information_only_for_gammas_that_are_powers_of_two():
+    """Stored-activation training with gammas such as +-0.6 quantizes gamma x_{k-1} and adds no
+    side term; +-2^-m sets (with or without 0) keep it."""
+    assert bdia.side_bits((-0.6, 0.6)) is None and bdia.side_bits((-0.5, 0.6)) is None
+    assert bdia.side_bits((-0.5, 0.0, 0.5)) == 1 and bdia.side_bits((-0.25, 0.5)) == 2
+    bits, block = 9, make_stack(1)[0].train()
+    x_prev, x = grid((2, 3, 8), bits, seed=1), grid((2, 3, 8), bits, seed=2)
+    gammas = torch.tensor([[0.6], [-0.6]])
+    config = BDIAConfig(gammas=(-0.6, 0.6), bits=bits, reversible=False)
+    x_next, side = bdia.bdia_block(block, 1, x_prev, x, gammas, config, ())
+    g = gammas.view(2, 1, 1)
+    expected = bdia.quantize(g * x_prev, bits) + bdia.quantize((1 - g) * x + (1 + g) * block.residual(x), bits)
+    assert side is None and torch.equal(x_next, expected)
+
+
 def test_state_dict_is_that_of_the_plain_stack():
     trained = make_stack(3).train()
     run_blocks(trained, torch.randn(2, 3, 8, requires_grad=True), BDIAConfig()).sum().backward()
