@@ -45,7 +45,7 @@ def build_stack(args, mode, depth):
     torch.manual_seed(0)
     if mode == "revvit":
         return nn.ModuleList(RevBlock(dim, heads, mlp, args.dropout) for _ in range(depth))
-    return nn.ModuleList(Block(dim, heads, mlp, args.dropout, causal=causal) for _ in range(depth))
+    return nn.ModuleList(Block(dim, heads, mlp, args.dropout, causal=causal, vit=not causal) for _ in range(depth))
 
 
 def family(args):

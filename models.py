@@ -23,15 +23,16 @@ class Attention(nn.Module):
     mask: a boolean mask broadcastable to (batch, heads, queries, keys), True = attend.
     dropout: after the output projection; attn_dropout: on the attention probabilities
     (None: the same as dropout, as in nanoGPT and nn.Transformer; the ViT uses 0).
+    bias: in both projections; qkv_bias: in the query/key/value projection (None: bias).
     """
 
-    def __init__(self, dim, heads, dropout=0.0, bias=True, causal=False, attn_dropout=None):
+    def __init__(self, dim, heads, dropout=0.0, bias=True, causal=False, attn_dropout=None, qkv_bias=None):
         super().__init__()
         assert dim % heads == 0, f"dim {dim} must be divisible by heads {heads}"
         self.heads, self.causal = heads, causal
         self.attn_dropout = dropout if attn_dropout is None else attn_dropout
-        self.c_attn = nn.Linear(dim, 3 * dim, bias=bias)  # query, key, value projections
-        self.c_proj = nn.Linear(dim, dim)
+        self.c_attn = nn.Linear(dim, 3 * dim, bias=bias if qkv_bias is None else qkv_bias)  # query, key, value
+        self.c_proj = nn.Linear(dim, dim, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, memory=None, mask=None):
@@ -73,11 +74,11 @@ class MLP(nn.Module):
     The ViT drops out the hidden layer too (lucidrains' FeedForward); GPT does not (nanoGPT).
     gelu="tanh" is GPT-2's gelu_new."""
 
-    def __init__(self, dim, hidden, dropout=0.0, gelu="none", hidden_dropout=0.0):
+    def __init__(self, dim, hidden, dropout=0.0, gelu="none", hidden_dropout=0.0, bias=True):
         super().__init__()
-        self.c_fc = nn.Linear(dim, hidden)
+        self.c_fc = nn.Linear(dim, hidden, bias=bias)
         self.hidden_dropout = nn.Dropout(hidden_dropout)
-        self.c_proj = nn.Linear(hidden, dim)
+        self.c_proj = nn.Linear(hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.gelu = gelu
 
@@ -91,21 +92,22 @@ class Block(nn.Module):
     residual(x) = f(x) + g(x + f(x)), eq. (4), f = attention, g = MLP. A decoder block
     (cross=True) adds cross-attention c to `memory`: f becomes a + c(x + a).
     Context (as run_blocks passes it): memory, self_mask, memory_mask.
-    vit_dropout: the ViT's dropout layout (no dropout on attention probabilities, dropout on
-    the MLP's hidden layer) instead of nanoGPT's.
+    bias: biases in every Linear and LayerNorm (nanoGPT's flag). vit: lucidrains' ViT block,
+    as the paper's ViT: no query/key/value bias, no dropout on attention probabilities,
+    dropout on the MLP's hidden layer (otherwise nanoGPT's layout).
     """
 
     def __init__(self, dim, heads, mlp_dim, dropout=0.0, bias=True, causal=False, cross=False, gelu="none",
-                 vit_dropout=False):
+                 vit=False):
         super().__init__()
-        attn_dropout, hidden_dropout = (0.0, dropout) if vit_dropout else (None, 0.0)
-        self.ln_1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout, bias, causal, attn_dropout)
+        attn_dropout, hidden_dropout, qkv_bias = (0.0, dropout, False) if vit else (None, 0.0, None)
+        self.ln_1 = nn.LayerNorm(dim, bias=bias)
+        self.attn = Attention(dim, heads, dropout, bias, causal, attn_dropout, qkv_bias)
         if cross:
-            self.ln_cross = nn.LayerNorm(dim)
+            self.ln_cross = nn.LayerNorm(dim, bias=bias)
             self.cross_attn = Attention(dim, heads, dropout, bias)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_dim, dropout, gelu, hidden_dropout)
+        self.ln_2 = nn.LayerNorm(dim, bias=bias)
+        self.mlp = MLP(dim, mlp_dim, dropout, gelu, hidden_dropout, bias)
 
     def residual(self, x, memory=None, self_mask=None, memory_mask=None):
         f = self.attn(self.ln_1(x), mask=self_mask)
@@ -152,7 +154,7 @@ class ViT(nn.Module):
         super().__init__()
         self.bdia = bdia
         self.embedding = PatchEmbedding(image_size, patch, channels, dim, emb_dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, bias=False, vit_dropout=True) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, vit=True) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -167,7 +169,7 @@ class RevBlock(nn.Module):
 
     def __init__(self, dim, heads, mlp_dim, dropout):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout, bias=False, attn_dropout=0.0)
+        self.ln_1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout, attn_dropout=0.0, qkv_bias=False)
         self.ln_2, self.mlp = nn.LayerNorm(dim), MLP(dim, mlp_dim, dropout, hidden_dropout=dropout)
 
     def F(self, x):
@@ -284,11 +286,12 @@ class Seq2Seq(nn.Module):
     memory and its mask. Both stacks run through run_blocks with the config `self.bdia`
     (None: the plain model), so with reversible BDIA the memory's gradient is summed over
     all decoder blocks and flows back into the encoder. Final LayerNorms; the output
-    projection is tied to the target embedding unless tie=False.
+    projection is a Linear with bias (the tutorial's generator), or tied to the target
+    embedding without bias when tie=True.
     """
 
     def __init__(self, src_vocab, tgt_vocab, dim=192, heads=6, mlp_dim=192, enc_layers=6, dec_layers=6,
-                 dropout=0.1, max_len=256, pad_id=1, tie=True, bdia=None):
+                 dropout=0.1, max_len=256, pad_id=1, tie=False, bdia=None):
         super().__init__()
         self.dim, self.pad_id, self.bdia = dim, pad_id, bdia
         self.src_emb = nn.Embedding(src_vocab, dim)
@@ -302,7 +305,7 @@ class Seq2Seq(nn.Module):
             Block(dim, heads, mlp_dim, dropout, causal=True, cross=True) for _ in range(dec_layers)
         )
         self.ln_enc, self.ln_dec = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, tgt_vocab, bias=False)
+        self.head = nn.Linear(dim, tgt_vocab, bias=not tie)
         if tie:
             self.head.weight = self.tgt_emb.weight
 
@@ -406,7 +409,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(block_size, n_embd),
             drop=nn.Dropout(dropout),
             h=nn.ModuleList(Block(n_embd, n_head, 4 * n_embd, dropout, bias, causal=True, gelu=gelu) for _ in range(n_layer)),
-            ln_f=nn.LayerNorm(n_embd),
+            ln_f=nn.LayerNorm(n_embd, bias=bias),
         ))
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying

@@ -126,6 +126,8 @@ def parse_args(argv=None):
     g.add_argument("--n-embd", type=int, default=768)
     g.add_argument("--block-size", type=int, default=1024)
     g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="biases in the Linear layers and LayerNorms (default: none, as nanoGPT's train.py)")
     g = p.add_argument_group("data")
     source = g.add_mutually_exclusive_group()
     source.add_argument("--dataset", choices=["shakespeare_char"], default=None)
@@ -241,7 +243,7 @@ def run(args):
     meta = load_meta(folder)
     vocab_size = meta["vocab_size"] if meta else 50304  # GPT-2 BPE, padded to a multiple of 64
     model_args = dict(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                      n_embd=args.n_embd, dropout=args.dropout)
+                      n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
 
     training.seed_everything(args.seed + dist.rank)  # dropout and gammas differ per process
     model = GPT(**model_args, bdia=args.bdia_config).to(device)
@@ -278,7 +280,7 @@ def run(args):
             losses = estimate_loss(model, splits, args, dist, device)
             if training.is_main(dist):
                 log.write(iter=it, train_loss=losses["train"], val_loss=losses["val"], lr=optimizer.param_groups[0]["lr"],
-                          tokens_per_s=tokens_per_iter * (it - last_eval) / seconds if it > last_eval else None,
+                          seconds=seconds, tokens_per_s=tokens_per_iter * (it - last_eval) / seconds if it > last_eval else None,
                           peak_memory_mb=training.peak_memory_mb(device))
                 bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             rngs = [None] * dist.world_size
@@ -301,6 +303,7 @@ def run(args):
         loss = train_step(train_model, model, optimizer, train_data, generator, args, dist, device)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
     if dist.enabled:
+        torch.distributed.barrier()  # no process tears the group down while another still uses it
         torch.distributed.destroy_process_group()
 
 

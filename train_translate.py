@@ -291,7 +291,7 @@ def validation_bleu(model, examples, tgt_vocab, batch_size, device, amp, limit):
 def model_args(args, src_vocab, tgt_vocab):
     return dict(src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), dim=args.dim, heads=args.heads,
                 mlp_dim=args.mlp_dim, enc_layers=args.enc_layers, dec_layers=args.dec_layers,
-                dropout=args.dropout, max_len=args.max_tokens + 2, pad_id=PAD_ID, tie=not args.no_tie)
+                dropout=args.dropout, max_len=args.max_tokens + 2, pad_id=PAD_ID, tie=args.tie)
 
 
 def bdia_dict(config):
@@ -412,10 +412,11 @@ def build_parser():
     g.add_argument("--enc-layers", type=int, default=6)
     g.add_argument("--dec-layers", type=int, default=6)
     g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--no-tie", action="store_true", help="separate output projection and target embedding")
+    g.add_argument("--tie", action="store_true", help="tie the output projection to the target embedding "
+                   "(default: a separate Linear with bias, as the tutorial's generator)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--epochs", type=int, default=50, help="default 50, as the tutorial")
+    g.add_argument("--batch-size", type=int, default=192, help="default 192, as the tutorial")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--cosine", action="store_true", help="warmup then cosine decay instead of a constant lr")
     g.add_argument("--warmup", type=int, default=0)

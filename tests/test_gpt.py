@@ -57,10 +57,12 @@ def test_reversible_gradients_match_stored_and_eval_is_the_plain_gpt():
     assert torch.equal(model(idx)[0], plain)
 
 
-@pytest.mark.parametrize("flags", [[], ["--bdia"], ["--bdia", "--no-reversible"]])
+@pytest.mark.parametrize("flags", [[], ["--bdia"], ["--bdia", "--no-reversible", "--bias"]])
 def test_training_on_a_text_file_learns(tmp_path, text_file, flags):
     rows = run(tmp_path, "--text-file", str(text_file), "--max-iters", "60", "--eval-interval", "30", *flags)
     assert [r["iter"] for r in rows] == [0, 30, 60]
+    model_args = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model_args"]
+    assert model_args["bias"] == ("--bias" in flags)  # nanoGPT's default: no biases
     assert all(np.isfinite(r["val_loss"]) for r in rows)
     assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"]
     assert (tmp_path / "out" / "ckpt.pt").is_file()

@@ -54,3 +54,20 @@ def test_gpt_and_translation_keep_nanogpt_dropout():
     assert block.attn.attn_dropout == 0.1 and block.mlp.hidden_dropout.p == 0.0
     seq = Seq2Seq(11, 13, dim=16, heads=2, mlp_dim=16, enc_layers=1, dec_layers=1, dropout=0.1)
     assert seq.decoder[0].cross_attn.attn_dropout == 0.1 and seq.encoder[0].mlp.hidden_dropout.p == 0.0
+
+
+def test_gpt_bias_flag_is_nanogpts():
+    """bias=False: no bias in any Linear or LayerNorm (nanoGPT's train.py default); True: all have one."""
+    for bias in (False, True):
+        gpt = GPT(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=bias)
+        layers = [m for m in gpt.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m is not gpt.lm_head]
+        assert all((m.bias is not None) == bias for m in layers)
+    vit = ViT(dim=16, depth=1, heads=2, mlp_dim=32)
+    assert vit.blocks[0].attn.c_attn.bias is None and vit.blocks[0].attn.c_proj.bias is not None  # lucidrains' ViT
+
+
+def test_translation_output_projection_is_the_tutorials_untied_linear_unless_tied():
+    seq = Seq2Seq(11, 13, dim=16, heads=2, mlp_dim=16, enc_layers=1, dec_layers=1)
+    assert seq.head.bias is not None and seq.head.weight is not seq.tgt_emb.weight
+    tied = Seq2Seq(11, 13, dim=16, heads=2, mlp_dim=16, enc_layers=1, dec_layers=1, tie=True)
+    assert tied.head.bias is None and tied.head.weight is tied.tgt_emb.weight

@@ -167,9 +167,9 @@ def sequence_logprob(model, src, ids):
 
 def test_exhaustive_beam_search_finds_the_best_sequence():
     torch.manual_seed(0)
-    model = Seq2Seq(7, 6, dim=8, heads=2, mlp_dim=16, enc_layers=1, dec_layers=2, max_len=8).eval()
+    model = Seq2Seq(7, 6, dim=8, heads=2, mlp_dim=16, enc_layers=1, dec_layers=2, max_len=8, tie=True).eval()
     with torch.no_grad():
-        model.tgt_emb.weight.mul_(8)  # sharper distributions: hypotheses differ clearly
+        model.tgt_emb.weight.mul_(8)  # sharper distributions (the tied head too): hypotheses differ clearly
     src = torch.tensor([[4, 5, 6, EOS]])
     max_new = 3
     best, best_score = None, float("-inf")  # brute force over every sequence that ends in <eos>
