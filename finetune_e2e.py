@@ -12,9 +12,10 @@ with LoRA and BDIA (paper 5.1, Table 1; Appendix E, Table 6).
 Each example is `context <eos> completion <eos>` (GPT-2 BPE), the loss (label smoothing
 0.1) on the completion only. After training, beam search (beam 10, length penalty 0.8,
 no-repeat-ngram 4, at most 64 tokens, KV cache) decodes each distinct test context and
-metrics.py scores it against all its references: OUT_DIR/predictions.txt,
-OUT_DIR/e2e_scores.json and a table in Table 1's layout. OUT_DIR/log.jsonl gets a line per
-epoch; OUT_DIR/ckpt.pt (the trainable weights, optimizer, RNG) is written atomically after
+metrics.py scores it against all its references: OUT_DIR/predictions.txt and
+OUT_DIR/references.txt (in the format of the E2E challenge's measure_scores.py, which adds
+METEOR), OUT_DIR/e2e_scores.json and a table in Table 1's layout. OUT_DIR/log.jsonl gets a
+line per epoch and every --eval-interval steps; OUT_DIR/ckpt.pt (the trainable weights, optimizer, RNG) is written atomically after
 each; --resume continues exactly. --export DIR writes the fine-tuned model (LoRA merged) as
 a standard Hugging Face GPT-2 checkpoint.
 """
@@ -234,13 +235,13 @@ def train(args, model, tok, train_ex, valid_ex, device):
         start_epoch = ckpt["epoch"]
     train_model = torch.compile(model) if args.compile else model
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume)
-    log.keep_only(lambda line: line["epoch"] <= start_epoch)  # start_epoch epochs are done
+    log.keep_only(lambda line: line["epoch"] <= start_epoch)  # start_epoch epochs are done (mid-epoch lines too)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{mode_name(args)}: {training.count_params(model) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), "
           f"{len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, {device}")
     model.train()
     for epoch in range(start_epoch, args.epochs):
-        t0, tokens, total = time.perf_counter(), 0, 0.0
+        t0, tokens, total, since = time.perf_counter(), 0, 0.0, []
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
         epoch_batches = batches(train_ex, args.batch_size, generator)
         bar = tqdm(epoch_batches, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
@@ -259,11 +260,17 @@ def train(args, model, tok, train_ex, valid_ex, device):
             optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
             total += loss_value
+            since.append(loss_value)
             tokens += x.numel()
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if args.eval_interval and (step + 1) % args.eval_interval == 0 and i + 1 < len(epoch_batches):
+                # a point of the validation curve (Fig. 3, 8) within the epoch; `epoch` is fractional
+                log.write(epoch=(step + 1) / steps_per_epoch, step=step + 1, train_loss=sum(since) / len(since),
+                          val_loss=validation_loss(model, valid_ex, args, tok.eos_id, device), lr=lr, mode=mode_name(args))
+                since = []
         seconds = time.perf_counter() - t0
         val_loss = validation_loss(model, valid_ex, args, tok.eos_id, device)
-        log.write(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch, train_loss=total / len(epoch_batches),
+        log.write(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch, train_loss=sum(since) / len(since),
                   val_loss=val_loss, lr=lr, seconds=seconds, tokens_per_s=tokens / seconds, mode=mode_name(args),
                   peak_memory_mb=training.peak_memory_mb(device))
         print(f"epoch {epoch + 1}: train loss {total / len(epoch_batches):.4f} (label smoothing {args.label_smoothing}), "
@@ -312,7 +319,10 @@ def evaluate(args, model, tok, test_pairs, device):
     hypotheses = decode(model, tok, contexts, args, device)
     seconds = time.perf_counter() - t0
     scores = metrics.e2e_scores(hypotheses, references)
+    # The E2E challenge's measure_scores.py format: one output per MR; the references of each MR
+    # on consecutive lines, an empty line between MRs (both files in the same MR order)
     (out / "predictions.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    (out / "references.txt").write_text("\n".join("".join(r + "\n" for r in refs) for refs in references), encoding="utf-8")
     result = dict(mode=mode_name(args), scores=scores, contexts=len(contexts), references=sum(map(len, references)),
                   decode_seconds=seconds, beam=args.beam, length_penalty=args.length_penalty,
                   no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=args.max_new_tokens,
@@ -367,6 +377,8 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=0.0, help="0: none")
+    g.add_argument("--eval-interval", type=int, default=2000,
+                   help="validation loss every N steps, as the LoRA repository (0: once per epoch)")
     g = p.add_argument_group("decoding")
     g.add_argument("--beam", type=int, default=10)
     g.add_argument("--length-penalty", type=float, default=0.8)
@@ -386,7 +398,7 @@ def check_args(args, parser):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit", "no_repeat_ngram",
-                 "length_penalty"):
+                 "length_penalty", "eval_interval"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     if not 0 <= args.label_smoothing < 1:

@@ -2,6 +2,7 @@
 The paper's figures, drawn from this project's own outputs (matplotlib, optional):
 
     python plot.py curves OUT_A/log.jsonl OUT_B/log.jsonl --labels BDIA-ViT,ViT -o curves.png  # Fig. 4, 5, 9
+    python plot.py curves OUT_A/log.jsonl OUT_B/log.jsonl --x time -o time.png             # Fig. 7
     python plot.py gamma-sweep OUT_A/gamma_sweep.json OUT_B/gamma_sweep.json -o gamma.png       # Fig. 1
     python plot.py reconstruction -o reconstruction.png                                          # Fig. 2, 6
     python plot.py bench bench.json -o bench.png                  # memory and step time vs depth
@@ -35,24 +36,43 @@ def labels_for(paths, labels):
     return names
 
 
+def x_values(rows, x):
+    """The x coordinate of each log line: its epoch, iteration or step, or with x == "time" the
+    wall-clock minutes of training so far (the sum of the lines' epoch_seconds or seconds)."""
+    if x == "time":
+        if not all("epoch_seconds" in r or "seconds" in r for r in rows):
+            sys.exit("error: --x time needs a log with epoch_seconds or seconds on every line")
+        elapsed, out = 0.0, []
+        for r in rows:
+            elapsed += r.get("epoch_seconds", r.get("seconds")) or 0.0
+            out.append(elapsed / 60)
+        return out
+    key = x if x != "auto" else next((k for k in ("epoch", "iter", "step") if rows and k in rows[0]), "epoch")
+    if any(key not in r for r in rows):
+        sys.exit(f"error: --x {key}: not every log line has {key!r}")
+    return [r[key] for r in rows]
+
+
 def plot_curves(args, plt):
-    """Training and validation loss (and accuracy, when logged) per epoch or iteration."""
+    """Training and validation loss (and accuracy, when logged) per epoch, iteration, step or minute."""
     runs = [(name, read_jsonl(p)) for name, p in zip(labels_for(args.files, args.labels), args.files)]
     has_acc = any("val_acc" in row for _, rows in runs for row in rows)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
     for name, rows in runs:
-        step = "epoch" if rows and "epoch" in rows[0] else "iter"
+        xs = x_values(rows, args.x)
         for key, style in (("train_loss", "--"), ("val_loss", "-")):
-            points = [(r[step], r[key]) for r in rows if r.get(key) is not None]
+            points = [(x, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
             if points:
                 axes[0, 0].plot(*zip(*points), style, label=f"{name} {key.split('_')[0]}")
         if has_acc:
-            points = [(r[step], r["val_acc"]) for r in rows if r.get("val_acc") is not None]
+            points = [(x, r["val_acc"]) for x, r in zip(xs, rows) if r.get("val_acc") is not None]
             axes[0, 1].plot(*zip(*points), label=name)
-        axes[0, 0].set_xlabel(step)
+    label = "wall-clock time (min)" if args.x == "time" else (args.x if args.x != "auto" else
+                                                               ("epoch" if "epoch" in runs[0][1][0] else "iter"))
+    for ax in axes[0]:
+        ax.set_xlabel(label)
     axes[0, 0].set_ylabel("loss")
     if has_acc:
-        axes[0, 1].set_xlabel(step)
         axes[0, 1].set_ylabel("validation accuracy")
     return fig, axes.ravel()
 
@@ -119,6 +139,8 @@ def main(argv=None):
     p.add_argument("figure", choices=FIGURES)
     p.add_argument("files", nargs="*", help="log.jsonl, gamma_sweep.json or bench JSON files")
     p.add_argument("--labels", default=None, help="comma-separated legend names, one per file")
+    p.add_argument("--x", choices=["auto", "epoch", "iter", "step", "time"], default="auto",
+                   help="curves: the x axis (auto: epoch, else iteration; time: wall-clock minutes, Fig. 7)")
     p.add_argument("--depth", type=int, default=12, help="reconstruction: blocks in the stack")
     p.add_argument("-o", "--output", default=None, help="PNG file (default: FIGURE.png)")
     args = p.parse_args(argv)

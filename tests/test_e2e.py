@@ -1,6 +1,7 @@
 """GPT-2 files (safetensors, HF layout, BPE), LoRA, KV-cache beam search and finetune_e2e.py,
 on tiny checkpoints, vocabularies and E2E files the tests write."""
 
+import csv
 import json
 import math
 import os
@@ -392,6 +393,35 @@ def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path,
     assert set(a) == set(b) and all(".lora_" in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
     exported = GPT.from_pretrained(tmp_path / "hf")  # LoRA merged into a plain GPT-2
     assert not torch.equal(exported.transformer.h[0].attn.c_attn.weight, checkpoint[1].transformer.h[0].attn.c_attn.weight)
+
+
+def test_validation_curve_every_eval_interval_steps_and_resume_keeps_it(checkpoint, e2e_dir, tmp_path, monkeypatch,
+                                                                       kill_after):
+    """6 steps per epoch, --eval-interval 4: points at steps 4 and 8 within the epochs, and at 6 and 12."""
+    flags = ["--no-test", "--eval-interval", "4"]
+    whole = finetune(checkpoint, e2e_dir, tmp_path / "whole", *flags)
+    assert [r["step"] for r in whole] == [4, 6, 8, 12]
+    assert [r["epoch"] for r in whole] == pytest.approx([4 / 6, 1, 8 / 6, 2])
+    # killed in epoch 2 after its validation point (epoch 1: 6 steps, 2 validations; epoch 2: 2 steps, 1 validation)
+    kill_after(finetune_e2e, "loss_on", 11)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(checkpoint, e2e_dir, tmp_path / "split", *flags)
+    monkeypatch.undo()
+    assert [r["step"] for r in training.JsonlLog(tmp_path / "split" / "log.jsonl", resume=True).read()] == [4, 6, 8]
+    split = finetune(checkpoint, e2e_dir, tmp_path / "split", *flags, "--resume")  # epoch 2 again, from its start
+    assert [(r["step"], r["val_loss"]) for r in split] == [(r["step"], r["val_loss"]) for r in whole]
+
+
+def test_outputs_are_in_the_e2e_challenges_measure_scores_format(checkpoint, e2e_dir, tmp_path):
+    finetune(checkpoint, e2e_dir, tmp_path, "--epochs", "1")
+    predictions = (tmp_path / "predictions.txt").read_text(encoding="utf-8").splitlines()
+    groups = (tmp_path / "references.txt").read_text(encoding="utf-8").rstrip("\n").split("\n\n")
+    test_rows = list(csv.reader(open(e2e_dir / "testset_w_refs.csv", encoding="utf-8")))[1:]
+    by_mr = {}
+    for mr, ref in test_rows:
+        by_mr.setdefault(mr, []).append(ref)
+    assert len(predictions) == len(groups) == len(by_mr) == 4  # one line per MR; references grouped per MR
+    assert [g.split("\n") for g in groups] == list(by_mr.values())  # in the test file's order
 
 
 def test_loss_is_label_smoothed_on_completion_tokens_only_and_lr_is_linear():

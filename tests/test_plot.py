@@ -53,3 +53,14 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         plot.main(["curves", str(tmp_path / "missing.jsonl")])
     assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_curves_against_wall_clock_time(tmp_path):
+    rows = [{"epoch": e, "train_loss": 2 - e / 3, "val_loss": 2 - e / 4, "epoch_seconds": 60.0 * e} for e in (1, 2, 3)]
+    assert plot.x_values(rows, "time") == [1.0, 3.0, 6.0]  # minutes so far: 1, 1 + 2, 1 + 2 + 3
+    assert plot.x_values([{"iter": 0, "seconds": 0.0}, {"iter": 100, "seconds": 30.0}], "time") == [0.0, 0.5]
+    assert plot.x_values(rows, "auto") == [1, 2, 3]
+    plot.main(["curves", write_jsonl(tmp_path / "a.jsonl", rows), "--x", "time", "-o", str(tmp_path / "t.png")])
+    assert_png(tmp_path / "t.png")
+    with pytest.raises(SystemExit, match="epoch_seconds or seconds"):
+        plot.x_values([{"epoch": 1}], "time")
