@@ -1,0 +1,383 @@
+"""
+One command per table and figure of the paper: runs each configuration over several seeds
+(each a `python train_*.py ...` run in its own folder), skips runs that already finished,
+resumes interrupted ones, and prints the table in the paper's layout, mean +- std over the
+seeds next to the paper's numbers, as Markdown and JSON.
+
+    python reproduce.py table2                              # the paper's scale: CIFAR, 400 epochs, 3 seeds
+    python reproduce.py table2 --preset cpu --seeds 2       # minutes on a CPU, offline (Fashion-MNIST)
+    python reproduce.py table2 --preset cpu-overfit --jobs 2    # about an hour per seed on a CPU
+    python reproduce.py appf --preset cpu-overfit           # Appendix F on this machine's license texts
+    python reproduce.py table2 --dry-run                    # print the commands only
+
+Tables: table2 (ViT, BDIA-ViT, RevViT), table3 (gammas), table4 (quantization l),
+table5 (dropout), fig1 (a constant gamma at inference), fig5 (translation), appf (GPT).
+Presets: paper (the paper's setup; CIFAR is downloaded, fig5 needs the Kaggle CSV in
+data/eng_-french.csv, appf nanoGPT's OpenWebText .bin files in data/openwebtext);
+cpu (a few minutes: tiny models, few epochs, offline data: the machinery at work, not a
+result); cpu-overfit (a CPU hour or more per table: small models trained until the plain
+model overfits, the regime where the paper's claim can show).
+
+Runs go to RUNS_DIR/TABLE-PRESET/CONFIG/seedN (log.jsonl, ckpt.pt); the table to
+RUNS_DIR/TABLE-PRESET/table.md and table.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent  # the scripts, and the data/ their presets read, are here
+
+# -----------------------------------------------------------------------------
+# Scale of each preset, per script
+
+TEXT_DIR = Path("/usr/share/common-licenses")  # Debian: ~240 kB of license texts, offline
+
+VIT = {  # dataset names are filled in per table
+    "paper": [],  # train_vit.py's defaults are the paper's setup
+    "cpu": ["--limit-train", "1000", "--limit-val", "500", "--dim", "64", "--mlp-dim", "64", "--heads", "4",
+            "--patch", "8", "--epochs", "3", "--device", "cpu"],
+    "cpu-overfit": ["--limit-train", "2000", "--limit-val", "2000", "--dim", "128", "--mlp-dim", "128",
+                    "--heads", "4", "--patch", "8", "--epochs", "300", "--device", "cpu"],
+}
+VIT_DATASETS = {"paper": ["cifar10", "cifar100"], "cpu": ["fashion-mnist"], "cpu-overfit": ["fashion-mnist"]}
+
+TRANSLATE = {
+    "paper": ["--data", "data/eng_-french.csv", "--epochs", "400"],  # Fig. 5 runs past epoch 200; the count is not given
+    "cpu": ["--dataset", "gettext-fr", "--max-pairs", "2000", "--dim", "64", "--heads", "4", "--mlp-dim", "64",
+            "--enc-layers", "3", "--dec-layers", "3", "--epochs", "2", "--batch-size", "64", "--bleu-every", "0",
+            "--device", "cpu"],
+    "cpu-overfit": ["--dataset", "gettext-fr", "--max-pairs", "6000", "--dim", "128", "--heads", "4", "--mlp-dim", "128",
+                    "--epochs", "60", "--batch-size", "64", "--bleu-every", "0", "--device", "cpu"],
+}
+
+GPT = {
+    # nanoGPT's train.py defaults (a single GPU: gradient accumulation 40), on 0.05 % of OpenWebText
+    "paper": ["--data-dir", "data/openwebtext", "--train-fraction", "0.0005", "--n-layer", "12", "--n-head", "12",
+              "--n-embd", "768", "--block-size", "1024", "--batch-size", "12", "--grad-accum", "40", "--max-iters", "600000",
+              "--lr", "6e-4", "--min-lr", "6e-5", "--warmup-iters", "2000", "--weight-decay", "0.1",
+              "--eval-interval", "2000", "--eval-iters", "200", "--dropout", "0.0", "--no-bias"],
+    "cpu": ["--n-layer", "4", "--n-head", "4", "--n-embd", "64", "--block-size", "64", "--batch-size", "8",
+            "--max-iters", "100", "--eval-interval", "50", "--eval-iters", "5", "--lr", "1e-3", "--warmup-iters", "10",
+            "--device", "cpu"],
+    "cpu-overfit": ["--n-layer", "4", "--n-head", "4", "--n-embd", "192", "--block-size", "128", "--batch-size", "16",
+                    "--max-iters", "3000", "--eval-interval", "100", "--eval-iters", "20", "--lr", "1e-3",
+                    "--min-lr", "1e-4", "--warmup-iters", "100", "--device", "cpu"],
+}
+
+PRESETS = ("paper", "cpu", "cpu-overfit")
+
+# -----------------------------------------------------------------------------
+# The paper's numbers (mean +- std where the paper gives one)
+
+PAPER = {
+    "table2": {("cifar10", "RevViT"): "86.22 +- 0.42", ("cifar10", "ViT"): "88.15 +- 0.55",
+               ("cifar10", "BDIA-ViT"): "89.10 +- 0.38", ("cifar100", "RevViT"): "61.89 +- 0.31",
+               ("cifar100", "ViT"): "61.86 +- 0.47", ("cifar100", "BDIA-ViT"): "66.09 +- 0.80",
+               "memory": {"RevViT": "572.7 MB", "ViT": "1570.6 MB", "BDIA-ViT": "693.4 MB"},
+               "time": {"RevViT": "41.8 s", "ViT": "30.6 s", "BDIA-ViT": "47.0 s"}},
+    "table3": {"0.0": "88.15 +- 0.55", "+-0.25": "88.79 +- 0.29", "+-0.5": "89.12 +- 0.22", "+-0.6": "88.89 +- 0.15"},
+    "table4": {("ViT", "5"): "87.90", ("ViT", "0"): "87.76", ("ViT", "-2"): "84.31",
+               ("BDIA-ViT", "5"): "89.50", ("BDIA-ViT", "0"): "88.47", ("BDIA-ViT", "-2"): "84.16"},
+    "table5": {("cifar10", "ViT", "0.0"): "86.27", ("cifar10", "BDIA-ViT", "0.0"): "89.20",
+               ("cifar10", "ViT", "0.1"): "88.15", ("cifar10", "BDIA-ViT", "0.1"): "89.10",
+               ("cifar10", "ViT", "0.2"): "87.24", ("cifar10", "BDIA-ViT", "0.2"): "88.22",
+               ("cifar100", "ViT", "0.0"): "59.13", ("cifar100", "BDIA-ViT", "0.0"): "64.45",
+               ("cifar100", "ViT", "0.1"): "61.86", ("cifar100", "BDIA-ViT", "0.1"): "66.09",
+               ("cifar100", "ViT", "0.2"): "61.68", ("cifar100", "BDIA-ViT", "0.2"): "64.24"},
+}
+
+# -----------------------------------------------------------------------------
+# The tables: the runs each needs and how its cells are read off them
+
+
+class Table:
+    """name, runs {key: (script, flags)}, and rows of cells (row label, column label, run key,
+    metric, paper value); metrics are read from each run's folder and averaged over seeds."""
+
+    def __init__(self, name, title, runs, cells, note=""):
+        self.name, self.title, self.runs, self.cells, self.note = name, title, runs, cells, note
+
+
+def vit_runs(preset, dataset, **configs):
+    """{key: ("train_vit.py", flags)} for configs {key: extra flags} on one dataset."""
+    return {f"{dataset}/{key}": ("train_vit.py", ["--dataset", dataset, *VIT[preset], *extra])
+            for key, extra in configs.items()}
+
+
+MODELS = {"RevViT": ["--model", "revvit"], "ViT": [], "BDIA-ViT": ["--bdia"]}
+
+
+def paper_dataset(dataset):
+    """The paper's dataset a preset's dataset stands in for (its numbers are shown beside)."""
+    return dataset if dataset.startswith("cifar") else "cifar10"
+
+
+def table2(preset):
+    runs, cells = {}, []
+    for dataset in VIT_DATASETS[preset]:
+        runs.update(vit_runs(preset, dataset, **MODELS))
+        for model in MODELS:
+            key, paper = f"{dataset}/{model}", PAPER["table2"]
+            cells += [(dataset, f"{model} val. acc.", key, "final_acc", paper[(paper_dataset(dataset), model)]),
+                      (dataset, f"{model} peak memory", key, "peak_memory", paper["memory"][model]),
+                      (dataset, f"{model} time per epoch", key, "epoch_time", paper["time"][model])]
+    return Table("table2", "Table 2: validation accuracy (%), peak memory, training time per epoch", runs, cells,
+                 "peak memory: CUDA max_memory_allocated on a GPU, the process's peak RSS on a CPU")
+
+
+def table3(preset):
+    dataset = VIT_DATASETS[preset][0]
+    gammas = {"0.0": "0", "+-0.25": "-0.25,0.25", "+-0.5": "-0.5,0.5", "+-0.6": "-0.6,0.6"}
+    configs = {g: ["--bdia", "--gammas", v, "--bits", "none", "--no-reversible"] for g, v in gammas.items()}
+    cells = [(dataset, g, f"{dataset}/{g}", "final_acc", PAPER["table3"][g]) for g in gammas]
+    return Table("table3", "Table 3: gamma_k of BDIA-ViT without quantization or online back-propagation, "
+                 "validation accuracy (%)", vit_runs(preset, dataset, **configs), cells)
+
+
+def table4(preset):
+    dataset = VIT_DATASETS[preset][0]
+    configs, cells = {}, []
+    for l in ("5", "0", "-2"):
+        configs[f"ViT/{l}"] = ["--bdia", "--gammas", "0", "--bits", l, "--no-reversible"]  # eq. (25) in training
+        configs[f"BDIA-ViT/{l}"] = ["--bdia", "--bits", l]
+        for model in ("ViT", "BDIA-ViT"):
+            cells.append((model, f"l = {l}", f"{dataset}/{model}/{l}", "final_acc", PAPER["table4"][(model, l)]))
+    return Table("table4", f"Table 4: quantization level l, validation accuracy (%) on {dataset}",
+                 vit_runs(preset, dataset, **configs), cells,
+                 "ViT with quantization: every block output rounded to 2^-l, eq. (25), during training too")
+
+
+def table5(preset):
+    runs, cells = {}, []
+    for dataset in VIT_DATASETS[preset]:
+        configs = {f"{m}/{p}": [*MODELS[m], "--dropout", p] for m in ("ViT", "BDIA-ViT") for p in ("0.0", "0.1", "0.2")}
+        runs.update(vit_runs(preset, dataset, **configs))
+        cells += [(dataset, f"dropout {p} {m}", f"{dataset}/{m}/{p}", "final_acc",
+                   PAPER["table5"][(paper_dataset(dataset), m, p)]) for p in ("0.0", "0.1", "0.2") for m in ("ViT", "BDIA-ViT")]
+    return Table("table5", "Table 5: dropout rate, validation accuracy (%)", runs, cells)
+
+
+FIG1_GAMMAS = "-0.5,-0.25,0,0.25,0.5"
+
+
+def fig1(preset):
+    dataset = VIT_DATASETS[preset][0]
+    configs = {m: [*MODELS[m], "--eval-gammas", FIG1_GAMMAS] for m in ("ViT", "BDIA-ViT")}
+    cells = [(f"gamma = {g}", m, f"{dataset}/{m}", f"sweep:{g}", None) for g in FIG1_GAMMAS.split(",") for m in configs]
+    return Table("fig1", f"Fig. 1: validation accuracy (%) with one constant gamma in every block at inference, "
+                 f"{dataset}", vit_runs(preset, dataset, **configs), cells,
+                 "the paper gives Fig. 1 as a plot only; `python plot.py gamma-sweep` draws it from gamma_sweep.json")
+
+
+def fig5(preset):
+    runs = {m: ("train_translate.py", [*TRANSLATE[preset], *flags]) for m, flags in (("Transformer", []), ("BDIA", ["--bdia"]))}
+    cells = [(m, metric, m, key, None) for m in runs
+             for metric, key in (("val. loss", "final_val_loss"), ("epoch of best", "best_at"),
+                                 ("train loss", "final_train_loss"))]
+    return Table("fig5", "Fig. 5: English -> French translation, validation loss", runs, cells,
+                 "the paper gives Fig. 5 as curves only; `python plot.py curves` draws them from log.jsonl")
+
+
+def appf(preset):
+    data = ["--text-file", "RUN/licenses.txt"] if preset != "paper" else []
+    runs = {m: ("train_gpt.py", [*data, *GPT[preset], *flags]) for m, flags in (("GPT2", []), ("BDIA-GPT2", ["--bdia"]))}
+    cells = [(m, metric, m, key, None) for m in runs
+             for metric, key in (("val. loss", "final_val_loss"), ("iteration of best", "best_at"),
+                                 ("train loss", "final_train_loss"))]
+    return Table("appf", "Appendix F, Fig. 9: GPT2 vs BDIA-GPT2 on little data, validation loss", runs, cells,
+                 "the paper gives Fig. 9 as curves only; `python plot.py curves` draws them from log.jsonl")
+
+
+TABLES = {"table2": table2, "table3": table3, "table4": table4, "table5": table5, "fig1": fig1, "fig5": fig5, "appf": appf}
+
+# -----------------------------------------------------------------------------
+# Runs: finished, interrupted or new
+
+
+def read_log(folder):
+    path = folder / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def flag_value(flags, name, default):
+    """The value argparse takes for `name`: that of its last occurrence."""
+    return flags[len(flags) - 1 - flags[::-1].index(name) + 1] if name in flags else default
+
+
+def finished(script, flags, folder):
+    """A run is finished when its log reaches the last epoch (iteration) and, for a gamma
+    sweep, gamma_sweep.json exists."""
+    rows = read_log(folder)
+    if script == "train_gpt.py":
+        done = bool(rows) and rows[-1]["iter"] == int(flag_value(flags, "--max-iters", 5000))
+    else:
+        default = {"train_vit.py": 400, "train_translate.py": 50}[script]
+        done = bool(rows) and rows[-1]["epoch"] == int(flag_value(flags, "--epochs", default))
+    return done and ("--eval-gammas" not in flags or (folder / "gamma_sweep.json").is_file())
+
+
+def prepare_text(folder):
+    """The license texts as one file (sorted by name, links skipped): the offline corpus of appf."""
+    files = sorted(p for p in TEXT_DIR.glob("*") if p.is_file() and not p.is_symlink())
+    if not files:
+        sys.exit(f"error: no texts in {TEXT_DIR}; on Debian they come with base-files")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "licenses.txt").write_text("".join(p.read_text(encoding="utf-8", errors="replace") for p in files))
+
+
+def command(script, flags, folder, seed):
+    flags = [str(folder.parent / "licenses.txt") if f == "RUN/licenses.txt" else f for f in flags]
+    argv = [sys.executable, str(ROOT / script), *flags, "--seed", str(seed), "--out-dir", str(folder)]
+    if (folder / "ckpt.pt").is_file():
+        argv.append("--resume")  # continue where an interrupted run stopped
+    return argv
+
+
+def run_all(table, args, base):
+    """Run every (configuration, seed) that has not finished, up to args.jobs at a time."""
+    todo = []
+    for key, (script, flags) in table.runs.items():
+        for seed in range(1, args.seeds + 1):
+            folder = base / key / f"seed{seed}"
+            if finished(script, flags, folder):
+                print(f"done     {key} seed {seed}")
+            else:
+                todo.append((key, seed, command(script, flags, folder, seed), folder))
+    if any(f == "RUN/licenses.txt" for _, (_, flags) in table.runs.items() for f in flags):
+        for key in table.runs:
+            if not args.dry_run and not (base / key / "licenses.txt").is_file():
+                prepare_text(base / key)
+    if args.dry_run:
+        for _, _, argv, _ in todo:
+            print("python " + " ".join(os.path.relpath(a) if a.startswith("/") else a for a in argv[1:]))
+        return True
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
+    running, failed = [], []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            key, seed, argv, folder = todo.pop(0)
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"start    {key} seed {seed}", flush=True)
+            with open(folder / "stdout.txt", "a") as out:
+                process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                running.append((key, seed, folder, process))
+        time.sleep(1)
+        for item in list(running):
+            key, seed, folder, process = item
+            if process.poll() is not None:
+                running.remove(item)
+                status = "finished" if process.returncode == 0 else f"FAILED ({process.returncode})"
+                print(f"{status} {key} seed {seed}" + ("" if process.returncode == 0 else
+                                                       f": see {folder / 'stdout.txt'}"), flush=True)
+                if process.returncode:
+                    failed.append((key, seed))
+    return not failed
+
+
+# -----------------------------------------------------------------------------
+# Reading results and printing the table
+
+
+def metric(folder, name):
+    """One number from a finished run's folder: accuracies in %, memory in MB, time in s."""
+    rows = read_log(folder)
+    if not rows:
+        return None
+    if name.startswith("sweep:"):
+        path = folder / "gamma_sweep.json"
+        sweep = json.loads(path.read_text()) if path.is_file() else []
+        return next((100 * r["val_acc"] for r in sweep if r["gamma"] == float(name[6:])), None)
+    step = "iter" if "iter" in rows[0] else "epoch"
+    losses = [(r["val_loss"], r[step]) for r in rows if r.get("val_loss") is not None]
+    return {
+        "final_acc": lambda: 100 * rows[-1]["val_acc"],
+        "best_acc": lambda: 100 * max(r["val_acc"] for r in rows),
+        "peak_memory": lambda: max(r["peak_memory_mb"] for r in rows),
+        "epoch_time": lambda: statistics.median(r["epoch_seconds"] for r in rows),
+        "final_val_loss": lambda: rows[-1]["val_loss"],
+        "best_val_loss": lambda: min(losses)[0],
+        "best_at": lambda: min(losses)[1],
+        "final_train_loss": lambda: rows[-1]["train_loss"],
+    }[name]()
+
+
+UNITS = {"peak_memory": " MB", "epoch_time": " s"}
+BEST = {"final_acc": "best_acc", "final_val_loss": "best_val_loss"}  # a final figure is shown with its best
+
+
+def summarize(values, name):
+    """'mean +- std (n)' of the seeds' values; '-' when there are none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "not run", None, None
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    digits = 0 if name in ("peak_memory", "best_at") else (1 if name == "epoch_time" else (2 if "acc" in name or
+                                                                                          name.startswith("sweep") else 4))
+    text = f"{mean:.{digits}f} +- {std:.{digits}f}{UNITS.get(name, '')}" if len(values) > 1 else \
+        f"{mean:.{digits}f}{UNITS.get(name, '')}"
+    return text, mean, std
+
+
+def build_table(table, args, base):
+    rows, columns, grid, records = [], [], {}, []
+    for row, column, key, name, paper in table.cells:
+        for name in (name, BEST.get(name)) if name in BEST else (name,):
+            values = [metric(base / key / f"seed{s}", name) for s in range(1, args.seeds + 1)]
+            text, mean, std = summarize(values, name)
+            records.append(dict(row=row, column=column, run=key, metric=name, values=values, mean=mean, std=std,
+                                paper=None if name.startswith("best") else paper))
+        rows += [row] if row not in rows else []
+        columns += [column] if column not in columns else []
+        final, best = records[-2:] if name.startswith("best") else (records[-1], None)
+        extra = [f"best {summarize(best['values'], best['metric'])[0]}"] if best and mean is not None else []
+        extra += [f"paper {paper}"] if paper else []
+        grid[row, column] = summarize(final["values"], final["metric"])[0] + (f" ({'; '.join(extra)})" if extra else "")
+    lines = [f"{table.title}. Preset {args.preset}, {args.seeds} seed(s) per cell, mean +- std of the final "
+             f"epoch (best epoch in brackets); runs in {base}.", ""]
+    lines.append("| | " + " | ".join(columns) + " |")
+    lines.append("| --- |" + " --- |" * len(columns))
+    lines += ["| " + row + " | " + " | ".join(grid.get((row, c), "") for c in columns) + " |" for row in rows]
+    if table.note:
+        lines += ["", table.note + "."]
+    return "\n".join(lines) + "\n", records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", choices=TABLES)
+    p.add_argument("--preset", choices=PRESETS, default="paper")
+    p.add_argument("--seeds", type=int, default=3, help="runs per configuration, seeds 1..N (default 3, as the paper)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")
+    p.add_argument("--runs-dir", default="runs", help="where the runs and tables go (default runs)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")
+    p.add_argument("--table-only", action="store_true", help="print the table from the runs there are, run nothing")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.jobs < 1:
+        p.error("--seeds and --jobs must be at least 1")
+    table = TABLES[args.table](args.preset)
+    base = Path(args.runs_dir).resolve() / f"{args.table}-{args.preset}"
+    ok = True if args.table_only else run_all(table, args, base)
+    if args.dry_run:
+        return
+    markdown, records = build_table(table, args, base)
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "table.md").write_text(markdown)
+    (base / "table.json").write_text(json.dumps(dict(table=args.table, preset=args.preset, seeds=args.seeds,
+                                                     cells=records), indent=1))
+    print("\n" + markdown)
+    if not ok:
+        sys.exit("error: some runs failed (see their stdout.txt); the table shows the others")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""reproduce.py: runs per table and seed, skipping finished runs and resuming interrupted ones,
+and the mean +- std table; on tiny models and a tiny CIFAR-10 the tests write."""
+
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import reproduce  # noqa: E402
+
+
+@pytest.fixture
+def tiny_cpu_preset(tmp_path, monkeypatch):
+    """The cpu preset of the ViT tables on a tiny CIFAR-10 in the real pickle layout and a tiny ViT."""
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 8) for i in range(1, 6)] + [("test_batch", 16)]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}, f)
+    flags = ["--data-dir", str(tmp_path / "data"), "--dim", "16", "--heads", "2", "--mlp-dim", "16", "--depth", "2",
+             "--patch", "8", "--batch-size", "16", "--epochs", "1", "--device", "cpu"]
+    monkeypatch.setitem(reproduce.VIT, "cpu", flags)
+    monkeypatch.setitem(reproduce.VIT_DATASETS, "cpu", ["cifar10"])
+    return flags
+
+
+def test_table2_over_two_seeds_then_skips_and_resumes(tiny_cpu_preset, tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    reproduce.main(["table2", "--preset", "cpu", "--seeds", "2", "--jobs", "2", "--runs-dir", str(runs)])
+    out = capsys.readouterr().out
+    assert out.count("finished") == 6 and "FAILED" not in out
+    table = json.loads((runs / "table2-cpu" / "table.json").read_text())
+    accuracies = [c for c in table["cells"] if c["metric"] == "final_acc"]
+    assert len(accuracies) == 3 and all(len(c["values"]) == 2 and None not in c["values"] for c in accuracies)
+    for c in accuracies:  # mean and std of the seeds' final accuracies (in %)
+        assert c["mean"] == pytest.approx(np.mean(c["values"])) and c["std"] == pytest.approx(np.std(c["values"], ddof=1))
+    markdown = (runs / "table2-cpu" / "table.md").read_text()
+    assert "| cifar10 |" in markdown and "+-" in markdown and "paper 88.15 +- 0.55" in markdown and markdown in out
+
+    reproduce.main(["table2", "--preset", "cpu", "--seeds", "2", "--runs-dir", str(runs)])  # all done: nothing runs
+    out = capsys.readouterr().out
+    assert out.count("done") == 6 and "start" not in out
+
+    monkeypatch.setitem(reproduce.VIT, "cpu", [*tiny_cpu_preset, "--epochs", "2"])  # now unfinished: resumed
+    monkeypatch.setattr(reproduce, "MODELS", {"ViT": []})
+    reproduce.main(["table2", "--preset", "cpu", "--seeds", "1", "--runs-dir", str(runs), "--dry-run"])
+    assert "--resume" in capsys.readouterr().out
+    reproduce.main(["table2", "--preset", "cpu", "--seeds", "1", "--runs-dir", str(runs)])
+    log = [json.loads(line) for line in (runs / "table2-cpu" / "cifar10" / "ViT" / "seed1" / "log.jsonl").open()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_every_table_and_preset_builds_its_runs():
+    for name, build in reproduce.TABLES.items():
+        for preset in reproduce.PRESETS:
+            table = build(preset)
+            assert table.runs and table.cells and all(key in table.runs for _, _, key, _, _ in table.cells)
+            for script, flags in table.runs.values():
+                assert os.path.isfile(os.path.join(reproduce.ROOT, script)) and "--out-dir" not in flags
+
+
+def test_summaries_of_missing_and_single_values():
+    assert reproduce.summarize([None, None], "final_acc")[0] == "not run"
+    assert reproduce.summarize([88.0], "final_acc") == ("88.00", 88.0, 0.0)
+    assert reproduce.summarize([500.0, 510.0], "peak_memory")[0] == "505 +- 7 MB"
