@@ -329,19 +329,23 @@ def summarize(values, name):
 
 
 def build_table(table, args, base):
+    """The table as Markdown (rows x columns of cells, each mean +- std with its best and the
+    paper's figure beside it) and as records, one per metric and cell, with the seeds' values."""
     rows, columns, grid, records = [], [], {}, []
+
+    def record(row, column, key, name, paper):
+        values = [metric(base / key / f"seed{s}", name) for s in range(1, args.seeds + 1)]
+        text, mean, std = summarize(values, name)
+        records.append(dict(row=row, column=column, run=key, metric=name, values=values, mean=mean, std=std, paper=paper))
+        return text
+
     for row, column, key, name, paper in table.cells:
-        for name in (name, BEST.get(name)) if name in BEST else (name,):
-            values = [metric(base / key / f"seed{s}", name) for s in range(1, args.seeds + 1)]
-            text, mean, std = summarize(values, name)
-            records.append(dict(row=row, column=column, run=key, metric=name, values=values, mean=mean, std=std,
-                                paper=None if name.startswith("best") else paper))
+        notes = [f"best {record(row, column, key, BEST[name], None)}"] if name in BEST else []
+        notes += [f"paper {paper}"] if paper else []
+        text = record(row, column, key, name, paper)
+        grid[row, column] = text + (f" ({'; '.join(notes)})" if notes and text != "not run" else "")
         rows += [row] if row not in rows else []
         columns += [column] if column not in columns else []
-        final, best = records[-2:] if name.startswith("best") else (records[-1], None)
-        extra = [f"best {summarize(best['values'], best['metric'])[0]}"] if best and mean is not None else []
-        extra += [f"paper {paper}"] if paper else []
-        grid[row, column] = summarize(final["values"], final["metric"])[0] + (f" ({'; '.join(extra)})" if extra else "")
     lines = [f"{table.title}. Preset {args.preset}, {args.seeds} seed(s) per cell, mean +- std of the final "
              f"epoch (best epoch in brackets); runs in {base}.", ""]
     lines.append("| | " + " | ".join(columns) + " |")
