@@ -27,6 +27,7 @@ This file imports only torch and the standard library: copy it into your project
 
 import math
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -320,6 +321,16 @@ class Tape:
         if self.cuda_device is not None:
             torch.cuda.set_rng_state(state[1], self.cuda_device)
 
+    def check_x0(self, x0):
+        """The rebuilt x_0 must be the forward's, bit for bit, or every gradient below is wrong."""
+        if not torch.equal(fingerprint(x0, self.config.bits), self.fingerprint):
+            raise RuntimeError(
+                "BDIA: the reversible backward did not rebuild x_0 bit for bit. A block is not "
+                "deterministic between forward and recomputation (a non-deterministic kernel, an "
+                "attention backend that differs with and without grad, or RNG use outside the "
+                "block's own call); make the blocks deterministic or use reversible=False"
+            )
+
     def take(self, k):
         """(x_{k+1}, x_k) for the backward of block k; x_{k+1} is not needed after it."""
         if k + 1 not in self.rebuilt:
@@ -371,8 +382,16 @@ def reversible_stack(blocks, x, gammas, config, context):
     return x
 
 
+Saved = namedtuple("Saved", "side gammas context")  # what block k's forward kept
+Grads = namedtuple("Grads", "x_prev x context params")  # what block k's backward returns
+
+
 class ReversibleBlock(torch.autograd.Function):
-    """Block k of a reversible BDIA stack: (x_{k-1}, x_k) -> x_{k+1}, no activations kept."""
+    """Block k of a reversible BDIA stack: (x_{k-1}, x_k) -> x_{k+1}, no activations kept.
+
+    Its inputs, in this order: tape, block, k, gammas, x_prev, x, n_context, *context,
+    *params. The parameters are inputs so that their gradients come out of this backward,
+    block by block, as in a plain model (DDP's hooks fire; frozen inputs work)."""
 
     @staticmethod
     def forward(ctx, tape, block, k, gammas, x_prev, x, n_context, *context_and_params):
@@ -381,58 +400,66 @@ class ReversibleBlock(torch.autograd.Function):
         x_next, side = bdia_block(block, k, x_prev, x, gammas, tape.config, context)
         tape.magnitudes.append(max_abs(x_next))
         ctx.tape, ctx.block, ctx.k = tape, block, k
-        ctx.rng = tape.rng_state_if_drawn(rng_before)
+        ctx.rng = tape.rng_state_if_drawn(rng_before)  # only blocks with dropout keep an RNG state
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
-        # All a block keeps goes through save_for_backward (the tests count it with
-        # saved-tensor hooks), but for the RNG states of blocks with dropout.
+        # Everything a block keeps goes through save_for_backward (the tests count it with
+        # saved-tensor hooks), but the RNG states of blocks with dropout.
         packed = None if side is None else pack_bits(side, side_bits(tape.config.gammas))
         ctx.other_context = [None if torch.is_tensor(c) else c for c in context]
-        tensor_context = [c if torch.is_tensor(c) else None for c in context]
-        ctx.save_for_backward(packed, gammas, *tensor_context)
+        ctx.save_for_backward(packed, gammas, *[c if torch.is_tensor(c) else None for c in context])
         return x_next
 
     @staticmethod
     def backward(ctx, g_next):
-        tape, block, k, config = ctx.tape, ctx.block, ctx.k, ctx.tape.config
-        packed, gammas, *tensor_context = ctx.saved_tensors
-        context = [  # context tensors that need a gradient become leaves of the recomputation
-            c if t is None else t.detach().requires_grad_(t.requires_grad)
-            for t, c in zip(tensor_context, ctx.other_context)
-        ]
-        context_leaves = [c for c in context if torch.is_tensor(c) and c.requires_grad]
-        params = [p for p in block.parameters() if p.requires_grad]
-        x_next, x = tape.take(k)  # x_{k+1}, x_k
-        x_leaf = x.detach().requires_grad_()
-        devices = [] if tape.cuda_device is None else [tape.cuda_device]
-        with torch.random.fork_rng(devices, enabled=ctx.rng is not None), torch.enable_grad():
-            if ctx.rng is not None:
-                tape.restore_rng(ctx.rng)  # replay this block's dropout masks exactly
-            enabled, dtype = ctx.autocast
-            with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-                h = residual_of(block, x_leaf, context)
-        # dx_{k+1}/dx_{k-1} = gamma, dx_{k+1}/dx_k = (1 - gamma) + (1 + gamma) dh/dx (Q: straight-through)
-        gamma = 0.0 if k == 0 else per_sample(gammas[:, k - 1], x)
-        grads = torch.autograd.grad(h, [x_leaf, *params, *context_leaves], (1 + gamma) * g_next, allow_unused=True)
-        g_h, param_grads, leaf_grads = grads[0], grads[1 : 1 + len(params)], grads[1 + len(params) :]
-        g_x = (1 - gamma) * g_next + (0 if g_h is None else g_h)
-        g_prev = None
-        if k > 0:
-            side = unpack_bits(packed, side_bits(config.gammas), x.shape, x.dtype)
-            x_prev = bdia_unstep(x_next, x, h.detach(), gamma, config.bits, side)  # (24)
-            tape.rebuilt[k - 1] = x_prev
-            if k == 1 and not torch.equal(fingerprint(x_prev, config.bits), tape.fingerprint):
-                raise RuntimeError(
-                    "BDIA: the reversible backward did not rebuild x_0 bit for bit. A block is not "
-                    "deterministic between forward and recomputation (a non-deterministic kernel, an "
-                    "attention backend that differs with and without grad, or RNG use outside the "
-                    "block's own call); make the blocks deterministic or use reversible=False"
-                )
-            g_prev = gamma * g_next if ctx.needs_input_grad[4] else None
+        k, config = ctx.k, ctx.tape.config
+        x_next, x = ctx.tape.take(k)  # x_{k+1}, x_k: rebuilt by the block above (or the top pair)
+        saved = Saved(*ctx.saved_tensors[:2], context=context_leaves(ctx))
+        gamma = 0.0 if k == 0 else per_sample(saved.gammas[:, k - 1], x)
+        x_leaf, h = recompute_residual(ctx, x, saved.context)  # h_k(x_k), with its graph
+        grads = gradients_through_step(ctx, h, x_leaf, saved.context, gamma, g_next)
+        if k > 0:  # x_{k-1} for the backward of block k - 1, exactly: eq. (24)
+            side = unpack_bits(saved.side, side_bits(config.gammas), x.shape, x.dtype)
+            x_prev = bdia_unstep(x_next, x, h.detach(), gamma, config.bits, side)
+            if k == 1:
+                ctx.tape.check_x0(x_prev)
+            ctx.tape.rebuilt[k - 1] = x_prev
         else:
-            tape.rebuilt.pop(0)
-        leaf_grad = dict(zip(map(id, context_leaves), leaf_grads))
-        context_grads = [leaf_grad.get(id(c)) for c in context]
-        return (None, None, None, None, g_prev, g_x, None, *context_grads, *param_grads)
+            ctx.tape.rebuilt.pop(0)
+        return (None, None, None, None, grads.x_prev, grads.x, None, *grads.context, *grads.params)
+
+
+def context_leaves(ctx):
+    """The block's context for the recomputation: tensors that need a gradient become leaves."""
+    tensors = ctx.saved_tensors[2:]
+    return [c if t is None else t.detach().requires_grad_(t.requires_grad) for t, c in zip(tensors, ctx.other_context)]
+
+
+def recompute_residual(ctx, x, context):
+    """h_k(x_k) again, with grad, replaying the forward's dropout masks (from the saved RNG
+    state; the caller's RNG is left as it was) and its autocast setting."""
+    x_leaf = x.detach().requires_grad_()
+    devices = [] if ctx.tape.cuda_device is None else [ctx.tape.cuda_device]
+    enabled, dtype = ctx.autocast
+    with torch.random.fork_rng(devices, enabled=ctx.rng is not None), torch.enable_grad():
+        if ctx.rng is not None:
+            ctx.tape.restore_rng(ctx.rng)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            h = residual_of(ctx.block, x_leaf, context)
+    return x_leaf, h
+
+
+def gradients_through_step(ctx, h, x_leaf, context, gamma, g_next):
+    """dL/d(inputs) of x_{k+1} = gamma x_{k-1} + Q[(1 - gamma) x_k + (1 + gamma) h_k(x_k)] (21),
+    Q straight-through: dx_{k+1}/dx_{k-1} = gamma, dx_{k+1}/dx_k = (1 - gamma) + (1 + gamma) dh/dx.
+    For k = 0 (19) this is gamma = 0."""
+    params = [p for p in ctx.block.parameters() if p.requires_grad]
+    leaves = [c for c in context if torch.is_tensor(c) and c.requires_grad]
+    grads = torch.autograd.grad(h, [x_leaf, *params, *leaves], (1 + gamma) * g_next, allow_unused=True)
+    g_h, g_params, g_leaves = grads[0], grads[1 : 1 + len(params)], grads[1 + len(params) :]
+    g_x = (1 - gamma) * g_next + (0 if g_h is None else g_h)
+    g_prev = gamma * g_next if ctx.k > 0 and ctx.needs_input_grad[4] else None
+    by_leaf = dict(zip(map(id, leaves), g_leaves))
+    return Grads(g_prev, g_x, [by_leaf.get(id(c)) for c in context], g_params)
 
 
 # -----------------------------------------------------------------------------
