@@ -5,7 +5,7 @@ with LoRA and BDIA (paper 5.1, Table 1; Appendix E, Table 6).
     python finetune_e2e.py --init-from gpt2-medium --out-dir out/e2e-ft                # FT
     python finetune_e2e.py --init-from gpt2-medium --bdia --out-dir out/e2e-ft-bdia   # FT-BDIA
     python finetune_e2e.py --lora-rank 4 --lora-alpha 32 --out-dir out/e2e-lora       # LoRA
-    python finetune_e2e.py --lora-rank 32 --lora-alpha 1024 --bdia --gammas -0.5,0,0.5 \\
+    python finetune_e2e.py --lora-rank 32 --lora-alpha 1024 --bdia --gammas -0.5 0 0.5 \\
         --bits none --no-reversible --out-dir out/e2e-lora-bdia                         # LoRA+BDIA
     python finetune_e2e.py --table out/e2e-ft out/e2e-ft-bdia out/e2e-lora             # Table 1
 
@@ -21,331 +21,25 @@ a standard Hugging Face GPT-2 checkpoint.
 """
 
 import argparse
-import csv
 import json
 import math
-import sys
 import time
-import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import gpt2_files
+import data
+import gpt2
 import metrics
 import training
-from models import GPT, add_lora
-
-E2E_URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
-E2E_CSV = {"train": "trainset.csv", "valid": "devset.csv", "test": "testset_w_refs.csv"}
-LORA_TXT = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}  # the LoRA repository's files
-MR_KEYS = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}  # as the LoRA repo writes them
-
-
-class DataError(Exception):
-    """Data that is missing or unusable; the message says what to do."""
-
 
 # -----------------------------------------------------------------------------
-# Data: E2E CSVs (mr, ref) or the LoRA repository's `context||completion` lines
+# Flags
 
 
-def mr_to_context(mr):
-    """'name[The Vaults], eatType[pub]' -> 'name : The Vaults | Type : pub' (the LoRA repo's form)."""
-    fields = []
-    for part in mr.split("],"):
-        key, _, value = part.strip().rstrip("]").partition("[")
-        fields.append(f"{MR_KEYS.get(key.strip(), key.strip())} : {value.strip()}")
-    return " | ".join(fields)
-
-
-def read_e2e_csv(path):
-    """(context, reference) pairs from an E2E CSV with columns mr and ref (any case)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of "mr"
-        rows = list(csv.reader(f))
-    if not rows:
-        raise DataError(f"{path} is empty")
-    header = [h.strip().lower() for h in rows[0]]
-    if "mr" not in header or "ref" not in header:
-        raise DataError(f"{path}: expected the columns mr and ref, got {rows[0]}")
-    i, j = header.index("mr"), header.index("ref")
-    return [(mr_to_context(row[i]), row[j].strip()) for row in rows[1:] if len(row) > max(i, j)]
-
-
-def read_lora_txt(path):
-    """(context, reference) pairs from lines `name : X | Type : Y ||reference`."""
-    pairs = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            context, sep, completion = line.partition("||")
-            if not sep:
-                raise DataError(f"{path}:{n}: expected `context||completion`, got {line[:80]!r}")
-            pairs.append((context.strip(), completion.strip()))
-    return pairs
-
-
-def read_pairs(path):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no such data file: {path}")
-    pairs = read_e2e_csv(path) if path.suffix.lower() == ".csv" else read_lora_txt(path)
-    if not pairs:
-        raise DataError(f"no examples in {path}")
-    return pairs
-
-
-def fetch_e2e(data_dir):
-    """The three E2E CSVs in data_dir, downloaded once from the dataset's GitHub release. No
-    checksum is published for the zip, so integrity rests on its CRC-32 per member."""
-    data_dir = Path(data_dir)
-    if all((data_dir / f).is_file() for f in E2E_CSV.values()):
-        return data_dir
-    manual = (f"download {E2E_URL} and put {', '.join(E2E_CSV.values())} into {data_dir}, or pass "
-              "--train-file/--valid-file/--test-file (E2E CSV or the LoRA repository's train.txt format)")
-    try:
-        archive = training.download(E2E_URL, data_dir / "e2e-dataset.zip", manual=manual)
-    except training.DownloadError as e:
-        raise DataError(str(e)) from e
-    try:
-        with zipfile.ZipFile(archive) as z:
-            names = z.namelist()
-        for name in E2E_CSV.values():
-            member = next(m for m in names if m.endswith("/" + name) or m == name)
-            training.unzip_member(archive, member, data_dir / name)
-    except (zipfile.BadZipFile, StopIteration) as e:
-        raise DataError(f"{archive} lacks the E2E CSVs or is corrupt ({e}); delete it and run again. {manual}") from e
-    return data_dir
-
-
-def data_files(args):
-    """{split: path}: the --*-file flags, else the LoRA .txt or E2E .csv files in --data-dir
-    (the CSVs downloaded when missing)."""
-    given = {"train": args.train_file, "valid": args.valid_file, "test": args.test_file}
-    folder = Path(args.data_dir)
-    if not all(given.values()):
-        if all((folder / f).is_file() for f in LORA_TXT.values()):
-            found = {k: folder / f for k, f in LORA_TXT.items()}
-        else:
-            found = {k: fetch_e2e(folder) / f for k, f in E2E_CSV.items()}
-        given = {k: v or found[k] for k, v in given.items()}
-    return {k: Path(v) for k, v in given.items()}
-
-
-def group_references(pairs):
-    """Distinct contexts in first-seen order, each with all its references."""
-    refs = {}
-    for context, ref in pairs:
-        refs.setdefault(context, []).append(ref)
-    return list(refs.items())
-
-
-def encode_example(tok, context, completion, max_len):
-    """ids of `context <eos> completion <eos>` cut to max_len + 1, and how many are context."""
-    ctx = tok.encode(context) + [tok.eos_id]
-    ids = ctx + tok.encode(" " + completion) + [tok.eos_id]
-    return ids[: max_len + 1], len(ctx)
-
-
-def batches(examples, batch_size, generator=None):
-    """Index lists of batch_size examples: shuffled with generator, in order without."""
-    order = torch.randperm(len(examples), generator=generator).tolist() if generator else list(range(len(examples)))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def collate(examples, batch, pad_id, device):
-    """x (inputs) and y (next tokens; -1 on the context, so only the completion is scored)."""
-    T = max(len(examples[i][0]) for i in batch) - 1
-    x = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    y = torch.full((len(batch), T), -1, dtype=torch.long)
-    for row, i in enumerate(batch):
-        ids, n_ctx = examples[i]
-        x[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        y[row, n_ctx - 1: len(ids) - 1] = torch.tensor(ids[n_ctx:])
-    return x.to(device), y.to(device)
-
-
-# -----------------------------------------------------------------------------
-# Model, optimizer, schedule
-
-
-def build_model(args, device):
-    """GPT-2 from --init-from, with LoRA adapters when --lora-rank > 0 (base frozen)."""
-    model = GPT.from_pretrained(args.init_from, cache_dir=args.cache_dir, dropout=args.dropout, bdia=args.bdia_config)
-    if args.lora_rank:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, mlp=args.lora_mlp)
-    return model.to(device)
-
-
-def configure_optimizer(model, args):
-    """AdamW (betas 0.9, 0.999, eps 1e-6) over the trainable parameters; no decay on biases and LayerNorms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
-
-
-def trainable_state(model):
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names}
-
-
-def mode_name(args):
-    return ("LoRA" if args.lora_rank else "FT") + (("+BDIA" if args.lora_rank else "-BDIA") if args.bdia else "")
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-def loss_on(model, x, y, label_smoothing):
-    logits, _ = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, label_smoothing=label_smoothing)
-
-
-@torch.no_grad()
-def validation_loss(model, examples, args, pad_id, device):
-    """Mean cross-entropy per completion token (no label smoothing; gamma 0: the plain model)."""
-    model.eval()
-    total = tokens = 0
-    for batch in batches(examples, args.batch_size):
-        x, y = collate(examples, batch, pad_id, device)
-        n = int((y != -1).sum())
-        with training.autocast(device, args.amp):
-            total += loss_on(model, x, y, 0.0).item() * n
-        tokens += n
-    model.train()
-    return total / max(tokens, 1)
-
-
-def train(args, model, tok, train_ex, valid_ex, device):
-    out = Path(args.out_dir)
-    optimizer = configure_optimizer(model, args)
-    steps_per_epoch = math.ceil(len(train_ex) / args.batch_size)
-    total_steps, start_epoch = steps_per_epoch * args.epochs, 0
-    if args.resume:
-        ckpt = training.load_checkpoint(out / "ckpt.pt", device)
-        missing = set(trainable_state(model)) ^ set(ckpt["trainable"])
-        if missing:
-            raise DataError(f"{out / 'ckpt.pt'} does not fit this model (LoRA/flags differ): {sorted(missing)[:5]}")
-        model.load_state_dict(ckpt["trainable"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        training.set_rng_state(ckpt["rng"])
-        start_epoch = ckpt["epoch"]
-    train_model = torch.compile(model) if args.compile else model
-    log = training.JsonlLog(out / "log.jsonl", resume=args.resume)
-    log.keep_only(lambda line: line["epoch"] <= start_epoch)  # start_epoch epochs are done (mid-epoch lines too)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{mode_name(args)}: {training.count_params(model) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), "
-          f"{len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, {device}")
-    model.train()
-    for epoch in range(start_epoch, args.epochs):
-        t0, tokens, total, since = time.perf_counter(), 0, 0.0, []
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
-        epoch_batches = batches(train_ex, args.batch_size, generator)
-        bar = tqdm(epoch_batches, desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
-        for i, batch in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            lr = training.linear_lr(step, total_steps, args.lr, args.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = collate(train_ex, batch, tok.eos_id, device)
-            with training.autocast(device, args.amp):
-                loss = loss_on(train_model, x, y, args.label_smoothing)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()
-            total += loss_value
-            since.append(loss_value)
-            tokens += x.numel()
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if args.eval_interval and (step + 1) % args.eval_interval == 0 and i + 1 < len(epoch_batches):
-                # a point of the validation curve (Fig. 3, 8) within the epoch; `epoch` is fractional
-                log.write(epoch=(step + 1) / steps_per_epoch, step=step + 1, train_loss=sum(since) / len(since),
-                          val_loss=validation_loss(model, valid_ex, args, tok.eos_id, device), lr=lr, mode=mode_name(args))
-                since = []
-        seconds = time.perf_counter() - t0
-        val_loss = validation_loss(model, valid_ex, args, tok.eos_id, device)
-        log.write(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch, train_loss=sum(since) / len(since),
-                  val_loss=val_loss, lr=lr, seconds=seconds, tokens_per_s=tokens / seconds, mode=mode_name(args),
-                  peak_memory_mb=training.peak_memory_mb(device))
-        print(f"epoch {epoch + 1}: train loss {total / len(epoch_batches):.4f} (label smoothing {args.label_smoothing}), "
-              f"val loss {val_loss:.4f}, {seconds:.1f} s")
-        training.save_checkpoint(out / "ckpt.pt", dict(
-            trainable=trainable_state(model), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-            rng=training.rng_state(), args={k: v for k, v in vars(args).items() if k != "bdia_config"}))
-
-
-# -----------------------------------------------------------------------------
-# Decoding and scores
-
-
-@torch.no_grad()
-def decode(model, tok, contexts, args, device):
-    """Beam search for every context; contexts of one token length share a batch."""
-    model.eval()
-    encoded = [tok.encode(c) + [tok.eos_id] for c in contexts]
-    by_length = {}
-    for i, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(i)
-    groups = [g[j:j + args.decode_batch] for g in by_length.values() for j in range(0, len(g), args.decode_batch)]
-    longest = max(by_length)
-    if longest + args.max_new_tokens > model.block_size:
-        raise DataError(f"a test context of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
-                        f"model's {model.block_size} positions")
-    hypotheses = [None] * len(contexts)
-    for group in tqdm(groups, desc="beam search", dynamic_ncols=True):
-        idx = torch.tensor([encoded[i] for i in group], device=device)
-        with training.autocast(device, args.amp):
-            outs, _ = model.beam_search(idx, tok.eos_id, args.beam, args.max_new_tokens, args.length_penalty,
-                                        args.no_repeat_ngram)
-        for i, ids in zip(group, outs):
-            hypotheses[i] = tok.decode(ids).strip()
-    return hypotheses
-
-
-def evaluate(args, model, tok, test_pairs, device):
-    """Decode the distinct test contexts, score them, write predictions and e2e_scores.json."""
-    out = Path(args.out_dir)
-    grouped = group_references(test_pairs)
-    if args.test_limit:
-        grouped = grouped[: args.test_limit]
-    contexts, references = [c for c, _ in grouped], [r for _, r in grouped]
-    t0 = time.perf_counter()
-    hypotheses = decode(model, tok, contexts, args, device)
-    seconds = time.perf_counter() - t0
-    scores = metrics.e2e_scores(hypotheses, references)
-    # The E2E challenge's measure_scores.py format: one output per MR; the references of each MR
-    # on consecutive lines, an empty line between MRs (both files in the same MR order)
-    (out / "predictions.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    (out / "references.txt").write_text("\n".join("".join(r + "\n" for r in refs) for refs in references), encoding="utf-8")
-    result = dict(mode=mode_name(args), scores=scores, contexts=len(contexts), references=sum(map(len, references)),
-                  decode_seconds=seconds, beam=args.beam, length_penalty=args.length_penalty,
-                  no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=args.max_new_tokens,
-                  init_from=str(args.init_from), note="METEOR not computed (needs Java and WordNet)")
-    (out / "e2e_scores.json").write_text(json.dumps(result, indent=2))
-    print(format_table([result]))
-    return result
-
-
-def format_table(results):
-    """Table 1's layout: BLEU and ROUGE-L in percent, NIST and CIDEr as they are, METEOR '-'."""
-    lines = [f"{'Method':<12} {'BLEU':>6} {'NIST':>6} {'MET':>6} {'ROUGE-L':>8} {'CIDEr':>6}"]
-    for r in results:
-        s = r["scores"]
-        lines.append(f"{r['mode']:<12} {s['BLEU']:>6.1f} {s['NIST']:>6.2f} {'-':>6} {s['ROUGE-L']:>8.1f} {s['CIDEr']:>6.2f}")
-    return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def build_parser():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--init-from", default="gpt2-medium",
@@ -353,7 +47,7 @@ def build_parser():
                         "or pytorch_model.bin and config.json (default gpt2-medium)")
     g.add_argument("--tokenizer", default=None, help="folder with encoder.json+vocab.bpe or vocab.json+merges.txt "
                                                      "(default: that of --init-from)")
-    g.add_argument("--cache-dir", default=gpt2_files.DEFAULT_CACHE, help="where hub downloads are kept")
+    g.add_argument("--cache-dir", default=gpt2.DEFAULT_CACHE, help="where hub downloads are kept")
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     g.add_argument("--lora-alpha", type=float, default=32)
@@ -390,69 +84,276 @@ def build_parser():
     p.add_argument("--table", nargs="+", metavar="OUT_DIR", help="print Table 1 from these runs' e2e_scores.json and exit")
     training.add_bdia_args(p)
     training.add_run_args(p, "out/e2e")
-    return p
-
-
-def check_args(args, parser):
-    for name in ("epochs", "batch_size", "beam", "max_new_tokens", "decode_batch", "max_seq_len"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit", "no_repeat_ngram",
-                 "length_penalty", "eval_interval"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    args = p.parse_args(argv)
+    training.check_args(p, args, at_least_1=("epochs", "batch_size", "beam", "max_new_tokens", "decode_batch", "max_seq_len"),
+                        at_least_0=("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit",
+                                    "no_repeat_ngram", "length_penalty", "eval_interval"))
     if not 0 <= args.label_smoothing < 1:
-        parser.error("--label-smoothing must be in [0, 1)")
-    args.bdia_config = training.bdia_config(args, parser)
+        p.error("--label-smoothing must be in [0, 1)")
+    return args
 
 
-def run(args):
-    if args.table:
-        results = []
-        for folder in args.table:
-            path = Path(folder) / "e2e_scores.json"
-            if not path.is_file():
-                raise DataError(f"no {path}: run finetune_e2e.py with --out-dir {folder} first")
-            results.append(json.loads(path.read_text()))
-        print(format_table(results))
-        return
-    device = training.pick_device(args.device)
-    files = data_files(args)
-    splits = {k: read_pairs(v) for k, v in files.items()}
-    training.seed_everything(args.seed)
-    tok = gpt2_files.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
-    if tok.eos_id is None:
-        raise DataError("the tokenizer's vocabulary has no <|endoftext|> token")
-    model = build_model(args, device)
-    if tok.vocab_size > model.model_args["vocab_size"]:
-        raise DataError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.model_args['vocab_size']}")
+# -----------------------------------------------------------------------------
+# Data: `context <eos> completion <eos>` token ids, the loss on the completion only
+
+
+def load_examples(args, tok, block_size):
+    """{split: pairs} of the data files, and the encoded training and validation examples."""
+    splits = {k: data.read_e2e_pairs(v) for k, v in
+              data.e2e_files(args.data_dir, args.train_file, args.valid_file, args.test_file).items()}
 
     def encode(pairs, limit):
-        examples = [encode_example(tok, c, r, min(args.max_seq_len, model.block_size)) for c, r in (pairs[:limit] if limit else pairs)]
+        examples = [encode_example(tok, c, r, min(args.max_seq_len, block_size)) for c, r in (pairs[:limit] if limit else pairs)]
         scored = [(ids, n_ctx) for ids, n_ctx in examples if n_ctx < len(ids)]  # some completion token left
         if len(scored) < len(examples):
             print(f"dropped {len(examples) - len(scored)} examples whose context fills --max-seq-len {args.max_seq_len}")
         return scored
 
-    train_ex, valid_ex = encode(splits["train"], args.train_limit), encode(splits["valid"], args.valid_limit)
-    train(args, model, tok, train_ex, valid_ex, device)
+    return splits, encode(splits["train"], args.train_limit), encode(splits["valid"], args.valid_limit)
+
+
+def encode_example(tok, context, completion, max_len):
+    """ids of `context <eos> completion <eos>` cut to max_len + 1, and how many are context."""
+    ctx = tok.encode(context) + [tok.eos_id]
+    ids = ctx + tok.encode(" " + completion) + [tok.eos_id]
+    return ids[: max_len + 1], len(ctx)
+
+
+def batches(examples, batch_size, generator=None):
+    """Index lists of batch_size examples: shuffled with generator, in order without."""
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator else list(range(len(examples)))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(examples, batch, pad_id, device):
+    """x (inputs) and y (next tokens; -1 on the context, so only the completion is scored)."""
+    T = max(len(examples[i][0]) for i in batch) - 1
+    x = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    y = torch.full((len(batch), T), -1, dtype=torch.long)
+    for row, i in enumerate(batch):
+        ids, n_ctx = examples[i]
+        x[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+        y[row, n_ctx - 1: len(ids) - 1] = torch.tensor(ids[n_ctx:])
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Model and optimizer
+
+
+def build_model(args, device):
+    """GPT-2 from --init-from, with LoRA adapters when --lora-rank > 0 (base frozen)."""
+    model = gpt2.from_pretrained(args.init_from, cache_dir=args.cache_dir, dropout=args.dropout, bdia=args.bdia_config)
+    if args.lora_rank:
+        gpt2.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, mlp=args.lora_mlp)
+    return model.to(device)
+
+
+def configure_optimizer(model, args):
+    """AdamW (betas 0.9, 0.999, eps 1e-6) over the trainable parameters; no decay on biases and LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
+
+
+def trainable_state(model):
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def mode_name(args):
+    return ("LoRA" if args.lora_rank else "FT") + (("+BDIA" if args.lora_rank else "-BDIA") if args.bdia else "")
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+
+def loss_on(model, x, y, label_smoothing):
+    logits, _ = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, label_smoothing=label_smoothing)
+
+
+def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evaluate_now):
+    """One epoch, batches drawn with the (seed, epoch) generator; the learning rate follows the
+    LoRA repository's linear schedule over all steps. Every --eval-interval steps a point of
+    the validation curve is logged (Fig. 3, 8); returns (loss since the last point, lr, seconds, tokens)."""
+    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    total_steps, t0, tokens, since = steps_per_epoch * args.epochs, time.perf_counter(), 0, []
+    epoch_batches = batches(examples, args.batch_size, training.generator(args.seed, epoch))
+    bar = tqdm(epoch_batches, desc=f"epoch {epoch}/{args.epochs}", dynamic_ncols=True)
+    model.train()
+    for i, batch in enumerate(bar):
+        step = (epoch - 1) * steps_per_epoch + i
+        lr = training.linear_lr(step, total_steps, args.lr, args.warmup_steps)
+        training.set_lr(optimizer, lr)
+        x, y = collate(examples, batch, args.pad_id, model.transformer.wte.weight.device)
+        with training.autocast(x.device, args.amp):
+            loss = loss_on(train_model, x, y, args.label_smoothing)
+        loss.backward()  # with LoRA the stack's input needs no grad: the reversible backward still runs
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        since.append(loss.item())
+        tokens += x.numel()
+        bar.set_postfix(loss=f"{since[-1]:.4f}", lr=f"{lr:.2e}")
+        if args.eval_interval and (step + 1) % args.eval_interval == 0 and i + 1 < len(epoch_batches):
+            # a point within the epoch; `epoch` is fractional, so a resumed run drops it with its epoch
+            log.write(epoch=(step + 1) / steps_per_epoch, step=step + 1, train_loss=sum(since) / len(since),
+                      val_loss=evaluate_now(), lr=lr, mode=mode_name(args))
+            since = []
+    return sum(since) / len(since), lr, time.perf_counter() - t0, tokens
+
+
+@torch.no_grad()
+def validation_loss(model, examples, args):
+    """Mean cross-entropy per completion token (no label smoothing; gamma 0: the plain model)."""
+    model.eval()
+    total = tokens = 0
+    for batch in batches(examples, args.batch_size):
+        x, y = collate(examples, batch, args.pad_id, model.transformer.wte.weight.device)
+        n = int((y != -1).sum())
+        with training.autocast(x.device, args.amp):
+            total += loss_on(model, x, y, 0.0).item() * n
+        tokens += n
+    model.train()
+    return total / max(tokens, 1)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: beam search (eq. 25 at inference) and the E2E metrics
+
+
+@torch.no_grad()
+def decode(model, tok, contexts, args, device):
+    """Beam search for every context; contexts of one token length share a batch."""
+    model.eval()
+    encoded = [tok.encode(c) + [tok.eos_id] for c in contexts]
+    by_length = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    groups = [g[j:j + args.decode_batch] for g in by_length.values() for j in range(0, len(g), args.decode_batch)]
+    longest = max(by_length)
+    if longest + args.max_new_tokens > model.block_size:
+        raise data.DataError(f"a test context of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
+                        f"model's {model.block_size} positions")
+    hypotheses = [None] * len(contexts)
+    for group in tqdm(groups, desc="beam search", dynamic_ncols=True):
+        idx = torch.tensor([encoded[i] for i in group], device=device)
+        with training.autocast(device, args.amp):
+            outs, _ = gpt2.beam_search(model, idx, tok.eos_id, args.beam, args.max_new_tokens, args.length_penalty,
+                                       args.no_repeat_ngram)
+        for i, ids in zip(group, outs):
+            hypotheses[i] = tok.decode(ids).strip()
+    return hypotheses
+
+
+def evaluate(args, model, tok, test_pairs, device):
+    """Decode the distinct test contexts, score them, write predictions and e2e_scores.json."""
+    out = Path(args.out_dir)
+    grouped = data.group_references(test_pairs)
+    if args.test_limit:
+        grouped = grouped[: args.test_limit]
+    contexts, references = [c for c, _ in grouped], [r for _, r in grouped]
+    t0 = time.perf_counter()
+    hypotheses = decode(model, tok, contexts, args, device)
+    seconds = time.perf_counter() - t0
+    scores = metrics.e2e_scores(hypotheses, references)
+    # The E2E challenge's measure_scores.py format: one output per MR; the references of each MR
+    # on consecutive lines, an empty line between MRs (both files in the same MR order)
+    (out / "predictions.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    (out / "references.txt").write_text("\n".join("".join(r + "\n" for r in refs) for refs in references), encoding="utf-8")
+    result = dict(mode=mode_name(args), scores=scores, contexts=len(contexts), references=sum(map(len, references)),
+                  decode_seconds=seconds, beam=args.beam, length_penalty=args.length_penalty,
+                  no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=args.max_new_tokens,
+                  init_from=str(args.init_from), note="METEOR not computed (needs Java and WordNet)")
+    (out / "e2e_scores.json").write_text(json.dumps(result, indent=2))
+    print(format_table([result]))
+    return result
+
+
+def format_table(results):
+    """Table 1's layout: BLEU and ROUGE-L in percent, NIST and CIDEr as they are, METEOR '-'."""
+    lines = [f"{'Method':<12} {'BLEU':>6} {'NIST':>6} {'MET':>6} {'ROUGE-L':>8} {'CIDEr':>6}"]
+    for r in results:
+        s = r["scores"]
+        lines.append(f"{r['mode']:<12} {s['BLEU']:>6.1f} {s['NIST']:>6.2f} {'-':>6} {s['ROUGE-L']:>8.1f} {s['CIDEr']:>6.2f}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# main: build, resume, the epochs (each logged and checkpointed), export, decode and score
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with training.one_line_errors():
+        if args.table:
+            print_table(args.table)
+        else:
+            run(args)
+
+
+def print_table(folders):
+    results = []
+    for folder in folders:
+        path = Path(folder) / "e2e_scores.json"
+        if not path.is_file():
+            raise data.DataError(f"no {path}: run finetune_e2e.py with --out-dir {folder} first")
+        results.append(json.loads(path.read_text()))
+    print(format_table(results))
+
+
+def run(args):
+    device = training.pick_device(args.device)
+    out = Path(args.out_dir)
+    training.seed_everything(args.seed)
+    tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
+    if tok.eos_id is None:
+        raise data.DataError("the tokenizer's vocabulary has no <|endoftext|> token")
+    args.pad_id = tok.eos_id  # padding is never scored
+    model = build_model(args, device)
+    if tok.vocab_size > model.model_args["vocab_size"]:
+        raise data.DataError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.model_args['vocab_size']}")
+    splits, train_ex, valid_ex = load_examples(args, tok, model.block_size)
+    optimizer = configure_optimizer(model, args)
+    start_epoch = 1
+    if args.resume:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
+        ckpt = training.load_checkpoint(out / "ckpt.pt", device)
+        missing = set(trainable_state(model)) ^ set(ckpt["model"])
+        if missing:
+            raise training.CheckpointError(f"{out / 'ckpt.pt'} does not fit this model (LoRA/flags differ): "
+                                           f"{sorted(missing)[:5]}")
+        model.load_state_dict(ckpt["model"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        training.set_rng_state(ckpt["rng"])
+        start_epoch = ckpt["epoch"] + 1
+    train_model = torch.compile(model) if args.compile else model
+    # points within an epoch have a fractional epoch: those of the epoch run again are dropped
+    log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] <= start_epoch - 1)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{mode_name(args)}: {training.count_params(model) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), "
+          f"{len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, {device}")
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        train_loss, lr, seconds, tokens = train_epoch(model, train_model, optimizer, train_ex, args, epoch, log,
+                                                      lambda: validation_loss(model, valid_ex, args))
+        val_loss = validation_loss(model, valid_ex, args)
+        steps = math.ceil(len(train_ex) / args.batch_size)
+        log.write(epoch=epoch, step=epoch * steps, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=seconds,
+                  tokens_per_s=tokens / seconds, mode=mode_name(args), peak_memory_mb=training.peak_memory_mb(device))
+        print(f"epoch {epoch}: train loss {train_loss:.4f} (label smoothing {args.label_smoothing}), "
+              f"val loss {val_loss:.4f}, {seconds:.1f} s")
+        training.save_checkpoint(out / "ckpt.pt", model=trainable_state(model), optimizer=optimizer.state_dict(),
+                                 rng=training.rng_state(), epoch=epoch, args=training.plain_args(args))
     if args.export:
-        model.save_pretrained(args.export)
+        gpt2.save_pretrained(model, args.export)
         print(f"exported to {args.export} (model.safetensors + config.json, Hugging Face GPT-2 layout)")
     if not args.no_test:
         evaluate(args, model, tok, splits["test"], device)
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = training.parse_args(parser, argv)
-    check_args(args, parser)
-    try:
-        run(args)
-    except (DataError, gpt2_files.GPT2FileError, FileNotFoundError, training.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,10 +1,15 @@
 """
-The paper's models, each a standard pre-norm transformer whose block stack runs through
-bdia.run_blocks, so one model trains plainly or with BDIA and is a standard model at
-inference (its state_dict is the same in every mode).
+The paper's four architectures, each a standard pre-norm transformer whose block stack runs
+through bdia.run_blocks (one line in each forward), so one model trains plainly or with
+BDIA and is a standard model at inference (its state_dict is the same in every mode):
+
+    ViT      image classification (paper 5.2), and RevViT, the reversible baseline
+    Seq2Seq  English-French translation (5.3), BDIA in the encoder and the decoder
+    GPT      language modelling (Appendix F) and GPT-2 fine-tuning (5.1; gpt2.py loads it)
 
 Parameter names follow nanoGPT/GPT-2 (ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
-mlp.c_proj) so that pretrained checkpoints map onto them simply.
+mlp.c_proj) so that pretrained checkpoints map onto them simply. Decoding, LoRA and GPT-2's
+files live beside the scripts that use them (train_translate.py, gpt2.py).
 """
 
 import torch
@@ -55,18 +60,6 @@ class Attention(nn.Module):
 
     def split_heads(self, t):
         return t.view(*t.shape[:2], self.heads, -1).transpose(1, 2)  # (batch, heads, tokens, head_dim)
-
-    def forward_cached(self, x, cache):
-        """Causal self-attention of new tokens x (batch, T, dim) to themselves and to the keys
-        and values in `cache` (a dict, updated here): incremental decoding with a KV cache."""
-        q, k, v = (self.split_heads(t) for t in self.c_attn(x).chunk(3, dim=-1))
-        if "k" in cache:
-            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        cache["k"], cache["v"] = k, v
-        past = k.shape[2] - q.shape[2]  # new token i sees the past and new tokens 0..i
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=x.device).tril(past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).flatten(2)))
 
 
 class MLP(nn.Module):
@@ -330,54 +323,6 @@ class Seq2Seq(nn.Module):
     def forward(self, src, tgt):
         return self.decode(tgt, *self.encode(src))
 
-    @torch.no_grad()
-    def greedy(self, src, bos_id, eos_id, max_new=64):
-        """Greedy decoding, encoder run once: (batch, <= max_new) ids, eos and after set to pad."""
-        memory, mask = self.encode(src)
-        out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
-        done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
-        for _ in range(max_new):
-            next_id = self.decode(out, memory, mask)[:, -1].argmax(-1)
-            next_id = next_id.masked_fill(done, self.pad_id)
-            out = torch.cat([out, next_id[:, None]], dim=1)
-            done |= next_id == eos_id
-            if done.all():
-                break
-        return out[:, 1:].masked_fill(out[:, 1:] == eos_id, self.pad_id)
-
-    @torch.no_grad()
-    def beam_search(self, src, bos_id, eos_id, beam=4, max_new=64, length_penalty=1.0):
-        """Beam search for one source sentence src (1, S), encoder run once. Returns the ids
-        (without <bos>/<eos>) of the hypothesis with the best log-probability / length^penalty."""
-        if length_penalty < 0:
-            raise ValueError(f"length_penalty must be >= 0 (got {length_penalty}): the early stop assumes that "
-                             "a longer hypothesis cannot score better")
-        memory, mask = self.encode(src)
-        seqs = torch.full((1, 1), bos_id, dtype=torch.long, device=src.device)
-        scores = torch.zeros(1, device=src.device)
-        finished = []  # (normalised score, ids)
-        for step in range(1, max_new + 1):
-            n = seqs.shape[0]
-            logp = self.decode(seqs, memory.expand(n, -1, -1), mask.expand(n, -1, -1, -1))[:, -1].log_softmax(-1)
-            total = (scores[:, None] + logp).flatten()
-            top, idx = total.topk(min(2 * beam, total.numel()))
-            rows, ids = idx // logp.shape[1], idx % logp.shape[1]
-            keep = []
-            for score, row, tok in zip(top.tolist(), rows.tolist(), ids.tolist()):
-                if tok == eos_id:
-                    finished.append((score / step**length_penalty, seqs[row, 1:].tolist()))
-                elif len(keep) < beam:
-                    keep.append((score, row, tok))
-            # An open hypothesis's sum only falls, so max_new**penalty bounds its final score.
-            bound = max((s for s, _, _ in keep), default=float("-inf")) / max_new**length_penalty
-            if not keep or (len(finished) >= beam and max(f[0] for f in finished) >= bound):
-                break
-            seqs = torch.cat([seqs[[r for _, r, _ in keep]], torch.tensor([[t] for _, _, t in keep], device=src.device)], 1)
-            scores = torch.tensor([s for s, _, _ in keep], device=src.device)
-        if not finished:  # nothing ended within max_new tokens: take the best open hypothesis
-            finished = [(scores[0].item() / max_new**length_penalty, seqs[0, 1:].tolist())]
-        return max(finished, key=lambda f: f[0])[1]
-
 
 def sinusoidal_positions(length, dim):
     """The fixed positional encoding of Vaswani et al.: sin on even, cos on odd features."""
@@ -449,233 +394,3 @@ class GPT(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             idx = torch.cat([idx, torch.multinomial(F.softmax(logits, dim=-1), 1)], dim=1)
         return idx
-
-    # Pretrained GPT-2 weights in and out (the Hugging Face layout; gpt2_files.py)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, cache_dir=None, **kwargs):
-        """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) from a local folder or weights file
-        (model.safetensors or pytorch_model.bin with config.json), or from the hub when online.
-        kwargs (dropout, bdia) go to GPT(...). Missing or unexpected weights are an error listing them."""
-        import gpt2_files
-
-        hf, model_args = gpt2_files.load_gpt2(name_or_path, cache_dir or gpt2_files.DEFAULT_CACHE)
-        model = cls(**model_args, **kwargs)
-        state = gpt2_files.from_hf_state_dict(hf)
-        expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
-        if missing or unexpected or wrong:
-            raise gpt2_files.GPT2FileError(
-                f"{name_or_path} does not fit GPT{model_args}: missing {missing or 'none'}; unexpected "
-                f"{unexpected or 'none'}; wrong shape {[(k, tuple(state[k].shape)) for k in wrong] or 'none'}")
-        state["lm_head.weight"] = state["transformer.wte.weight"]  # tied
-        model.load_state_dict(state)
-        return model
-
-    def merged_state_dict(self):
-        """The state dict of the plain GPT: LoRA updates folded into the weights, adapters left out."""
-        state = {k: v for k, v in self.state_dict().items() if ".lora_" not in k}
-        for name, module in self.named_modules():
-            if isinstance(module, LoRALinear):
-                state[f"{name}.weight"] = module.merged_weight()
-        return state
-
-    def save_pretrained(self, directory):
-        """Export as a standard Hugging Face GPT-2 checkpoint: model.safetensors + config.json."""
-        import gpt2_files
-
-        if not self.model_args["bias"]:
-            raise ValueError("a GPT-2 checkpoint has biases in every linear layer: this GPT was built with bias=False")
-        return gpt2_files.save_gpt2(self.merged_state_dict(), self.model_args, directory)
-
-    # Decoding with a KV cache
-
-    def new_cache(self):
-        """An empty KV cache: one dict per block, filled by forward_cached."""
-        return [{} for _ in self.transformer.h]
-
-    def forward_cached(self, idx, cache):
-        """Logits (batch, T, vocab) of the new tokens idx (batch, T) that follow the tokens
-        whose keys and values `cache` holds (it is extended). Eval mode: the blocks run through
-        run_blocks as in forward, so BDIA models decode with eq. (25)."""
-        assert not self.training, "forward_cached is for decoding: call model.eval() first"
-        past = cache[0]["k"].shape[2] if "k" in cache[0] else 0
-        if past + idx.shape[1] > self.block_size:
-            raise ValueError(f"{past + idx.shape[1]} tokens exceed block_size {self.block_size}")
-        pos = torch.arange(past, past + idx.shape[1], device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos)).float()
-        blocks = nn.ModuleList(CachedBlock(b, c) for b, c in zip(self.transformer.h, cache)).train(False)
-        return self.lm_head(self.transformer.ln_f(run_blocks(blocks, x, self.bdia)))
-
-    @torch.no_grad()
-    def beam_search(self, contexts, eos_id, beam=10, max_new=64, length_penalty=0.8, no_repeat_ngram=4, use_cache=True):
-        """Batched beam search from contexts (batch, L) of one length L, as the LoRA repository's
-        E2E decoder: per example the `beam` best of beam x vocab continuations; one that ends in
-        eos becomes a candidate with score log p / length^length_penalty (length counts the eos),
-        and so does every hypothesis still open after max_new tokens; tokens that would repeat
-        an n-gram of the generated text are banned. An example stops when no open hypothesis
-        can beat its best candidate. Returns (lists of ids without eos, their scores)."""
-        if length_penalty < 0:
-            raise ValueError(f"length_penalty must be >= 0 (got {length_penalty}): the early stop assumes that "
-                             "a longer hypothesis cannot score better")
-        batch, length = contexts.shape
-        if length + max_new > self.block_size:
-            raise ValueError(f"context {length} + max_new {max_new} tokens exceed block_size {self.block_size}")
-        device, rows = contexts.device, torch.arange(batch, device=contexts.device)[:, None] * beam
-        scores = torch.full((batch, beam), float("-inf"), device=device)
-        scores[:, 0] = 0.0  # one live hypothesis per example at first
-        out = torch.zeros((batch * beam, 0), dtype=torch.long, device=device)
-        best = [(float("-inf"), []) for _ in range(batch)]
-        cache = self.new_cache() if use_cache else None
-        logits = (self.forward_cached(contexts, cache) if use_cache else self(contexts)[0])[:, -1]
-        logits = logits.repeat_interleave(beam, 0)
-        if use_cache:
-            reorder_cache(cache, torch.arange(batch, device=device).repeat_interleave(beam))
-        for step in range(1, max_new + 1):
-            logp = logits.float().log_softmax(-1)
-            for row, seq in enumerate(out.tolist()):
-                logp[row, banned_tokens(seq, no_repeat_ngram)] = float("-inf")
-            vocab = logp.shape[-1]
-            top, idx = (scores.view(-1, 1) + logp).view(batch, beam * vocab).topk(beam, dim=1)
-            source, tokens = (idx // vocab + rows).flatten(), idx % vocab
-            out = torch.cat([out[source], tokens.view(-1, 1)], dim=1)
-            scores = top.clone()
-            for b, k in (tokens == eos_id).nonzero().tolist():
-                if top[b, k] / step**length_penalty > best[b][0]:
-                    best[b] = ((top[b, k] / step**length_penalty).item(), out[b * beam + k, :-1].tolist())
-            scores[tokens == eos_id] = float("-inf")
-            # An open hypothesis's log p only falls, so it can end at best at max / max_new^penalty.
-            bound = scores.max(dim=1).values / max_new**length_penalty
-            scores[torch.tensor([b[0] for b in best], device=device) >= bound] = float("-inf")
-            if torch.isinf(scores).all() or step == max_new:
-                break
-            if use_cache:
-                reorder_cache(cache, source)
-                logits = self.forward_cached(tokens.view(-1, 1), cache)[:, -1]
-            else:
-                logits = self(torch.cat([contexts.repeat_interleave(beam, 0), out], dim=1))[0][:, -1]
-        for (b, k), score in zip(torch.isfinite(scores).nonzero().tolist(), scores[torch.isfinite(scores)].tolist()):
-            if score / max_new**length_penalty > best[b][0]:  # open after max_new tokens: a candidate too
-                best[b] = (score / max_new**length_penalty, out[b * beam + k].tolist())
-        return [ids for _, ids in best], [score for score, _ in best]
-
-
-class CachedBlock(nn.Module):
-    """A GPT block for incremental decoding: its attention also sees the keys and values of
-    the earlier tokens, kept in `cache` (this block's dict)."""
-
-    def __init__(self, block, cache):
-        super().__init__()
-        self.block, self.cache = block, cache
-
-    def residual(self, x):
-        b = self.block
-        f = b.attn.forward_cached(b.ln_1(x), self.cache)
-        return f + b.mlp(b.ln_2(x + f))  # (4)
-
-    def forward(self, x):
-        return x + self.residual(x)
-
-
-def reorder_cache(cache, rows):
-    """Keep the cached keys and values of these rows (beam search's surviving hypotheses)."""
-    for c in cache:
-        c["k"], c["v"] = c["k"][rows], c["v"][rows]
-
-
-def banned_tokens(seq, n):
-    """The tokens that would complete an n-gram already in seq (no-repeat-ngram)."""
-    if n <= 0 or len(seq) < n:
-        return []
-    prefix = seq[len(seq) - n + 1:]
-    return [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == prefix]
-
-
-# -----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021)
-
-
-class LoRALinear(nn.Linear):
-    """A frozen linear layer plus low-rank adapters: y = x W^T + b + (alpha / r) sum_j B_j A_j x
-    on the output parts j that have one (c_attn's query and value, as the LoRA repository
-    does for GPT-2: parts=(True, False, True)). A_j (r, in) starts Kaiming-uniform, B_j zero,
-    so training starts from the base model. merge() folds the update into W, unmerge() takes
-    it out; the state_dict keeps W's name and adds lora_A, lora_B."""
-
-    def __init__(self, in_features, out_features, bias=True, rank=4, alpha=32, dropout=0.0, parts=(True,)):
-        super().__init__(in_features, out_features, bias)
-        assert out_features % len(parts) == 0 and any(parts)
-        self.rank, self.scaling, self.parts, self.merged = rank, alpha / rank, tuple(parts), False
-        n, chunk = sum(parts), out_features // len(parts)
-        self.lora_A = nn.Parameter(torch.empty(n * rank, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(n, chunk, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-        self.lora_dropout = nn.Dropout(dropout)
-
-    @classmethod
-    def from_linear(cls, linear, rank, alpha, dropout=0.0, parts=(True,)):
-        """Wrap an existing nn.Linear: its weight and bias (the same Parameters) become frozen."""
-        lora = cls(linear.in_features, linear.out_features, linear.bias is not None, rank, alpha, dropout, parts)
-        lora.weight, lora.bias = linear.weight, linear.bias
-        for p in (lora.weight, lora.bias):
-            if p is not None:
-                p.requires_grad_(False)
-        return lora.to(linear.weight.device)
-
-    def delta_weight(self):
-        """(alpha / r) B A as an (out, in) matrix, zero on the parts without an adapter."""
-        n, chunk, r = self.lora_B.shape
-        parts = torch.einsum("pcr,pri->pci", self.lora_B, self.lora_A.view(n, r, -1)) * self.scaling
-        full, it = [], iter(parts)
-        for on in self.parts:
-            full.append(next(it) if on else parts.new_zeros(chunk, self.in_features))
-        return torch.cat(full, dim=0)
-
-    def merged_weight(self):
-        return self.weight.detach().clone() if self.merged else (self.weight + self.delta_weight()).detach()
-
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return y
-        n, chunk, r = self.lora_B.shape
-        z = (self.lora_dropout(x) @ self.lora_A.t()).unflatten(-1, (n, r))
-        update = torch.einsum("...pr,pcr->...pc", z, self.lora_B) * self.scaling  # (..., n, chunk)
-        full, it = [], iter(update.unbind(-2))
-        for on in self.parts:
-            full.append(next(it) if on else y.new_zeros(y.shape[:-1] + (chunk,)))
-        return y + torch.cat(full, dim=-1)
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight -= self.delta_weight()
-            self.merged = False
-
-
-def add_lora(model, rank=4, alpha=32, dropout=0.0, mlp=False):
-    """Freeze every parameter of `model` and put LoRA adapters on each block's attention
-    (c_attn: query and value) and, with mlp=True, on mlp.c_fc and mlp.c_proj. Returns the
-    adapter parameters (the only ones that train)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for block in model.transformer.h:
-        block.attn.c_attn = LoRALinear.from_linear(block.attn.c_attn, rank, alpha, dropout, parts=(True, False, True))
-        if mlp:
-            block.mlp.c_fc = LoRALinear.from_linear(block.mlp.c_fc, rank, alpha, dropout)
-            block.mlp.c_proj = LoRALinear.from_linear(block.mlp.c_proj, rank, alpha, dropout)
-    return [p for n, p in model.named_parameters() if ".lora_" in n]
-
-
-def set_lora_merged(model, merged):
-    """merge() or unmerge() every LoRA layer of model."""
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.merge() if merged else module.unmerge()

@@ -135,8 +135,8 @@ def table2(preset):
 
 def table3(preset):
     dataset = VIT_DATASETS[preset][0]
-    gammas = {"0.0": "0", "+-0.25": "-0.25,0.25", "+-0.5": "-0.5,0.5", "+-0.6": "-0.6,0.6"}
-    configs = {g: ["--bdia", "--gammas", v, "--bits", "none", "--no-reversible"] for g, v in gammas.items()}
+    gammas = {"0.0": ["0"], "+-0.25": ["-0.25", "0.25"], "+-0.5": ["-0.5", "0.5"], "+-0.6": ["-0.6", "0.6"]}
+    configs = {g: ["--bdia", "--gammas", *v, "--bits", "none", "--no-reversible"] for g, v in gammas.items()}
     cells = [(dataset, g, f"{dataset}/{g}", "final_acc", PAPER["table3"][g]) for g in gammas]
     return Table("table3", "Table 3: gamma_k of BDIA-ViT without quantization or online back-propagation, "
                  "validation accuracy (%)", vit_runs(preset, dataset, **configs), cells)
@@ -165,13 +165,13 @@ def table5(preset):
     return Table("table5", "Table 5: dropout rate, validation accuracy (%)", runs, cells)
 
 
-FIG1_GAMMAS = "-0.5,-0.25,0,0.25,0.5"
+FIG1_GAMMAS = ["-0.5", "-0.25", "0", "0.25", "0.5"]
 
 
 def fig1(preset):
     dataset = VIT_DATASETS[preset][0]
-    configs = {m: [*MODELS[m], "--eval-gammas", FIG1_GAMMAS] for m in ("ViT", "BDIA-ViT")}
-    cells = [(f"gamma = {g}", m, f"{dataset}/{m}", f"sweep:{g}", None) for g in FIG1_GAMMAS.split(",") for m in configs]
+    configs = {m: [*MODELS[m], "--eval-gammas", *FIG1_GAMMAS] for m in ("ViT", "BDIA-ViT")}
+    cells = [(f"gamma = {g}", m, f"{dataset}/{m}", f"sweep:{g}", None) for g in FIG1_GAMMAS for m in configs]
     return Table("fig1", f"Fig. 1: validation accuracy (%) with one constant gamma in every block at inference, "
                  f"{dataset}", vit_runs(preset, dataset, **configs), cells,
                  "the paper gives Fig. 1 as a plot only; `python plot.py gamma-sweep` draws it from gamma_sweep.json")

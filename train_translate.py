@@ -2,25 +2,22 @@
 English -> French translation with an encoder-decoder transformer, plain or with BDIA in
 both the encoder and the decoder (paper 5.3, Fig. 5: validation loss per epoch).
 
-    python train_translate.py --data eng-fra.txt                  # plain transformer
-    python train_translate.py --data eng-fra.txt --bdia           # BDIA: gammas +-0.5, l = 9, reversible
-    python train_translate.py --data eng_-french.csv --bdia       # the Kaggle CSV the paper used
+    python train_translate.py --data eng_-french.csv              # the Kaggle CSV the paper used
+    python train_translate.py --data eng_-french.csv --bdia       # BDIA: gammas +-0.5, l = 9, reversible
     python train_translate.py --dataset eng-fra --bdia            # download the PyTorch tutorial's pairs
     python train_translate.py --dataset gettext-fr --bdia         # offline: this machine's French .mo files
     python train_translate.py --translate "Open the file"         # translate with OUT_DIR/ckpt.pt
 
-Writes OUT_DIR/log.jsonl (one line per epoch: train_loss, val_loss, val_bleu, ...) and
-OUT_DIR/ckpt.pt (atomic, after every epoch; --resume continues exactly).
+Defaults are those of the tutorial the paper used (debuggercafe, "Language Translation using
+PyTorch Transformer": width 192, 6 heads, MLP 192, dropout 0.1, Adam 1e-4, batch 192, an
+output Linear with bias), with the paper's 6 + 6 blocks. Writes OUT_DIR/log.jsonl (one line
+per epoch: train_loss, val_loss, val_bleu, ...) and OUT_DIR/ckpt.pt (atomic, after every
+epoch; --resume continues exactly).
 """
 
 import argparse
-import csv
-import gettext
-import random
 import re
-import sys
 import time
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import training
 from bdia import BDIAConfig
 from metrics import corpus_bleu
@@ -38,126 +36,64 @@ SPECIALS = (UNK, PAD, BOS, EOS)  # ids 0, 1, 2, 3
 UNK_ID, PAD_ID, BOS_ID, EOS_ID = range(4)
 
 # -----------------------------------------------------------------------------
-# Sentence pairs: tab-separated files, the Kaggle CSV, gettext catalogues
+# Flags
 
 
-class DataError(ValueError):
-    """Unusable input data; the message says what is wrong and where."""
-
-
-def read_tsv_pairs(path):
-    """`English<TAB>French[<TAB>anything]` per line (eng-fra.txt, Tatoeba/manythings files)."""
-    pairs = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = line.rstrip("\r\n").split("\t")
-            if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
-                raise DataError(f"{path}, line {n}: expected 'English<TAB>French', got {line.strip()[:60]!r}")
-            pairs.append((fields[0].strip(), fields[1].strip()))
-    return pairs
-
-
-def read_csv_pairs(path):
-    """Two columns English, French; a header row (the Kaggle file's 'English words/sentences',
-    'French words/sentences') is skipped."""
-    pairs = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not any(cell.strip() for cell in row):
-                continue
-            if n == 1 and row and "english" in row[0].lower():
-                continue  # header
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise DataError(f"{path}, row {n}: expected two columns English,French, got {row[:3]!r}")
-            pairs.append((row[0].strip(), row[1].strip()))
-    return pairs
-
-
-PLACEHOLDER = re.compile(r"%|\{|\}|\$|<[^>]*>|\\|_[^\W_]|&[^\W_]")  # printf, {0}, ${x}, markup, mnemonics
-
-
-def usable_message(english, french, min_words=2, max_words=25):
-    """Keep a gettext message as a sentence pair only if it is one line, has no
-    placeholders, markup or keyboard mnemonics, is translated, and has min..max words."""
-    if "\n" in english or "\n" in french or "\t" in english + french:
-        return False
-    if PLACEHOLDER.search(english) or PLACEHOLDER.search(french):
-        return False
-    return english.strip() != french.strip() and min_words <= len(english.split()) <= max_words
-
-
-def read_gettext_pairs(locale_dir, min_words=2, max_words=25):
-    """English-French pairs from the compiled gettext catalogues (*.mo) in locale_dir,
-    read with Python's gettext; plural forms and the header are skipped, a message
-    context ('ctx\\x04msgid') is dropped, and each English string is kept once."""
-    files = sorted(Path(locale_dir).glob("*.mo"))
-    if not files:
-        raise DataError(f"no *.mo files in {locale_dir}; on Debian/Ubuntu French catalogues come with the "
-                        "packages themselves (or `apt-get install language-pack-fr`); or pass --data PAIRS.txt")
-    pairs = {}
-    for path in files:
-        with open(path, "rb") as f:
-            try:
-                catalog = gettext.GNUTranslations(f)._catalog  # msgid -> msgstr, decoded
-            except (OSError, UnicodeError) as e:  # gettext raises OSError for a bad .mo
-                raise DataError(f"{path} is not a readable .mo file ({e})") from e
-        for msgid, msgstr in catalog.items():
-            if not isinstance(msgid, str) or not msgid:  # plural forms are (msgid, n); "" is the header
-                continue
-            english = msgid.split("\x04")[-1]
-            if usable_message(english, msgstr, min_words, max_words):
-                pairs.setdefault(english.strip(), msgstr.strip())
-    return sorted(pairs.items())
-
-
-ENG_FRA_URL = "https://download.pytorch.org/tutorial/data.zip"
-
-
-def fetch_eng_fra(data_dir):
-    """eng-fra.txt of the PyTorch seq2seq tutorial (Tatoeba pairs), downloaded once.
-    No checksum is published for data.zip, so integrity rests on the zip's CRC-32 per member."""
-    dest = Path(data_dir) / "eng-fra.txt"
-    if dest.is_file():
-        return dest
-    archive = training.download(
-        ENG_FRA_URL, Path(data_dir) / "data.zip",
-        manual=f"download {ENG_FRA_URL}, unzip it and pass --data data/eng-fra.txt",
-    )
-    try:
-        training.unzip_member(archive, "data/eng-fra.txt", dest)
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise DataError(f"{archive} has no readable data/eng-fra.txt ({e}); delete it and run again") from e
-    return dest
-
-
-def load_pairs(args):
-    if args.dataset == "gettext-fr":
-        pairs, where = read_gettext_pairs(args.locale_dir), args.locale_dir
-    else:
-        path = Path(args.data) if args.data else fetch_eng_fra(args.data_dir)
-        if not path.is_file():
-            raise DataError(f"--data {path}: no such file")
-        pairs = read_csv_pairs(path) if path.suffix.lower() == ".csv" else read_tsv_pairs(path)
-        where = path
-    if not pairs:
-        raise DataError(f"no sentence pairs in {where}")
-    return pairs
-
-
-def split_pairs(pairs, val_fraction=0.1, limit=0, seed=0):
-    """Shuffle with a fixed seed (independent of --seed), keep `limit` pairs (0: all) and
-    split off the validation part."""
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    order = order[:limit] if limit else order
-    n_val = max(1, round(len(order) * val_fraction)) if len(order) > 1 else 0
-    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="pair file: English<TAB>French per line (eng-fra.txt), or a .csv (Kaggle eng_-french.csv)")
+    g.add_argument("--dataset", choices=["eng-fra", "gettext-fr"], help="eng-fra: download the PyTorch tutorial's "
+                   "eng-fra.txt to --data-dir; gettext-fr: the French gettext catalogues in --locale-dir")
+    g.add_argument("--data-dir", default="data", help="where --dataset eng-fra is stored (default data)")
+    g.add_argument("--locale-dir", default="/usr/share/locale/fr/LC_MESSAGES")
+    g.add_argument("--max-pairs", type=int, default=0, help="use N pairs drawn with the split's fixed seed (0: all)")
+    g.add_argument("--val-fraction", type=float, default=0.1)
+    g.add_argument("--min-freq", type=int, default=1, help="rarer tokens become <unk>")
+    g.add_argument("--max-tokens", type=int, default=40, help="drop pairs with a longer side")
+    g.add_argument("--keep-case", action="store_true", help="do not lowercase")
+    g = p.add_argument_group("model (defaults: the tutorial the paper used, with 6 + 6 blocks)")
+    for name, default in (("--dim", 192), ("--heads", 6), ("--mlp-dim", 192), ("--enc-layers", 6), ("--dec-layers", 6)):
+        g.add_argument(name, type=int, default=default)
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--tie", action="store_true", help="tie the output projection to the target embedding "
+                   "(default: a separate Linear with bias, as the tutorial's generator)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=50, help="default 50, as the tutorial")
+    g.add_argument("--batch-size", type=int, default=192, help="default 192, as the tutorial")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--cosine", action="store_true", help="warmup then cosine decay instead of a constant lr")
+    g.add_argument("--warmup", type=int, default=0)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--bleu-every", type=int, default=1, help="BLEU every N epochs and at the end (0: never)")
+    g.add_argument("--bleu-samples", type=int, default=1000, help="validation pairs decoded for BLEU")
+    g = p.add_argument_group("translation")
+    g.add_argument("--translate", metavar="TEXT", help="translate TEXT with the checkpoint and exit")
+    g.add_argument("--checkpoint", help="default OUT_DIR/ckpt.pt")
+    g.add_argument("--beam", type=int, default=4, help="beam size (1: greedy)")
+    training.add_bdia_args(p)
+    training.add_run_args(p, "out-translate")
+    args = p.parse_args(argv)
+    training.check_args(p, args, at_least_1=("epochs", "batch_size", "max_tokens", "min_freq", "beam", "dim", "heads",
+                                             "mlp_dim", "enc_layers", "dec_layers"),
+                        at_least_0=("max_pairs", "warmup", "bleu_every", "bleu_samples"))
+    if args.translate is not None:
+        return args
+    if args.data and args.dataset:
+        p.error("give either --data PATH or --dataset NAME, not both")
+    if not args.data and not args.dataset:
+        p.error("no data: give --data eng-fra.txt (or a .csv), --dataset eng-fra (download) or "
+                "--dataset gettext-fr (offline)")
+    if not 0 < args.val_fraction < 1:
+        p.error("--val-fraction must be between 0 and 1")
+    if args.dim % args.heads:
+        p.error(f"--dim {args.dim} must be divisible by --heads {args.heads}")
+    return args
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer and vocabulary
+# Data: word-level tokens, a vocabulary per language, length-bucketed padded batches
+
 
 JOIN = "@@"  # marks a token written without a space before it: "don't." -> don @@' @@t @@.
 TOKEN = re.compile(r"\w+|[^\w\s]")  # runs of letters/digits, and every other symbol alone
@@ -251,13 +187,46 @@ def collate(examples, batch, device):
 
 
 # -----------------------------------------------------------------------------
-# Training and evaluation
+# Model
+
+
+def model_args(args, src_vocab, tgt_vocab):
+    return dict(src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), dim=args.dim, heads=args.heads,
+                mlp_dim=args.mlp_dim, enc_layers=args.enc_layers, dec_layers=args.dec_layers,
+                dropout=args.dropout, max_len=args.max_tokens + 2, pad_id=PAD_ID, tie=args.tie)
+
+
+# -----------------------------------------------------------------------------
+# Training loop
 
 
 def loss_of(model, src, tgt):
     """Teacher forcing: predict tgt[1:] from tgt[:-1]; padding is not scored."""
     logits = model(src, tgt[:, :-1])
     return F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=PAD_ID)
+
+
+def train_epoch(model, optimizer, examples, args, epoch, step, total_steps, device):
+    """One epoch over length-bucketed batches drawn with the (seed, epoch) generator.
+    Returns (mean training loss, the last learning rate, the step count after it)."""
+    model.train()
+    loss_sum, lr = 0.0, args.lr
+    batches = length_batches(examples, args.batch_size, training.generator(args.seed, epoch))
+    for batch in tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False):
+        lr = training.cosine_lr(step, total_steps, args.lr, args.warmup, args.min_lr) if args.cosine else args.lr
+        training.set_lr(optimizer, lr)
+        src, tgt = collate(examples, batch, device)
+        with training.autocast(device, args.amp):
+            loss = loss_of(model, src, tgt)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # BDIA: the encoder memory's gradient is summed over all decoder blocks
+        optimizer.step()
+        loss_sum, step = loss_sum + loss.item(), step + 1
+    return loss_sum / len(batches), lr, step
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and decoding (model.eval(): a BDIA model is the plain transformer here, eq. 25)
 
 
 @torch.no_grad()
@@ -282,34 +251,98 @@ def validation_bleu(model, examples, tgt_vocab, batch_size, device, amp, limit):
     for batch in length_batches(examples, batch_size):
         src, tgt = collate(examples, batch, device)
         with training.autocast(device, amp):
-            out = model.greedy(src, BOS_ID, EOS_ID, max_new=min(tgt.shape[1] + 10, model.pos.shape[0] - 1))
+            out = greedy(model, src, max_new=min(tgt.shape[1] + 10, model.pos.shape[0] - 1))
         hyps += [words(tgt_vocab.decode(row)) for row in out.tolist()]
         refs += [words(tgt_vocab.decode(row)) for row in tgt.tolist()]
     return corpus_bleu(hyps, refs)
 
 
-def model_args(args, src_vocab, tgt_vocab):
-    return dict(src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), dim=args.dim, heads=args.heads,
-                mlp_dim=args.mlp_dim, enc_layers=args.enc_layers, dec_layers=args.dec_layers,
-                dropout=args.dropout, max_len=args.max_tokens + 2, pad_id=PAD_ID, tie=args.tie)
+@torch.no_grad()
+def greedy(model, src, max_new=64):
+    """Greedy decoding, encoder run once: (batch, <= max_new) ids, eos and after set to pad."""
+    memory, mask = model.encode(src)
+    out = torch.full((src.shape[0], 1), BOS_ID, dtype=torch.long, device=src.device)
+    done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+    for _ in range(max_new):
+        next_id = model.decode(out, memory, mask)[:, -1].argmax(-1)
+        next_id = next_id.masked_fill(done, PAD_ID)
+        out = torch.cat([out, next_id[:, None]], dim=1)
+        done |= next_id == EOS_ID
+        if done.all():
+            break
+    return out[:, 1:].masked_fill(out[:, 1:] == EOS_ID, PAD_ID)
 
 
-def bdia_dict(config):
-    """A BDIAConfig as plain values (checkpoints load with weights_only=True)."""
-    if config is None:
-        return None
-    return dict(gammas=list(config.gammas), bits=config.bits, reversible=config.reversible, eval_gamma=config.eval_gamma)
+@torch.no_grad()
+def beam_search(model, src, beam=4, max_new=64, length_penalty=1.0):
+    """Beam search for one source sentence src (1, S), encoder run once. Returns the ids
+    (without <bos>/<eos>) of the hypothesis with the best log-probability / length^penalty."""
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be >= 0 (got {length_penalty}): the early stop assumes that "
+                         "a longer hypothesis cannot score better")
+    memory, mask = model.encode(src)
+    seqs = torch.full((1, 1), BOS_ID, dtype=torch.long, device=src.device)
+    scores = torch.zeros(1, device=src.device)
+    finished = []  # (normalised score, ids)
+    for step in range(1, max_new + 1):
+        n = seqs.shape[0]
+        logp = model.decode(seqs, memory.expand(n, -1, -1), mask.expand(n, -1, -1, -1))[:, -1].log_softmax(-1)
+        total = (scores[:, None] + logp).flatten()
+        top, idx = total.topk(min(2 * beam, total.numel()))
+        rows, ids = idx // logp.shape[1], idx % logp.shape[1]
+        keep = []
+        for score, row, tok in zip(top.tolist(), rows.tolist(), ids.tolist()):
+            if tok == EOS_ID:
+                finished.append((score / step**length_penalty, seqs[row, 1:].tolist()))
+            elif len(keep) < beam:
+                keep.append((score, row, tok))
+        # An open hypothesis's sum only falls, so max_new**penalty bounds its final score.
+        bound = max((s for s, _, _ in keep), default=float("-inf")) / max_new**length_penalty
+        if not keep or (len(finished) >= beam and max(f[0] for f in finished) >= bound):
+            break
+        seqs = torch.cat([seqs[[r for _, r, _ in keep]], torch.tensor([[t] for _, _, t in keep], device=src.device)], 1)
+        scores = torch.tensor([s for s, _, _ in keep], device=src.device)
+    if not finished:  # nothing ended within max_new tokens: take the best open hypothesis
+        finished = [(scores[0].item() / max_new**length_penalty, seqs[0, 1:].tolist())]
+    return max(finished, key=lambda f: f[0])[1]
 
 
-def train(args, parser):
+def translate(args):
+    """Print the beam-search (greedy for --beam 1) translation of --translate."""
     device = training.pick_device(args.device)
-    config = training.bdia_config(args, parser)
+    ckpt = training.load_checkpoint(Path(args.checkpoint or Path(args.out_dir) / "ckpt.pt"), device)
+    src_vocab, tgt_vocab = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
+    bdia = ckpt["args"]["bdia"]
+    model = Seq2Seq(**ckpt["model_args"], bdia=BDIAConfig(**bdia) if bdia else None).to(device).eval()
+    model.load_state_dict(ckpt["model"])
+    max_tokens = ckpt["model_args"]["max_len"] - 2
+    tokens = tokenize(args.translate, ckpt["lowercase"])[:max_tokens]
+    src = torch.tensor([src_vocab.encode(tokens) + [EOS_ID]], device=device)
+    if args.beam == 1:
+        ids = greedy(model, src, max_new=max_tokens + 1)[0].tolist()
+    else:
+        ids = beam_search(model, src, beam=args.beam, max_new=max_tokens + 1)
+    print(detokenize(tgt_vocab.decode(ids)))
+
+
+# -----------------------------------------------------------------------------
+# main: build, resume, the epochs (each logged and checkpointed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with training.one_line_errors():
+        return translate(args) if args.translate is not None else run(args)
+
+
+def run(args):
+    device = training.pick_device(args.device)
     out = Path(args.out_dir)
-    ckpt_path = out / "ckpt.pt"
     training.seed_everything(args.seed)
-    train_pairs, val_pairs = split_pairs(load_pairs(args), args.val_fraction, args.max_pairs)
-    ckpt = training.load_checkpoint(ckpt_path, device) if args.resume else None
-    if ckpt is not None:
+    pairs = data.load_pairs(args.data, args.dataset, args.data_dir, args.locale_dir)
+    train_pairs, val_pairs = data.split_pairs(pairs, args.val_fraction, args.max_pairs)
+    ckpt = training.load_checkpoint(out / "ckpt.pt", device) if args.resume else None
+    if ckpt is not None:  # the vocabularies and model shape of the run it continues
         src_vocab, tgt_vocab, lowercase = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"]), ckpt["lowercase"]
         margs = ckpt["model_args"]
     else:
@@ -321,42 +354,28 @@ def train(args, parser):
     train_ex = encode_pairs(train_pairs, src_vocab, tgt_vocab, lowercase, max_tokens)
     val_ex = encode_pairs(val_pairs, src_vocab, tgt_vocab, lowercase, max_tokens)
     if not train_ex or not val_ex:
-        raise DataError(f"{len(train_ex)} training and {len(val_ex)} validation pairs of at most "
-                        f"{max_tokens} tokens: need at least one of each (more data or a larger --max-tokens)")
+        raise data.DataError(f"{len(train_ex)} training and {len(val_ex)} validation pairs of at most "
+                             f"{max_tokens} tokens: need at least one of each (more data or a larger --max-tokens)")
 
-    model = Seq2Seq(**margs, bdia=config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-9)
+    model = Seq2Seq(**margs, bdia=args.bdia_config).to(device)  # BDIA in both the encoder and the decoder
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-9)  # the tutorial's
     start_epoch, step = 1, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         training.set_rng_state(ckpt["rng"])
-    run_model = torch.compile(model) if args.compile else model
-    log = training.JsonlLog(out / "log.jsonl", resume=args.resume)
-    log.keep_only(lambda line: line["epoch"] < start_epoch)
-    steps_per_epoch = len(length_batches(train_ex, args.batch_size))
-    total_steps = args.epochs * steps_per_epoch
-    mode = "plain" if config is None else f"bdia{'' if config.reversible else '-stored'}"
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+    train_model = torch.compile(model) if args.compile else model
+    log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
+    total_steps = args.epochs * len(length_batches(train_ex, args.batch_size))
+    mode = "plain" if args.bdia_config is None else f"bdia{'' if args.bdia_config.reversible else '-stored'}"
     print(f"{len(train_ex)} training / {len(val_ex)} validation pairs, vocab {len(src_vocab)} en / "
           f"{len(tgt_vocab)} fr, {training.count_params(model) / 1e6:.2f}M parameters, {mode}, {device}")
 
     for epoch in range(start_epoch, args.epochs + 1):
-        model.train()
-        t0, loss_sum = time.time(), 0.0
-        batches = length_batches(train_ex, args.batch_size, torch.Generator().manual_seed(args.seed + epoch))
-        for batch in tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False):
-            lr = training.cosine_lr(step, total_steps, args.lr, args.warmup, args.min_lr) if args.cosine else args.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            src, tgt = collate(train_ex, batch, device)
-            with training.autocast(device, args.amp):
-                loss = loss_of(run_model, src, tgt)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum, step = loss_sum + loss.item(), step + 1
-        fields = dict(epoch=epoch, step=step, train_loss=loss_sum / len(batches),
+        t0 = time.time()
+        train_loss, lr, step = train_epoch(train_model, optimizer, train_ex, args, epoch, step, total_steps, device)
+        fields = dict(epoch=epoch, step=step, train_loss=train_loss,
                       val_loss=validation_loss(model, val_ex, args.batch_size, device, args.amp))
         if args.bleu_every and (epoch % args.bleu_every == 0 or epoch == args.epochs):
             fields["val_bleu"] = validation_bleu(model, val_ex, tgt_vocab, args.batch_size, device, args.amp,
@@ -365,103 +384,12 @@ def train(args, parser):
                       peak_memory_mb=round(training.peak_memory_mb(device), 1))
         log.write(**fields)
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
-        training.save_checkpoint(ckpt_path, dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, step=step,
-            rng=training.rng_state(), model_args=margs, bdia=bdia_dict(config), lowercase=lowercase,
-            src_vocab=src_vocab.itos, tgt_vocab=tgt_vocab.itos,
-        ))
+        training.save_checkpoint(out / "ckpt.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                 rng=training.rng_state(), epoch=epoch, step=step, model_args=margs,
+                                 lowercase=lowercase, src_vocab=src_vocab.itos, tgt_vocab=tgt_vocab.itos,
+                                 args=training.plain_args(args))
     return model
 
 
-def translate(args):
-    """Print the beam-search (greedy for --beam 1) translation of --translate."""
-    device = training.pick_device(args.device)
-    ckpt = training.load_checkpoint(Path(args.checkpoint or Path(args.out_dir) / "ckpt.pt"), device)
-    src_vocab, tgt_vocab = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
-    config = BDIAConfig(**ckpt["bdia"]) if ckpt["bdia"] else None  # eq. (25) at inference
-    model = Seq2Seq(**ckpt["model_args"], bdia=config).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    max_tokens = ckpt["model_args"]["max_len"] - 2
-    tokens = tokenize(args.translate, ckpt["lowercase"])[:max_tokens]
-    src = torch.tensor([src_vocab.encode(tokens) + [EOS_ID]], device=device)
-    if args.beam == 1:
-        ids = model.greedy(src, BOS_ID, EOS_ID, max_new=max_tokens + 1)[0].tolist()
-    else:
-        ids = model.beam_search(src, BOS_ID, EOS_ID, beam=args.beam, max_new=max_tokens + 1)
-    print(detokenize(tgt_vocab.decode(ids)))
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="pair file: English<TAB>French per line (eng-fra.txt), or a .csv (Kaggle eng_-french.csv)")
-    g.add_argument("--dataset", choices=["eng-fra", "gettext-fr"], help="eng-fra: download the PyTorch tutorial's "
-                   "eng-fra.txt to --data-dir; gettext-fr: the French gettext catalogues in --locale-dir")
-    g.add_argument("--data-dir", default="data", help="where --dataset eng-fra is stored (default data)")
-    g.add_argument("--locale-dir", default="/usr/share/locale/fr/LC_MESSAGES")
-    g.add_argument("--max-pairs", type=int, default=0, help="use N pairs drawn with the split's fixed seed (0: all)")
-    g.add_argument("--val-fraction", type=float, default=0.1)
-    g.add_argument("--min-freq", type=int, default=1, help="rarer tokens become <unk>")
-    g.add_argument("--max-tokens", type=int, default=40, help="drop pairs with a longer side")
-    g.add_argument("--keep-case", action="store_true", help="do not lowercase")
-    g = p.add_argument_group("model (defaults: the tutorial the paper used)")
-    g.add_argument("--dim", type=int, default=192)
-    g.add_argument("--heads", type=int, default=6)
-    g.add_argument("--mlp-dim", type=int, default=192)
-    g.add_argument("--enc-layers", type=int, default=6)
-    g.add_argument("--dec-layers", type=int, default=6)
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--tie", action="store_true", help="tie the output projection to the target embedding "
-                   "(default: a separate Linear with bias, as the tutorial's generator)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=50, help="default 50, as the tutorial")
-    g.add_argument("--batch-size", type=int, default=192, help="default 192, as the tutorial")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--cosine", action="store_true", help="warmup then cosine decay instead of a constant lr")
-    g.add_argument("--warmup", type=int, default=0)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--bleu-every", type=int, default=1, help="BLEU every N epochs and at the end (0: never)")
-    g.add_argument("--bleu-samples", type=int, default=1000, help="validation pairs decoded for BLEU")
-    g = p.add_argument_group("translation")
-    g.add_argument("--translate", metavar="TEXT", help="translate TEXT with the checkpoint and exit")
-    g.add_argument("--checkpoint", help="default OUT_DIR/ckpt.pt")
-    g.add_argument("--beam", type=int, default=4, help="beam size (1: greedy)")
-    training.add_bdia_args(p)
-    training.add_run_args(p, "out-translate")
-    return p
-
-
-def check_args(args, parser):
-    if args.translate is not None:
-        if args.beam < 1:
-            parser.error("--beam must be at least 1")
-        return
-    if args.data and args.dataset:
-        parser.error("give either --data PATH or --dataset NAME, not both")
-    if not args.data and not args.dataset:
-        parser.error("no data: give --data eng-fra.txt (or a .csv), --dataset eng-fra (download) or "
-                     "--dataset gettext-fr (offline)")
-    if not 0 < args.val_fraction < 1:
-        parser.error("--val-fraction must be between 0 and 1")
-    for name in ("epochs", "batch_size", "max_tokens", "min_freq"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.dim % args.heads:
-        parser.error(f"--dim {args.dim} must be divisible by --heads {args.heads}")
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = training.parse_args(parser, argv)
-    check_args(args, parser)
-    try:
-        if args.translate is not None:
-            return translate(args)
-        return train(args, parser)
-    except (DataError, FileNotFoundError, training.DownloadError, training.CheckpointError) as e:
-        parser.error(str(e))
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,22 +1,17 @@
 """
-Pieces every training script shares: the BDIA and run flags, device and autocast,
-atomic checkpoints with exact resume, JSON-lines logs, verified downloads, the learning
-rate schedule and torchrun (DDP) setup. Each script stays readable top to bottom; what
-they have in common lives here once.
+What the four training scripts share, so that each of them reads top to bottom: the BDIA
+and run flags and their checks, the device, checkpoints that survive a kill and resume
+exactly, JSON-lines logs, the learning-rate schedules, the random draws of each epoch,
+one-line errors, and torchrun (DDP).
 """
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
-import urllib.request
-import zipfile
 from collections import namedtuple
 from pathlib import Path
 
@@ -25,16 +20,19 @@ import torch
 import torch.distributed
 
 from bdia import BDIAConfig
+from data import DataError, atomic_write
 
 # -----------------------------------------------------------------------------
-# Command-line flags
+# Flags
 
 
-def parse_gammas(text):
+def number_list(values):
+    """--gammas -0.5 0.5 (nargs="+"); items may also hold commas: --gammas=-0.5,0.5."""
     try:
-        return tuple(float(g) for g in text.split(","))
+        return tuple(float(v) for item in values for v in item.split(",") if v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as -0.5,0.5, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected numbers, space- or comma-separated, such as -0.5 0.5; "
+                                         f"got {' '.join(values)!r}")
 
 
 def parse_bits(text):
@@ -46,42 +44,14 @@ def parse_bits(text):
         raise argparse.ArgumentTypeError(f"expected an integer l (quantization 2^-l) or 'none', got {text!r}")
 
 
-NUMBER_LIST_FLAGS = ("--gammas", "--eval-gammas")
-
-
-def parse_args(parser, argv=None):
-    """parser.parse_args, letting number lists start with a minus: `--gammas -0.5,0.5`
-    (argparse alone would take -0.5,0.5 for an option)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    joined = []
-    while argv:
-        arg = argv.pop(0)
-        if arg in NUMBER_LIST_FLAGS and argv and argv[0][:2] in [f"-{c}" for c in "0123456789."]:
-            arg = f"{arg}={argv.pop(0)}"
-        joined.append(arg)
-    return parser.parse_args(joined)
-
-
 def add_bdia_args(parser):
     g = parser.add_argument_group("BDIA")
     g.add_argument("--bdia", action="store_true", help="train with BDIA (default: the plain model)")
-    g.add_argument("--gammas", type=parse_gammas, default=(-0.5, 0.5), help="values gamma_k is drawn from (default -0.5,0.5)")
+    g.add_argument("--gammas", nargs="+", default=["-0.5", "0.5"], metavar="G",
+                   help="values gamma_k is drawn from (default -0.5 0.5)")
     g.add_argument("--bits", type=parse_bits, default=9, help="quantization level l (2^-l), or 'none' (default 9)")
     g.add_argument("--no-reversible", action="store_true", help="store activations instead of rebuilding them (eq. 24)")
     g.add_argument("--eval-gamma", type=float, default=0.0, help="constant gamma at inference (default 0: the standard model)")
-
-
-def bdia_config(args, parser=None):
-    """The BDIAConfig the flags ask for, or None without --bdia. A configuration that
-    cannot work is a parser error (exit code 2) when a parser is given."""
-    if not args.bdia:
-        return None
-    try:
-        return BDIAConfig(args.gammas, args.bits, not args.no_reversible, args.eval_gamma)
-    except ValueError as e:
-        if parser is None:
-            raise
-        parser.error(str(e))
 
 
 def add_run_args(parser, out_dir):
@@ -94,11 +64,33 @@ def add_run_args(parser, out_dir):
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
 
 
+def check_args(parser, args, at_least_1=(), at_least_0=()):
+    """Refuse what cannot run, as a parser error (one line, exit code 2): sizes below 1 or 0,
+    and a BDIA configuration that cannot work. Sets args.bdia_config (None without --bdia)."""
+    for names, minimum, rule in ((at_least_1, 1, "must be at least 1"), (at_least_0, 0, "must not be negative")):
+        for name in names:
+            if getattr(args, name) < minimum:
+                parser.error(f"--{name.replace('_', '-')} {rule}")
+    try:
+        args.gammas = number_list(args.gammas)
+        args.bdia_config = BDIAConfig(args.gammas, args.bits, not args.no_reversible, args.eval_gamma) if args.bdia else None
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        parser.error(str(e))
+
+
+def plain_args(args):
+    """vars(args), the BDIA config as a plain dict: checkpoints load with weights_only=True."""
+    config = args.bdia_config
+    return {k: v for k, v in vars(args).items() if k != "bdia_config"} | {
+        "bdia": None if config is None else dict(gammas=list(config.gammas), bits=config.bits,
+                                                 reversible=config.reversible, eval_gamma=config.eval_gamma)}
+
+
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        raise DataError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
 
 
@@ -122,32 +114,28 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints, RNG state and logs
-
-
-def atomic_write(path, write):
-    """write(tmp) to a temporary file beside `path`, then rename it to `path`: a killed run
-    never leaves a half-written file, and a failed write leaves no temporary file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    os.close(fd)
+@contextlib.contextmanager
+def one_line_errors():
+    """What a user can act on ends the run with one line on stderr and exit code 2, never a
+    traceback: missing or bad data, a missing or unreadable checkpoint."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        yield
+    except (DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
-def save_checkpoint(path, state):
-    """torch.save, atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+# -----------------------------------------------------------------------------
+# Checkpoints, random state, logs
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that exists but cannot be read."""
+    """A checkpoint that is missing or cannot be read; the message says what to do."""
+
+
+def save_checkpoint(path, **state):
+    """torch.save(state), atomically: a run killed while saving keeps its previous checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -189,93 +177,34 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-class JsonlLog:
-    """Appends one JSON object per line to `path` (OUT/log.jsonl)."""
+def generator(seed, step):
+    """The generator of one epoch's (or iteration's) data order and augmentation: seeded by
+    (seed, step) alone, so a resumed run draws exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
-    def __init__(self, path, resume=False):
+
+class JsonlLog:
+    """Appends one JSON object per line to `path` (OUT/log.jsonl). On --resume the lines
+    written after the checkpoint the run continues from are dropped (keep), so a run killed
+    between its log line and its checkpoint does not log that epoch twice."""
+
+    def __init__(self, path, resume=False, keep=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume and self.path.exists():
             self.path.unlink()
+        if resume and keep is not None:
+            lines = "".join(json.dumps(r) + "\n" for r in self.read() if keep(r))
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(lines))
 
     def write(self, **fields):
         with open(self.path, "a") as f:
             f.write(json.dumps(fields) + "\n")
-            f.flush()
 
     def read(self):
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-    def keep_only(self, keep):
-        """Keep the lines for which keep(line) is true. On --resume: those written before the
-        checkpoint the run continues from, so that a run killed between its log line and its
-        checkpoint does not log that epoch twice."""
-        lines = "".join(json.dumps(r) + "\n" for r in self.read() if keep(r))
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(lines))
-
-
-# -----------------------------------------------------------------------------
-# Downloads
-
-
-class DownloadError(RuntimeError):
-    pass
-
-
-def file_digest(path, algorithm):
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url, dest, md5=None, sha256=None, size=None, manual=""):
-    """Fetch `url` to `dest` with a progress bar, verify its checksum (and size, where only
-    that is published), and only then move it into place; an existing verified `dest` is
-    used as is."""
-    from tqdm import tqdm
-
-    dest = Path(dest)
-    expected = [(alg, digest) for alg, digest in (("md5", md5), ("sha256", sha256)) if digest]
-
-    def verified(path):
-        right_size = size is None or path.stat().st_size == size
-        return right_size and all(file_digest(path, alg) == digest for alg, digest in expected)
-
-    if dest.is_file() and verified(dest):
-        return dest
-    hint = f" To get it by hand: {manual}" if manual else ""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        if not verified(part):
-            raise DownloadError(f"{url} arrived corrupted (checksum mismatch).{hint}")
-        shutil.move(part, dest)
-    except DownloadError:
-        raise
-    except OSError as e:  # URLError is an OSError: offline, DNS, HTTP errors
-        raise DownloadError(f"cannot download {url} ({e}).{hint}") from e
-    finally:
-        part.unlink(missing_ok=True)
-    return dest
-
-
-def unzip_member(archive, member, dest):
-    """Copy one member of a zip archive to dest, atomically. The archives this project reads
-    publish no checksum, so integrity rests on the member's CRC-32, which zipfile checks
-    while reading (BadZipFile on a mismatch; KeyError for a missing member)."""
-    with zipfile.ZipFile(archive) as z:
-        data = z.read(member)
-    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # -----------------------------------------------------------------------------
@@ -297,6 +226,11 @@ def linear_lr(step, total_steps, lr, warmup=0):
     return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 Dist = namedtuple("Dist", "rank world_size local_rank enabled")
 
 
@@ -313,7 +247,3 @@ def distributed(device=None):
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, True)
-
-
-def is_main(dist):
-    return dist.rank == 0

@@ -14,10 +14,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import finetune_e2e  # noqa: E402
-import gpt2_files  # noqa: E402
+import data  # noqa: E402
+import gpt2  # noqa: E402
 import training  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
-from models import GPT, LoRALinear, add_lora, banned_tokens, set_lora_merged  # noqa: E402
+from gpt2 import LoRALinear, add_lora, banned_tokens, set_lora_merged  # noqa: E402
+from models import GPT  # noqa: E402
 
 torch.set_num_threads(1)
 SHAPE = dict(block_size=128, n_layer=2, n_head=2, n_embd=16)
@@ -25,7 +27,7 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 # -----------------------------------------------------------------------------
-# Fixtures written independently of gpt2_files: a safetensors writer/reader, the HF layout
+# Fixtures written independently of gpt2.py: a safetensors writer/reader, the HF layout
 
 
 def st_write(path, tensors):
@@ -86,7 +88,7 @@ MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("t", "h"), ("a", "t"), ("Ġ",
 
 def tiny_vocab():
     """The 256 byte symbols, the merged symbols and <|endoftext|>."""
-    symbols = list(gpt2_files.bytes_to_unicode().values()) + [a + b for a, b in MERGES] + ["<|endoftext|>"]
+    symbols = list(gpt2.bytes_to_unicode().values()) + [a + b for a, b in MERGES] + ["<|endoftext|>"]
     return {s: i for i, s in enumerate(dict.fromkeys(symbols))}
 
 
@@ -116,7 +118,7 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
 def test_from_pretrained_gives_the_logits_of_the_model_built_directly(checkpoint, weights):
     folder, model = checkpoint
-    loaded = GPT.from_pretrained(folder / weights).eval()
+    loaded = gpt2.from_pretrained(folder / weights).eval()
     idx = torch.randint(0, model.model_args["vocab_size"], (2, 20))
     assert torch.equal(loaded(idx)[0], model(idx)[0])
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
@@ -129,37 +131,37 @@ def test_from_pretrained_lists_missing_and_unexpected_keys(checkpoint, tmp_path)
     hf["h.0.attn.extra.weight"] = torch.zeros(2)
     st_write(tmp_path / "model.safetensors", hf)
     write_config(tmp_path, model.model_args["vocab_size"])
-    with pytest.raises(gpt2_files.GPT2FileError, match=r"missing \['transformer.h.1.mlp.c_fc.bias'\]; "
+    with pytest.raises(data.DataError, match=r"missing \['transformer.h.1.mlp.c_fc.bias'\]; "
                                                       r"unexpected \['transformer.h.0.attn.extra.weight'\]"):
-        GPT.from_pretrained(tmp_path)
-    with pytest.raises(gpt2_files.GPT2FileError, match="not one of gpt2"):
-        GPT.from_pretrained(tmp_path / "nowhere")
+        gpt2.from_pretrained(tmp_path)
+    with pytest.raises(data.DataError, match="not one of gpt2"):
+        gpt2.from_pretrained(tmp_path / "nowhere")
 
 
 def test_export_then_import_is_identical_and_parses_independently(checkpoint, tmp_path):
     _, model = checkpoint
-    model.save_pretrained(tmp_path)
+    gpt2.save_pretrained(model, tmp_path)
     header, tensors = st_read(tmp_path / "model.safetensors")
     assert header["__metadata__"] == {"format": "pt"} and "lm_head.weight" not in tensors
     w = tensors["transformer.h.0.attn.c_attn.weight"]
     assert w.shape == (16, 48) and torch.equal(w, model.transformer.h[0].attn.c_attn.weight.t())
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["activation_function"]) == (2, 16, "gelu_new")
-    again = GPT.from_pretrained(tmp_path).eval()
+    again = gpt2.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, model.model_args["vocab_size"], (3, 17))
     assert torch.equal(again(idx)[0], model(idx)[0])
 
 
 def test_safetensors_reader_refuses_a_truncated_file(checkpoint, tmp_path):
-    data = (checkpoint[0] / "model.safetensors").read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
-    with pytest.raises(gpt2_files.GPT2FileError, match="truncated or corrupt"):
-        gpt2_files.read_safetensors(tmp_path / "cut.safetensors")
+    raw = (checkpoint[0] / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-10])
+    with pytest.raises(data.DataError, match="truncated or corrupt"):
+        gpt2.read_safetensors(tmp_path / "cut.safetensors")
     header = b'{"w": {"dtype": "F32", "shape": [1]}}'  # no data_offsets
     for name, content in (("empty", b""), ("no-offsets", struct.pack("<Q", len(header)) + header + b"\0" * 4)):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(gpt2_files.GPT2FileError, match="not a safetensors file"):
-            gpt2_files.read_safetensors(tmp_path / name)
+        with pytest.raises(data.DataError, match="not a safetensors file"):
+            gpt2.read_safetensors(tmp_path / name)
 
 
 def test_hub_download_checks_the_hubs_checksums(checkpoint, tmp_path, monkeypatch):
@@ -173,27 +175,27 @@ def test_hub_download_checks_the_hubs_checksums(checkpoint, tmp_path, monkeypatc
     weights, config = (hub / "model.safetensors").read_bytes(), (hub / "config.json").read_bytes()
     checks = {"model.safetensors": ("sha256", hashlib.sha256(weights).hexdigest(), len(weights)),
               "config.json": ("git-sha1", hashlib.sha1(b"blob %d\0" % len(config) + config).hexdigest(), len(config))}
-    monkeypatch.setattr(gpt2_files, "HUB_URL", (tmp_path / "hub").as_uri() + "/{name}/{file}")
-    monkeypatch.setattr(gpt2_files, "hub_checksum", lambda url: checks[url.rsplit("/", 1)[1]])
-    hf, model_args = gpt2_files.load_gpt2("gpt2", tmp_path / "cache")
+    monkeypatch.setattr(gpt2, "HUB_URL", (tmp_path / "hub").as_uri() + "/{name}/{file}")
+    monkeypatch.setattr(gpt2, "hub_checksum", lambda url: checks[url.rsplit("/", 1)[1]])
+    hf, model_args = gpt2.load_gpt2("gpt2", tmp_path / "cache")
     assert model_args["n_layer"] == 2 and (tmp_path / "cache" / "gpt2" / "model.safetensors").read_bytes() == weights
     checks["config.json"] = ("git-sha1", "0" * 40, len(config))
-    with pytest.raises(gpt2_files.GPT2FileError, match="corrupted"):
-        gpt2_files.load_gpt2("gpt2", tmp_path / "cache2")
+    with pytest.raises(data.DataError, match="corrupted"):
+        gpt2.load_gpt2("gpt2", tmp_path / "cache2")
     assert not (tmp_path / "cache2" / "gpt2" / "config.json").exists()
     assert list((tmp_path / "cache2" / "gpt2").iterdir()) == []  # nothing unverified left behind
     checks["config.json"] = ("git-sha1", "", len(config))  # the hub sent no checksum: refused
-    with pytest.raises(gpt2_files.GPT2FileError, match="no checksum"):
-        gpt2_files.load_gpt2("gpt2", tmp_path / "cache3")
+    with pytest.raises(data.DataError, match="no checksum"):
+        gpt2.load_gpt2("gpt2", tmp_path / "cache3")
 
 
 def test_hub_checksums_are_read_from_the_hubs_headers():
     lfs = {"X-Linked-Etag": '"ab12"', "X-Linked-Size": "1000", "Content-Length": "1320"}  # 302 to the CDN
-    assert gpt2_files.checksum_from_headers(302, lfs) == ("sha256", "ab12", 1000)
+    assert gpt2.checksum_from_headers(302, lfs) == ("sha256", "ab12", 1000)
     small = {"ETag": 'W/"cd34"', "Content-Length": "665"}
-    assert gpt2_files.checksum_from_headers(200, small) == ("git-sha1", "cd34", 665)
-    assert gpt2_files.checksum_from_headers(302, {"ETag": '"ef56"', "Content-Length": "12"}) == ("git-sha1", "ef56", None)
-    assert gpt2_files.checksum_from_headers(200, {}) == ("git-sha1", "", None)
+    assert gpt2.checksum_from_headers(200, small) == ("git-sha1", "cd34", 665)
+    assert gpt2.checksum_from_headers(302, {"ETag": '"ef56"', "Content-Length": "12"}) == ("git-sha1", "ef56", None)
+    assert gpt2.checksum_from_headers(200, {}) == ("git-sha1", "", None)
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def test_hub_checksums_are_read_from_the_hubs_headers():
 
 def test_bpe_round_trips_utf8_and_applies_merges_in_rank_order(tmp_path):
     write_tokenizer(tmp_path, hf=False)
-    tok = gpt2_files.GPT2Tokenizer.from_dir(tmp_path)
+    tok = gpt2.GPT2Tokenizer.from_dir(tmp_path)
     assert tok.bpe("Ġthe") == ["Ġthe"]  # Ġ t -> Ġt (rank 0), h e -> he (1), Ġt he -> Ġthe (2)
     assert tok.bpe("the") == ["t", "he"]  # h e (rank 1) before t h (rank 3), then no (t, he) merge
     assert tok.bpe("that") == ["th", "at"]
@@ -210,13 +212,13 @@ def test_bpe_round_trips_utf8_and_applies_merges_in_rank_order(tmp_path):
     for text in ["the cat's 3 hats\n\n  ", "Café £30 — naïve 日本語 🙂\t½", "", "'s'll 'RE x\u00a0y"]:
         assert tok.decode(tok.encode(text)) == text
     # GPT-2's pre-tokenizer: contractions, a space joined to the next word, digits apart
-    assert gpt2_files.pretokenizer().findall("I'll pay £30 now  ok") == ["I", "'ll", " pay", " £", "30", " now", " ", " ok"]
+    assert gpt2.pretokenizer().findall("I'll pay £30 now  ok") == ["I", "'ll", " pay", " £", "30", " now", " ", " ok"]
     # GPT-2's \s is Unicode's White_Space: the separators U+001C..U+001F (whitespace to Python) are not
-    assert gpt2_files.pretokenizer().findall("x \x1cy\u3000z") == ["x", " \x1c", "y", "\u3000", "z"]
-    reversed_ranks = gpt2_files.GPT2Tokenizer(tok.encoder, MERGES[::-1])
+    assert gpt2.pretokenizer().findall("x \x1cy\u3000z") == ["x", " \x1c", "y", "\u3000", "z"]
+    reversed_ranks = gpt2.GPT2Tokenizer(tok.encoder, MERGES[::-1])
     assert reversed_ranks.bpe("the") == ["th", "e"]  # now t h has the lower rank
     write_tokenizer(tmp_path, hf=True)  # the HF file names give the same tokenizer
-    assert gpt2_files.load_tokenizer(tmp_path).encode("the cat") == tok.encode("the cat")
+    assert gpt2.load_tokenizer(tmp_path).encode("the cat") == tok.encode("the cat")
 
 
 # -----------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def test_bpe_round_trips_utf8_and_applies_merges_in_rank_order(tmp_path):
 
 def lora_model(checkpoint, bdia=None):
     torch.manual_seed(3)
-    model = GPT.from_pretrained(checkpoint[0], dropout=0.1, bdia=bdia)
+    model = gpt2.from_pretrained(checkpoint[0], dropout=0.1, bdia=bdia)
     adapters = add_lora(model, rank=2, alpha=8, dropout=0.1, mlp=True)
     for p in adapters:
         torch.nn.init.normal_(p, std=0.1)  # B starts at zero; make the update non-trivial
@@ -265,9 +267,9 @@ def test_lora_merged_equals_unmerged_and_exports_merged(checkpoint, tmp_path):
         assert torch.allclose(delta[rows], 8 / 2 * B[part] @ A[part], atol=1e-6)
     set_lora_merged(model, False)
     assert torch.allclose(model.transformer.h[1].attn.c_attn.weight, base, atol=1e-6)
-    model.save_pretrained(tmp_path)  # adapters folded in: a plain GPT-2 checkpoint
+    gpt2.save_pretrained(model, tmp_path)  # adapters folded in: a plain GPT-2 checkpoint
     assert not any("lora" in k for k in st_read(tmp_path / "model.safetensors")[1])
-    assert torch.allclose(GPT.from_pretrained(tmp_path).eval()(idx)[0], unmerged, atol=1e-5)
+    assert torch.allclose(gpt2.from_pretrained(tmp_path).eval()(idx)[0], unmerged, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -277,11 +279,11 @@ def test_lora_merged_equals_unmerged_and_exports_merged(checkpoint, tmp_path):
 def test_kv_cache_matches_the_full_forward(checkpoint):
     model = checkpoint[1]
     idx = torch.randint(0, model.model_args["vocab_size"], (3, 25))
-    cache = model.new_cache()
-    parts = [model.forward_cached(idx[:, a:b], cache) for a, b in ((0, 10), (10, 11), (11, 25))]
+    cache = gpt2.new_cache(model)
+    parts = [gpt2.forward_cached(model, idx[:, a:b], cache) for a, b in ((0, 10), (10, 11), (11, 25))]
     assert torch.allclose(torch.cat(parts, 1), model(idx)[0], atol=1e-5)
-    ids, scores = model.beam_search(idx[:, :6], eos_id=5, beam=4, max_new=12, no_repeat_ngram=2)
-    ids_nc, scores_nc = model.beam_search(idx[:, :6], eos_id=5, beam=4, max_new=12, no_repeat_ngram=2, use_cache=False)
+    ids, scores = gpt2.beam_search(model, idx[:, :6], eos_id=5, beam=4, max_new=12, no_repeat_ngram=2)
+    ids_nc, scores_nc = gpt2.beam_search(model, idx[:, :6], eos_id=5, beam=4, max_new=12, no_repeat_ngram=2, use_cache=False)
     assert ids == ids_nc and scores == pytest.approx(scores_nc, abs=1e-5)
 
 
@@ -301,7 +303,13 @@ class Bigram(GPT):
         return self.logp[idx]
 
 
-def test_beam_search_on_a_bigram_table():
+@pytest.fixture
+def bigram_decoding(monkeypatch):
+    """gpt2.beam_search decodes a Bigram through its own forward_cached."""
+    monkeypatch.setattr(gpt2, "forward_cached", lambda model, idx, cache: model.forward_cached(idx, cache))
+
+
+def test_beam_search_on_a_bigram_table(bigram_decoding):
     # tokens 0, 1, 2 and eos 3. After 0: 1 (0.5), 2 (0.4), eos (0.1); after 1: 1 (0.4),
     # 2 (0.3), eos (0.3); after 2: eos (0.9). Greedy runs 1 1 1 1; beam 2 finds "2 eos"
     # with p = 0.36 (better than "1 eos", 0.15, and "eos", 0.1).
@@ -309,30 +317,30 @@ def test_beam_search_on_a_bigram_table():
     model = Bigram(table).eval()
     contexts = torch.tensor([[1, 0], [1, 2]])
     for use_cache in (True, False):
-        ids, scores = model.beam_search(contexts, 3, beam=2, max_new=4, length_penalty=0.8, no_repeat_ngram=0,
+        ids, scores = gpt2.beam_search(model, contexts, 3, beam=2, max_new=4, length_penalty=0.8, no_repeat_ngram=0,
                                         use_cache=use_cache)
         assert ids == [[2], []]
         assert scores == pytest.approx([math.log(0.36) / 2**0.8, math.log(0.9)])
-    ids, scores = model.beam_search(contexts[:1], 3, beam=1, max_new=4, length_penalty=1.0, no_repeat_ngram=0)
+    ids, scores = gpt2.beam_search(model, contexts[:1], 3, beam=1, max_new=4, length_penalty=1.0, no_repeat_ngram=0)
     assert ids == [[1, 1, 1, 1]] and scores == pytest.approx([math.log(0.5 * 0.4**3) / 4])
     # no-repeat-ngram 2: after "1 1", the bigram (1, 1) is banned, so greedy takes 2, then eos
-    ids, _ = model.beam_search(contexts[:1], 3, beam=1, max_new=4, no_repeat_ngram=2)
+    ids, _ = gpt2.beam_search(model, contexts[:1], 3, beam=1, max_new=4, no_repeat_ngram=2)
     assert ids == [[1, 1, 2]]
     assert banned_tokens([5, 6, 7, 5, 6], 3) == [7] and banned_tokens([5, 6], 3) == []
 
 
-def test_beam_search_lets_hypotheses_open_at_max_new_compete_and_refuses_negative_penalty():
+def test_beam_search_lets_hypotheses_open_at_max_new_compete_and_refuses_negative_penalty(bigram_decoding):
     # After 0: 1 (0.6) or eos (0.4); after 1: 1 (0.9) or eos (0.1). With max_new 2 and no length
     # penalty, "eos" ends with p = 0.4 but the open "1 1" has p = 0.54: as in the LoRA
     # repository's decoder, open hypotheses of max_new tokens compete at the end.
     table = [[0.0, 0.6, 0.0, 0.4], [0.0, 0.9, 0.0, 0.1], [0.25] * 4, [0.25] * 4]
     model = Bigram(table).eval()
     for use_cache in (True, False):
-        ids, scores = model.beam_search(torch.tensor([[0]]), 3, beam=2, max_new=2, length_penalty=0.0,
+        ids, scores = gpt2.beam_search(model, torch.tensor([[0]]), 3, beam=2, max_new=2, length_penalty=0.0,
                                         no_repeat_ngram=0, use_cache=use_cache)
         assert ids == [[1, 1]] and scores == pytest.approx([math.log(0.54)])
     with pytest.raises(ValueError, match="length_penalty"):
-        model.beam_search(torch.tensor([[0]]), 3, length_penalty=-0.5)
+        gpt2.beam_search(model, torch.tensor([[0]]), 3, length_penalty=-0.5)
 
 
 # -----------------------------------------------------------------------------
@@ -366,7 +374,7 @@ def finetune(checkpoint, e2e_dir, out, *flags):
 
 
 @pytest.mark.parametrize("flags,mode", [([], "FT"), (["--bdia"], "FT-BDIA"), (["--lora-rank", "2", "--lora-alpha", "8"], "LoRA"),
-                                        (["--lora-rank", "2", "--bdia", "--gammas", "-0.5,0,0.5", "--bits", "none",
+                                        (["--lora-rank", "2", "--bdia", "--gammas", "-0.5", "0", "0.5", "--bits", "none",
                                           "--no-reversible"], "LoRA+BDIA")])
 def test_finetune_e2e_modes(checkpoint, e2e_dir, tmp_path, flags, mode, capsys):
     log = finetune(checkpoint, e2e_dir, tmp_path, *flags)
@@ -389,9 +397,9 @@ def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path,
     monkeypatch.undo()
     split = finetune(checkpoint, e2e_dir, tmp_path / "split", *flags, "--resume")
     assert [(r["train_loss"], r["val_loss"]) for r in split] == [(r["train_loss"], r["val_loss"]) for r in whole]
-    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["trainable"] for d in ("whole", "split"))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("whole", "split"))
     assert set(a) == set(b) and all(".lora_" in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
-    exported = GPT.from_pretrained(tmp_path / "hf")  # LoRA merged into a plain GPT-2
+    exported = gpt2.from_pretrained(tmp_path / "hf")  # LoRA merged into a plain GPT-2
     assert not torch.equal(exported.transformer.h[0].attn.c_attn.weight, checkpoint[1].transformer.h[0].attn.c_attn.weight)
 
 
@@ -444,14 +452,14 @@ def test_loss_is_label_smoothed_on_completion_tokens_only_and_lr_is_linear():
 
 
 def test_lora_repo_line_format_and_mr_conversion(tmp_path):
-    assert finetune_e2e.mr_to_context("name[The Vaults], eatType[pub], priceRange[more than £30], familyFriendly[yes]") == \
+    assert data.mr_to_context("name[The Vaults], eatType[pub], priceRange[more than £30], familyFriendly[yes]") == \
         "name : The Vaults | Type : pub | price : more than £30 | family friendly : yes"
     (tmp_path / "train.txt").write_text("name : A | Type : pub||A is a pub .\n\nname : B||B .\n", encoding="utf-8")
-    assert finetune_e2e.read_pairs(tmp_path / "train.txt") == [("name : A | Type : pub", "A is a pub ."), ("name : B", "B .")]
+    assert data.read_e2e_pairs(tmp_path / "train.txt") == [("name : A | Type : pub", "A is a pub ."), ("name : B", "B .")]
     (tmp_path / "bad.txt").write_text("no separator here\n")
-    with pytest.raises(finetune_e2e.DataError, match="bad.txt:1"):
-        finetune_e2e.read_pairs(tmp_path / "bad.txt")
-    tok = gpt2_files.GPT2Tokenizer(tiny_vocab(), MERGES)
+    with pytest.raises(data.DataError, match="bad.txt:1"):
+        data.read_e2e_pairs(tmp_path / "bad.txt")
+    tok = gpt2.GPT2Tokenizer(tiny_vocab(), MERGES)
     examples = [finetune_e2e.encode_example(tok, "name : A", "the cat", 64)]
     x, y = finetune_e2e.collate(examples, [0], tok.eos_id, "cpu")
     ids, n_ctx = examples[0]
@@ -463,7 +471,7 @@ def test_lora_repo_line_format_and_mr_conversion(tmp_path):
     (["--train-file", "missing.csv"], "no such data file"),
     (["--init-from", "no-such-model"], "not one of gpt2"),
     (["--lora-rank", "-1"], "must not be negative"),
-    (["--bdia", "--gammas", "-0.5,0,0.5"], "revers"),
+    (["--bdia", "--gammas=-0.5,0,0.5"], "revers"),
 ])
 def test_finetune_e2e_errors_exit_2_without_traceback(checkpoint, e2e_dir, tmp_path, flags, message, capsys):
     argv = ["--init-from", str(checkpoint[0]), "--data-dir", str(e2e_dir), "--out-dir", str(tmp_path), *TINY, *flags]

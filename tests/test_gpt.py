@@ -13,6 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import train_gpt  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import GPT  # noqa: E402
@@ -110,15 +111,15 @@ def test_bin_files_with_meta_pkl_and_train_fraction(tmp_path):
     np.arange(200, dtype=np.uint16).__mod__(7).tofile(folder / "val.bin")
     with open(folder / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": 7, "itos": {i: c for i, c in enumerate("abcdefg")}, "stoi": {}}, f)
-    assert train_gpt.load_meta(folder) == {"vocab_size": 7, "itos": list("abcdefg")}
-    train, val = train_gpt.load_tokens(folder, 0.5, 32)
+    assert data.load_meta(folder) == {"vocab_size": 7, "itos": list("abcdefg")}
+    train, val = data.load_tokens(folder, 0.5, 32)
     assert len(train) == 500 and len(val) == 200
     rows = run(tmp_path, "--data-dir", str(folder), "--max-iters", "2", "--eval-interval", "2", "--train-fraction", "0.5")
     assert rows[-1]["iter"] == 2
     with open(folder / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": 7, "itos": np.arange(3)}, f)  # not plain data: refused
     with pytest.raises(pickle.UnpicklingError, match="plain data"):
-        train_gpt.load_meta(folder)
+        data.load_meta(folder)
 
 
 @pytest.mark.parametrize(
@@ -153,9 +154,9 @@ def test_shakespeare_download_failure_names_the_alternative(tmp_path, capsys, mo
 
 def test_shakespeare_is_prepared_from_a_verified_download(tmp_path, monkeypatch):
     source = tmp_path / "input.txt"
-    source.write_text(("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 30000)[: train_gpt.SHAKESPEARE_BYTES])
-    monkeypatch.setattr(train_gpt, "SHAKESPEARE_URL", source.as_uri())
-    folder = train_gpt.shakespeare_dir(tmp_path / "data")
-    meta = train_gpt.load_meta(folder)
+    source.write_text(("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 30000)[: data.SHAKESPEARE_BYTES])
+    monkeypatch.setattr(data, "SHAKESPEARE_URL", source.as_uri())
+    folder = data.shakespeare_dir(tmp_path / "data")
+    meta = data.load_meta(folder)
     assert meta["vocab_size"] == len(set(source.read_text()))
-    assert len(np.fromfile(folder / "train.bin", dtype=np.uint16)) == int(0.9 * train_gpt.SHAKESPEARE_BYTES)
+    assert len(np.fromfile(folder / "train.bin", dtype=np.uint16)) == int(0.9 * data.SHAKESPEARE_BYTES)

@@ -1,7 +1,6 @@
 """Tests of the shared training pieces (training.py)."""
 
 import argparse
-import hashlib
 import os
 import random
 import sys
@@ -22,12 +21,17 @@ def parser():
     return p
 
 
-def test_bdia_flags_build_the_config():
+def bdia_config(argv):
     p = parser()
-    assert training.bdia_config(p.parse_args([]), p) is None
-    config = training.bdia_config(training.parse_args(p, ["--bdia", "--gammas", "-0.25,0.25", "--bits", "5"]), p)
-    assert config == BDIAConfig((-0.25, 0.25), 5, True, 0.0)
-    config = training.bdia_config(p.parse_args(["--bdia", "--bits", "none", "--no-reversible", "--gammas=-0.5,0,0.5"]), p)
+    args = p.parse_args(argv)
+    training.check_args(p, args)
+    return args.bdia_config
+
+
+def test_bdia_flags_build_the_config():
+    assert bdia_config([]) is None
+    assert bdia_config(["--bdia", "--gammas", "-0.25", "0.25", "--bits", "5"]) == BDIAConfig((-0.25, 0.25), 5, True, 0.0)
+    config = bdia_config(["--bdia", "--bits", "none", "--no-reversible", "--gammas=-0.5,0,0.5"])  # commas too
     assert config == BDIAConfig((-0.5, 0.0, 0.5), None, False, 0.0)
 
 
@@ -41,23 +45,22 @@ def test_bdia_flags_build_the_config():
     ],
 )
 def test_bad_flags_exit_with_code_2_and_say_why(argv, message, capsys):
-    p = parser()
     with pytest.raises(SystemExit) as e:
-        training.bdia_config(training.parse_args(p, argv), p)
+        bdia_config(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_checkpoint_is_atomic_and_loads_safely(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    training.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    training.save_checkpoint(path, step=1, w=torch.ones(3))
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        training.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+        training.save_checkpoint(path, step=2, w=torch.zeros(3))
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == [path]  # no partial file left behind
     assert training.load_checkpoint(path)["step"] == 1
@@ -73,7 +76,7 @@ def test_checkpoint_errors_say_what_to_do(tmp_path):
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     training.seed_everything(3)
-    training.save_checkpoint(tmp_path / "c.pt", {"rng": training.rng_state()})
+    training.save_checkpoint(tmp_path / "c.pt", rng=training.rng_state())
     first = (random.random(), np.random.rand(), torch.rand(1).item())
     training.set_rng_state(training.load_checkpoint(tmp_path / "c.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
@@ -87,23 +90,6 @@ def test_jsonl_log_appends_and_resumes(tmp_path):
     assert training.JsonlLog(tmp_path / "log.jsonl").read() == []  # a fresh run starts a new log
 
 
-def test_download_verifies_and_never_leaves_a_partial_file(tmp_path):
-    source = tmp_path / "source.bin"
-    source.write_bytes(b"abc" * 1000)
-    md5 = hashlib.md5(source.read_bytes()).hexdigest()
-    dest = tmp_path / "data" / "file.bin"
-    assert training.download(source.as_uri(), dest, md5=md5) == dest
-    assert dest.read_bytes() == source.read_bytes()
-    dest.unlink()
-    with pytest.raises(training.DownloadError, match="checksum mismatch.*by hand: copy it"):
-        training.download(source.as_uri(), dest, md5="0" * 32, manual="copy it")
-    with pytest.raises(training.DownloadError, match="checksum mismatch"):
-        training.download(source.as_uri(), dest, size=2999)
-    with pytest.raises(training.DownloadError, match="cannot download"):
-        training.download((tmp_path / "missing").as_uri(), dest)
-    assert list((tmp_path / "data").iterdir()) == []
-
-
 def test_cosine_lr_warms_up_then_decays_to_min_lr():
     lrs = [training.cosine_lr(s, 100, 1.0, warmup=10, min_lr=0.1) for s in range(101)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -115,4 +101,4 @@ def test_cosine_lr_warms_up_then_decays_to_min_lr():
 def test_single_process_without_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     dist = training.distributed()
-    assert dist == training.Dist(0, 1, 0, False) and training.is_main(dist)
+    assert dist == training.Dist(0, 1, 0, False)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import train_translate as tt  # noqa: E402
 import training  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
@@ -133,7 +134,7 @@ def reverse_task(config, steps=300, seed=0):
         opt.step()
     model.eval()
     src, tgt = batch(200)
-    out = model.greedy(src, BOS, EOS, max_new=8)
+    out = tt.greedy(model, src, max_new=8)
     return (out[:, :6] == tgt[:, 1:7]).float().mean().item()
 
 
@@ -145,7 +146,7 @@ def test_reverse_task_is_learned(config):
 def test_greedy_is_the_argmax_of_the_full_forward():
     src, _ = padded_batch()
     model = tiny_model(BDIAConfig(), seed=4).eval()
-    out = model.greedy(src, BOS, EOS, max_new=6)
+    out = tt.greedy(model, src, max_new=6)
     for row in range(src.shape[0]):
         ids = [BOS]
         for t in range(out.shape[1]):
@@ -178,9 +179,9 @@ def test_exhaustive_beam_search_finds_the_best_sequence():
             score = sequence_logprob(model, src, [*body, EOS]) / (length + 1)
             if score > best_score:
                 best, best_score = list(body), score
-    found = model.beam_search(src, BOS, EOS, beam=6**max_new, max_new=max_new)
+    found = tt.beam_search(model, src, beam=6**max_new, max_new=max_new)
     assert found == best and len(best) > 0
-    small = model.beam_search(src, BOS, EOS, beam=2, max_new=max_new)
+    small = tt.beam_search(model, src, beam=2, max_new=max_new)
     assert len(small) < max_new and EOS not in small
 
 
@@ -223,7 +224,7 @@ def test_gettext_reader_keeps_real_sentences_only(tmp_path):
     })
     write_mo(tmp_path / "b.mo", {"Open the file": "Ouvre le fichier", "Quit the program": "Quitter le programme"})
     (tmp_path / "c.txt").write_text("not a catalogue")
-    pairs = tt.read_gettext_pairs(tmp_path)
+    pairs = data.read_gettext_pairs(tmp_path)
     assert pairs == [
         ("Disk is full", "Le disque est plein, désolé"),
         ("Open the file", "Ouvrir le fichier"),  # first catalogue wins
@@ -233,24 +234,24 @@ def test_gettext_reader_keeps_real_sentences_only(tmp_path):
 
 
 def test_gettext_errors_are_clear(tmp_path):
-    with pytest.raises(tt.DataError, match="no \\*.mo files"):
-        tt.read_gettext_pairs(tmp_path)
+    with pytest.raises(data.DataError, match="no \\*.mo files"):
+        data.read_gettext_pairs(tmp_path)
     (tmp_path / "bad.mo").write_bytes(b"\x00" * 40)
-    with pytest.raises(tt.DataError, match="not a readable .mo"):
-        tt.read_gettext_pairs(tmp_path)
+    with pytest.raises(data.DataError, match="not a readable .mo"):
+        data.read_gettext_pairs(tmp_path)
 
 
 def test_pair_files_tsv_and_kaggle_csv(tmp_path):
     tsv = tmp_path / "eng-fra.txt"
     tsv.write_text("Go.\tVa !\n\nWho?\tQui ?\tCC-BY 2.0 (France) Attribution: tatoeba.org\n", encoding="utf-8")
-    assert tt.read_tsv_pairs(tsv) == [("Go.", "Va !"), ("Who?", "Qui ?")]
+    assert data.read_tsv_pairs(tsv) == [("Go.", "Va !"), ("Who?", "Qui ?")]
     csv_path = tmp_path / "eng_-french.csv"
     csv_path.write_text('English words/sentences,French words/sentences\nHi.,Salut!\n"Run, now.","Cours, maintenant."\n')
-    assert tt.read_csv_pairs(csv_path) == [("Hi.", "Salut!"), ("Run, now.", "Cours, maintenant.")]
+    assert data.read_csv_pairs(csv_path) == [("Hi.", "Salut!"), ("Run, now.", "Cours, maintenant.")]
     bad = tmp_path / "bad.txt"
     bad.write_text("Go.\tVa !\nno tab here\n")
-    with pytest.raises(tt.DataError, match="line 2"):
-        tt.read_tsv_pairs(bad)
+    with pytest.raises(data.DataError, match="line 2"):
+        data.read_tsv_pairs(bad)
 
 
 def test_eng_fra_download_is_unzipped_atomically(tmp_path, monkeypatch):
@@ -263,11 +264,11 @@ def test_eng_fra_download_is_unzipped_atomically(tmp_path, monkeypatch):
         calls.append((url, kw["manual"]))
         return archive
 
-    monkeypatch.setattr(training, "download", fake_download)
-    path = tt.fetch_eng_fra(tmp_path / "data")
-    assert tt.read_tsv_pairs(path) == [("Go.", "Va !")]
-    assert calls[0][0] == tt.ENG_FRA_URL and "--data" in calls[0][1]
-    tt.fetch_eng_fra(tmp_path / "data")  # present: no second download
+    monkeypatch.setattr(data, "download", fake_download)
+    path = data.fetch_eng_fra(tmp_path / "data")
+    assert data.read_tsv_pairs(path) == [("Go.", "Va !")]
+    assert calls[0][0] == data.ENG_FRA_URL and "--data" in calls[0][1]
+    data.fetch_eng_fra(tmp_path / "data")  # present: no second download
     assert len(calls) == 1
 
 
@@ -287,9 +288,9 @@ def test_tokenizer_round_trip_and_vocab():
 
 def test_split_and_length_buckets():
     pairs = [(f"e{i}", f"f{i}") for i in range(50)]
-    train, val = tt.split_pairs(pairs, 0.1)
+    train, val = data.split_pairs(pairs, 0.1)
     assert len(val) == 5 and sorted(train + val) == sorted(pairs)
-    assert tt.split_pairs(pairs, 0.1) == (train, val)  # fixed seed
+    assert data.split_pairs(pairs, 0.1) == (train, val)  # fixed seed
     examples = [([4] * (i % 9 + 1), [2, 4, 3]) for i in range(100)]
     batches = tt.length_batches(examples, 10, torch.Generator().manual_seed(0), pool=10)
     assert sorted(i for b in batches for i in b) == list(range(100))
@@ -352,7 +353,7 @@ def test_resume_continues_exactly(tmp_path, bdia):
         assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"]
         assert 0 <= ra["val_bleu"] <= 100
     ckpt = training.load_checkpoint(tmp_path / "b" / "ckpt.pt")
-    assert ckpt["epoch"] == 2 and (ckpt["bdia"] is not None) == bool(bdia)
+    assert ckpt["epoch"] == 2 and (ckpt["args"]["bdia"] is not None) == bool(bdia)
 
 
 def test_translate_prints_from_a_checkpoint(tmp_path, capsys):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import training  # noqa: E402
 import train_vit  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
@@ -46,7 +47,7 @@ def run(tmp_path, cifar_dir, *flags, out="out"):
 @pytest.mark.parametrize(
     "flags",
     [[], ["--bdia"], ["--bdia", "--no-reversible"], ["--model", "revvit"], ["--bdia", "--bits", "none", "--no-reversible"],
-     ["--bdia", "--gammas", "-0.25,0.25"], ["--optimizer", "adamw"]],
+     ["--bdia", "--gammas=-0.25,0.25"], ["--optimizer", "adamw"]],
 )
 def test_one_epoch_in_each_mode_writes_log_and_checkpoint(tmp_path, cifar_dir, flags):
     rows = run(tmp_path, cifar_dir, "--epochs", "1", *flags)
@@ -70,7 +71,7 @@ def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch, kill_after):
 
 
 def test_gamma_sweep_after_training(tmp_path, cifar_dir, capsys):
-    run(tmp_path, cifar_dir, "--bdia", "--epochs", "1", "--eval-gammas", "-0.5,0,0.5")
+    run(tmp_path, cifar_dir, "--bdia", "--epochs", "1", "--eval-gammas", "-0.5", "0", "0.5")
     sweep = json.loads((tmp_path / "out" / "gamma_sweep.json").read_text())
     assert [r["gamma"] for r in sweep] == [-0.5, 0.0, 0.5]
     assert "gamma at inference" in capsys.readouterr().out
@@ -89,8 +90,8 @@ def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
     for split, n in (("train", 20), ("t10k", 10)):
         write_idx(f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         write_idx(f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    monkeypatch.setattr(train_vit, "FASHION_SYSTEM_DIR", tmp_path / "absent")
-    train_x, train_y, val_x, val_y = train_vit.load_dataset("fashion-mnist", tmp_path)
+    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "absent")
+    train_x, train_y, val_x, val_y = data.load_images("fashion-mnist", tmp_path)
     assert train_x.shape == (20, 1, 32, 32) and val_y.shape == (10,) and train_x.dtype == torch.uint8
     train_vit.main([*TINY, "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--epochs", "1",
                     "--out-dir", str(tmp_path / "out"), "--bdia"])
