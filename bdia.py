@@ -57,6 +57,16 @@ def quantize(x, bits):
     return _RoundSTE.apply(x * scale) / scale
 
 
+def mantissa_bits(dtype):
+    """23 for float32, 52 for float64."""
+    return round(-math.log2(torch.finfo(dtype).eps))
+
+
+def exact_limit(dtype, bits):
+    """|x| below which `dtype` holds every multiple of 2^-l exactly: 2^(mantissa - l)."""
+    return 2.0 ** (mantissa_bits(dtype) - bits)
+
+
 def side_info(x, bits, m):
     """s = (-x / 2^-l) mod 2^m, eq. (20) generalised to |gamma| = 2^-m.
 
@@ -130,6 +140,10 @@ class BDIAConfig:
             raise ValueError("BDIAConfig: gammas is empty; give at least one value, e.g. (-0.5, 0.5)")
         if self.bits is not None and not isinstance(self.bits, int):  # l may be negative (Table 4)
             raise ValueError(f"BDIAConfig: bits must be an integer (l in 2^-l) or None, got {self.bits!r}")
+        if self.bits is not None and self.bits >= mantissa_bits(torch.float64):
+            raise ValueError(
+                f"BDIAConfig: bits={self.bits} leaves no room for |x| >= 1 in any float (float64 has 52 "
+                f"mantissa bits, float32 23); the paper uses 9")
         if abs(sum(gammas) / len(gammas)) > 1e-12:
             warnings.warn(
                 f"BDIAConfig: the mean of gammas {gammas} is not 0, but inference uses E[gamma] = 0 "
@@ -236,6 +250,12 @@ def run_blocks(blocks, x, config, *context):
             f"BDIA with bits={config.bits} needs a float32 or float64 residual stream, got {x.dtype}: "
             "a 2^-l grid does not fit in 16-bit floats. Keep x in float32 and run the blocks "
             "under torch.autocast instead"
+        )
+    if config.bits is not None and exact_limit(x.dtype, config.bits) <= 1:
+        raise ValueError(
+            f"BDIA with bits={config.bits}: {x.dtype} holds the 2^-{config.bits} grid exactly only for |x| < "
+            f"{exact_limit(x.dtype, config.bits):g}, and a normalised residual stream exceeds that; use "
+            f"bits <= {mantissa_bits(x.dtype) - 3} (the paper uses 9) or a float64 stream"
         )
     gammas = draw_gammas(config, x.shape[0], len(blocks), x.device, x.dtype)
     if config.reversible and torch.is_grad_enabled():
@@ -351,21 +371,34 @@ def fingerprint(x, bits):
     return torch.stack([n.sum(), (n * n).sum()])
 
 
+DIVERGED = 2.0**20  # no sensible l needs |x| this large in a normalised stream
+
+
 def check_magnitudes(magnitudes, x, bits):
-    """Raise if some x_k left the range where x.dtype holds the 2^-l grid exactly."""
-    mantissa_bits = -math.log2(torch.finfo(x.dtype).eps)  # 23 for float32, 52 for float64
-    limit = 2.0 ** (mantissa_bits - bits)  # 2^(23 - l) in float32
+    """Raise if some x_k left the range where x.dtype holds the 2^-l grid exactly (Lemma 4.2
+    needs every x_k on the grid). A NaN, an infinity or |x| beyond 2^20 is training that
+    diverged, not a bits setting: the message says which."""
+    limit = exact_limit(x.dtype, bits)
     magnitudes = torch.stack(magnitudes)
     if bool((magnitudes < limit).all()):  # one device sync per step; NaN fails too
         return
     k = int((~(magnitudes < limit)).nonzero()[0])
     where = "the input of the stack (x_0)" if k == 0 else f"the output of block {k - 1} (x_{k})"
+    size = magnitudes[k].item()
+    if not math.isfinite(size) or size > DIVERGED:
+        raise DivergedError(
+            f"BDIA: |x| reached {size:.4g} at {where}: training diverged. Lower the learning rate or "
+            f"clip gradients, and resume from the last checkpoint")
     raise RuntimeError(
-        f"BDIA: |x| reached {magnitudes[k].item():.4g} at {where}, but {x.dtype} holds the 2^-{bits} "
-        f"grid exactly only below 2^{math.log2(limit):.0f} = {limit:g}; the reversible backward "
-        f"would return wrong gradients. Use fewer bits (e.g. bits={bits - 3}), normalise "
-        f"the stack's input, or keep the residual stream in float64"
+        f"BDIA: |x| reached {size:.4g} at {where}, but {x.dtype} holds the 2^-{bits} grid exactly only "
+        f"below 2^{math.log2(limit):.0f} = {limit:g}; the reversible backward would return wrong "
+        f"gradients. Use fewer bits (at most bits={math.floor(mantissa_bits(x.dtype) - math.log2(size)) - 1} "
+        f"for this |x|), normalise the stack's input, or keep the residual stream in float64"
     )
+
+
+class DivergedError(RuntimeError):
+    """The residual stream blew up (NaN, infinity or |x| > 2^20): the training diverged."""
 
 
 def reversible_stack(blocks, x, gammas, config, context):

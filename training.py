@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed
 
-from bdia import BDIAConfig
+from bdia import BDIAConfig, exact_limit, mantissa_bits
 from data import DataError, atomic_write
 
 # -----------------------------------------------------------------------------
@@ -76,6 +76,10 @@ def check_args(parser, args, at_least_1=(), at_least_0=()):
         args.bdia_config = BDIAConfig(args.gammas, args.bits, not args.no_reversible, args.eval_gamma) if args.bdia else None
     except (argparse.ArgumentTypeError, ValueError) as e:
         parser.error(str(e))
+    if args.bdia and args.bits is not None and exact_limit(torch.float32, args.bits) <= 1:  # the scripts' streams
+        parser.error(f"--bits {args.bits}: a float32 residual stream holds the 2^-l grid exactly only for "
+                     f"|x| < 2^(23 - l) <= 1, which a normalised stream exceeds; use --bits "
+                     f"{mantissa_bits(torch.float32) - 3} or less (the paper uses 9)")
 
 
 def plain_args(args):

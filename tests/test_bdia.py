@@ -381,6 +381,28 @@ def test_guard_names_the_block_where_float32_loses_the_grid():
         run_blocks(blocks, torch.randn(2, 3, 8), BDIAConfig(bits=9))
 
 
+def test_range_error_suggests_the_largest_l_that_holds_and_divergence_says_so():
+    blocks = make_stack(2).train()
+    x = torch.randn(2, 3, 8)
+    x[0, 0, 0] = 7.0 * 2.0**10  # float32 with l = 9 holds |x| < 2^14; this |x| needs l <= floor(23 - 12.8) - 1 = 9 - 1
+    x[0, 0, 1] = 2.0**14
+    with pytest.raises(RuntimeError, match=r"at most bits=8 for this \|x\|"):
+        run_blocks(blocks, x, BDIAConfig(bits=9))
+    for bad in (float("nan"), float("inf"), 2.0**21):
+        x[0, 0, 0] = bad
+        with pytest.raises(bdia.DivergedError, match="training diverged. Lower the learning rate"):
+            run_blocks(blocks, x, BDIAConfig(bits=9))
+
+
+def test_bits_that_no_stream_can_hold_are_refused_up_front():
+    with pytest.raises(ValueError, match="bits=52 leaves no room"):
+        BDIAConfig(bits=52)
+    with pytest.raises(ValueError, match="use bits <= 20"):
+        run_blocks(make_stack(2).train(), torch.randn(2, 3, 8), BDIAConfig(bits=23))
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)  # float64 holds l = 30 below 2^22
+    run_blocks(make_stack(2).double().train(), x, BDIAConfig(bits=30)).sum().backward()
+
+
 class Loud(Block):
     def residual(self, x, memory=None, scale=1.0):
         return super().residual(x, memory, scale) + 1e5

@@ -42,6 +42,7 @@ def test_bdia_flags_build_the_config():
         (["--bdia", "--bits", "none"], "needs quantization"),
         (["--bits", "nine"], "integer"),
         (["--gammas", "a,b"], "comma-separated"),
+        (["--bdia", "--bits", "30"], "use --bits 20 or less"),
     ],
 )
 def test_bad_flags_exit_with_code_2_and_say_why(argv, message, capsys):
