@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+import training
 from bdia import BDIAConfig, run_blocks, side_bits
 from models import Block, RevBlock, run_rev_blocks
 
@@ -156,7 +157,7 @@ def side_info_bytes(args, depth):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="vit")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} (revvit: vit family)")
     p.add_argument("--depths", default="6,12,24,48")
@@ -178,10 +179,27 @@ def main():
         args.modes.remove("revvit")  # RevViT is the ViT family's baseline
     if bad := [m for m in args.modes if m not in MODES]:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    if not args.modes:
+        p.error("--modes revvit is the vit family's baseline: with --family gpt no mode is left to run")
     try:
         depths = [int(d) for d in args.depths.split(",")]
     except ValueError:
         p.error(f"--depths takes comma-separated integers, got {args.depths!r}")
+    if min(depths) < 1:
+        p.error(f"--depths must be at least 1, got {args.depths!r}")
+    for name in ("batch_size", "steps", "dim", "heads", "mlp_dim"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must not be negative, got {args.warmup}")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if family(args)[0] % family(args)[1]:
+        p.error(f"the width {family(args)[0]} must be divisible by the heads {family(args)[1]}: set --dim or --heads")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: no such folder")
     if args.measure_memory:
         mode, depth = args.measure_memory
         print(measure_memory(args, mode, int(depth)))

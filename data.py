@@ -114,6 +114,10 @@ NUMPY_ARRAYS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarra
                 ("numpy._core.multiarray", "_reconstruct")}
 
 
+class NotPlainData(DataError, pickle.UnpicklingError):
+    """A pickle that would build objects other than plain data (and might run code)."""
+
+
 def load_plain_pickle(path, arrays=False):
     """A pickle file that may hold plain data only: dicts, lists, strings, numbers and, with
     arrays=True, NumPy arrays. A data file someone hands you (a CIFAR batch, nanoGPT's
@@ -124,7 +128,7 @@ def load_plain_pickle(path, arrays=False):
         def find_class(self, module, name):
             if (module, name) in allowed:
                 return super().find_class(module, name)
-            raise pickle.UnpicklingError(f"{path} may hold only plain data, not {module}.{name}")
+            raise NotPlainData(f"{path} may hold only plain data, not {module}.{name}")
 
     with open(path, "rb") as f:
         return PlainUnpickler(f, encoding="bytes").load()
@@ -262,31 +266,54 @@ def shakespeare_dir(data_root):
 
 def load_meta(folder):
     """{'vocab_size': int, 'itos': list of str} from meta.json or meta.pkl; None for a BPE data set."""
-    if (folder / "meta.json").is_file():
-        meta = json.loads((folder / "meta.json").read_text())
-        return {"vocab_size": meta["vocab_size"], "itos": list(meta["itos"])}
-    if (folder / "meta.pkl").is_file():
-        meta = {k.decode() if isinstance(k, bytes) else k: v for k, v in load_plain_pickle(folder / "meta.pkl").items()}
+    path = next((folder / f for f in ("meta.json", "meta.pkl") if (folder / f).is_file()), None)
+    if path is None:
+        return None
+    try:
+        if path.suffix == ".json":
+            meta = json.loads(path.read_text())
+        else:
+            meta = {k.decode() if isinstance(k, bytes) else k: v for k, v in load_plain_pickle(path).items()}
         itos = meta["itos"]
-        return {"vocab_size": meta["vocab_size"], "itos": [itos[i] for i in range(len(itos))]}
-    return None
+        return {"vocab_size": int(meta["vocab_size"]), "itos": [itos[i] for i in range(len(itos))]}
+    except DataError:
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(f"cannot read {path} ({type(e).__name__}: {e}): it should hold vocab_size and itos; "
+                        "prepare the data again") from e
 
 
-def load_tokens(folder, train_fraction, block_size):
-    """Memory-mapped train and val token arrays; the training tokens cut to a leading fraction."""
+def load_tokens(folder, train_fraction, block_size, vocab_size=None):
+    """Memory-mapped train and val token arrays; the training tokens cut to a leading fraction.
+    With vocab_size, every token id is checked against it (a corrupt file or one of another
+    vocabulary would index past the embedding, on CUDA as an opaque device-side assert)."""
     folder = Path(folder)
     missing = [f for f in ("train.bin", "val.bin") if not (folder / f).is_file()]
     if missing:
         raise DataError(f"{folder} lacks {', '.join(missing)}: point --data-dir at a folder of nanoGPT-style "
                         ".bin files, or use --dataset shakespeare_char or --text-file FILE")
-    train = np.memmap(folder / "train.bin", dtype=np.uint16, mode="r")
-    val = np.memmap(folder / "val.bin", dtype=np.uint16, mode="r")
+    train, val = memmap_tokens(folder / "train.bin"), memmap_tokens(folder / "val.bin")
     train = train[: int(len(train) * train_fraction)]
     for name, data in (("train", train), ("val", val)):
         if len(data) <= block_size:
             raise DataError(f"the {name} split has {len(data)} tokens, not more than --block-size {block_size}: "
                             "use a smaller --block-size or more data")
+        if vocab_size is not None and (largest := largest_token(data)) >= vocab_size:
+            raise DataError(f"{folder / name}.bin holds token id {largest}, but the vocabulary has {vocab_size} "
+                            "tokens: the file is corrupt or was made with another vocabulary; prepare it again")
     return train, val
+
+
+def memmap_tokens(path):
+    try:
+        return np.memmap(path, dtype=np.uint16, mode="r")
+    except ValueError as e:  # an empty file, or an odd number of bytes: not whole uint16 tokens
+        raise DataError(f"{path} is not a file of uint16 token ids ({e}); prepare it again") from e
+
+
+def largest_token(tokens, chunk=1 << 24):
+    """The largest id in a memory-mapped token array, read a chunk at a time."""
+    return max(int(tokens[i: i + chunk].max()) for i in range(0, len(tokens), chunk))
 
 
 # -----------------------------------------------------------------------------
@@ -383,7 +410,10 @@ def load_pairs(data=None, dataset=None, data_dir="data", locale_dir=None):
         path = Path(data) if data else fetch_eng_fra(data_dir)
         if not path.is_file():
             raise DataError(f"--data {path}: no such file")
-        pairs = read_csv_pairs(path) if path.suffix.lower() == ".csv" else read_tsv_pairs(path)
+        try:
+            pairs = read_csv_pairs(path) if path.suffix.lower() == ".csv" else read_tsv_pairs(path)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"--data {path} is not a UTF-8 text file of sentence pairs ({e})") from e
         where = path
     if not pairs:
         raise DataError(f"no sentence pairs in {where}")
@@ -447,7 +477,10 @@ def read_e2e_pairs(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such data file: {path}")
-    pairs = read_e2e_csv(path) if path.suffix.lower() == ".csv" else read_lora_txt(path)
+    try:
+        pairs = read_e2e_csv(path) if path.suffix.lower() == ".csv" else read_lora_txt(path)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path} is not a UTF-8 E2E CSV or `context||completion` file ({e})") from e
     if not pairs:
         raise DataError(f"no examples in {path}")
     return pairs

@@ -40,7 +40,7 @@ import training
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--init-from", default="gpt2-medium",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (hub) or a folder/file with model.safetensors "
@@ -87,7 +87,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     training.check_args(p, args, at_least_1=("epochs", "batch_size", "beam", "max_new_tokens", "decode_batch", "max_seq_len"),
                         at_least_0=("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit",
-                                    "no_repeat_ngram", "length_penalty", "eval_interval"))
+                                    "no_repeat_ngram", "length_penalty", "eval_interval", "weight_decay", "grad_clip"),
+                        positive=("lr",), fractions=("dropout", "lora_dropout"))
     if not 0 <= args.label_smoothing < 1:
         p.error("--label-smoothing must be in [0, 1)")
     return args
@@ -109,7 +110,11 @@ def load_examples(args, tok, block_size):
             print(f"dropped {len(examples) - len(scored)} examples whose context fills --max-seq-len {args.max_seq_len}")
         return scored
 
-    return splits, encode(splits["train"], args.train_limit), encode(splits["valid"], args.valid_limit)
+    train, valid = encode(splits["train"], args.train_limit), encode(splits["valid"], args.valid_limit)
+    if not train or not valid:
+        raise data.DataError(f"{len(train)} training and {len(valid)} validation examples leave a completion "
+                             f"token within --max-seq-len {args.max_seq_len}: need at least one of each")
+    return splits, train, valid
 
 
 def encode_example(tok, context, completion, max_len):
@@ -143,7 +148,11 @@ def collate(examples, batch, pad_id, device):
 
 def build_model(args, device):
     """GPT-2 from --init-from, with LoRA adapters when --lora-rank > 0 (base frozen)."""
-    model = gpt2.from_pretrained(args.init_from, cache_dir=args.cache_dir, dropout=args.dropout, bdia=args.bdia_config)
+    try:
+        model = gpt2.from_pretrained(args.init_from, cache_dir=args.cache_dir, dropout=args.dropout, bdia=args.bdia_config)
+    except (ValueError, KeyError) as e:  # a config.json that is not JSON (a ValueError) or lacks n_layer, ...
+        raise data.DataError(f"cannot load --init-from {args.init_from}: its config.json or weights are not "
+                             f"GPT-2's ({type(e).__name__}: {e})") from e
     if args.lora_rank:
         gpt2.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, mlp=args.lora_mlp)
     return model.to(device)
@@ -201,6 +210,7 @@ def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evalu
         bar.set_postfix(loss=f"{since[-1]:.4f}", lr=f"{lr:.2e}")
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and i + 1 < len(epoch_batches):
             # a point within the epoch; `epoch` is fractional, so a resumed run drops it with its epoch
+            training.check_loss(sum(since) / len(since), f"epoch {epoch} (step {step + 1})", args.out_dir)
             log.write(epoch=(step + 1) / steps_per_epoch, step=step + 1, train_loss=sum(since) / len(since),
                       val_loss=evaluate_now(), lr=lr, mode=mode_name(args))
             since = []
@@ -302,7 +312,11 @@ def print_table(folders):
         path = Path(folder) / "e2e_scores.json"
         if not path.is_file():
             raise data.DataError(f"no {path}: run finetune_e2e.py with --out-dir {folder} first")
-        results.append(json.loads(path.read_text()))
+        try:
+            results.append(json.loads(path.read_text()))
+            format_table(results[-1:])  # has what evaluate() writes: mode and scores
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, or not what evaluate() writes
+            raise data.DataError(f"{path} is not an e2e_scores.json of finetune_e2e.py ({type(e).__name__}: {e})") from e
     print(format_table(results))
 
 
@@ -310,7 +324,10 @@ def run(args):
     device = training.pick_device(args.device)
     out = Path(args.out_dir)
     training.seed_everything(args.seed)
-    tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
+    try:
+        tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
+    except ValueError as e:  # a vocabulary that is not JSON, or not UTF-8
+        raise data.DataError(f"cannot read the tokenizer of {args.tokenizer or args.init_from} ({e})") from e
     if tok.eos_id is None:
         raise data.DataError("the tokenizer's vocabulary has no <|endoftext|> token")
     args.pad_id = tok.eos_id  # padding is never scored
@@ -322,14 +339,14 @@ def run(args):
     start_epoch = 1
     if args.resume:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
         ckpt = training.load_checkpoint(out / "ckpt.pt", device)
-        missing = set(trainable_state(model)) ^ set(ckpt["model"])
-        if missing:
-            raise training.CheckpointError(f"{out / 'ckpt.pt'} does not fit this model (LoRA/flags differ): "
-                                           f"{sorted(missing)[:5]}")
-        model.load_state_dict(ckpt["model"], strict=False)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        training.set_rng_state(ckpt["rng"])
-        start_epoch = ckpt["epoch"] + 1
+        with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
+            if missing := set(trainable_state(model)) ^ set(ckpt["model"]):  # strict=False below would not tell
+                raise training.foreign_checkpoint(out / "ckpt.pt", f"its trainable weights are not this model's, "
+                                                                   f"e.g. {sorted(missing)[0]}")
+            model.load_state_dict(ckpt["model"], strict=False)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            training.set_rng_state(ckpt["rng"])
+            start_epoch = ckpt["epoch"] + 1
     train_model = torch.compile(model) if args.compile else model
     # points within an epoch have a fractional epoch: those of the epoch run again are dropped
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] <= start_epoch - 1)
@@ -338,9 +355,12 @@ def run(args):
           f"{len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, {device}")
 
     for epoch in range(start_epoch, args.epochs + 1):
-        train_loss, lr, seconds, tokens = train_epoch(model, train_model, optimizer, train_ex, args, epoch, log,
-                                                      lambda: validation_loss(model, valid_ex, args))
-        val_loss = validation_loss(model, valid_ex, args)
+        # divergence or out of memory ends the run naming this epoch and the intact checkpoint before it
+        with training.failures(f"epoch {epoch}", out):
+            train_loss, lr, seconds, tokens = train_epoch(model, train_model, optimizer, train_ex, args, epoch, log,
+                                                          lambda: validation_loss(model, valid_ex, args))
+            training.check_loss(train_loss, f"epoch {epoch}", out)  # before a diverged state is logged or saved
+            val_loss = validation_loss(model, valid_ex, args)
         steps = math.ceil(len(train_ex) / args.batch_size)
         log.write(epoch=epoch, step=epoch * steps, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=seconds,
                   tokens_per_s=tokens / seconds, mode=mode_name(args), peak_memory_mb=training.peak_memory_mb(device))

@@ -25,8 +25,21 @@ def pyplot():
     return plt
 
 
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        sys.exit(f"error: {path} is not a JSON file ({e})")
+
+
 def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {path} is not a log.jsonl of this project's scripts ({e})")
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        sys.exit(f"error: {path} holds no log lines (JSON objects, one per line)")
+    return rows
 
 
 def labels_for(paths, labels):
@@ -80,7 +93,7 @@ def plot_curves(args, plt):
 def read_gamma_sweep(path):
     """(gammas, accuracies) from gamma_sweep.json: {"gamma": acc} or a list of
     {"gamma": g, "val_acc": a} records."""
-    data = json.loads(Path(path).read_text())
+    data = read_json(path)
     if isinstance(data, dict) and "results" in data:
         data = data["results"]
     if isinstance(data, dict):
@@ -118,7 +131,7 @@ def plot_bench(args, plt):
     """Activation memory and step time relative to the plain model, per depth."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for path in args.files:
-        results = json.loads(Path(path).read_text())["results"]
+        results = read_json(path)["results"]
         for mode in dict.fromkeys(r["mode"] for r in results):
             rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["depth"])
             for ax, key in zip(axes, ("memory_vs_plain", "time_vs_plain")):
@@ -132,10 +145,31 @@ def plot_bench(args, plt):
 
 
 FIGURES = {"curves": plot_curves, "gamma-sweep": plot_gamma_sweep, "reconstruction": plot_reconstruction, "bench": plot_bench}
+INPUTS = {"curves": "log.jsonl files of the training scripts", "gamma-sweep": "gamma_sweep.json files of train_vit.py",
+          "bench": "JSON files of bench.py --json"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit code 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Every error a user can act on is one line on stderr and exit code 2: the helpers above
+    end with sys.exit("error: ..."), which this turns into code 2."""
+    try:
+        draw(argv)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(" ".join(e.code.split()), file=sys.stderr)  # one line
+        raise SystemExit(2)
+
+
+def draw(argv):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("figure", choices=FIGURES)
     p.add_argument("files", nargs="*", help="log.jsonl, gamma_sweep.json or bench JSON files")
     p.add_argument("--labels", default=None, help="comma-separated legend names, one per file")
@@ -148,14 +182,25 @@ def main(argv=None):
         p.error(f"{args.figure} needs at least one input file")
     if missing := [f for f in args.files if not Path(f).is_file()]:
         p.error(f"no such file: {', '.join(missing)}")
+    if args.figure == "reconstruction" and args.depth < 2:
+        p.error("--depth must be at least 2: x_k is rebuilt from the top pair (x_{K-1}, x_K)")
     plt = pyplot()
-    fig, axes = FIGURES[args.figure](args, plt)
+    try:
+        fig, axes = FIGURES[args.figure](args, plt)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # JSON of another shape
+        if not args.files:
+            raise
+        sys.exit(f"error: {args.figure} needs {INPUTS[args.figure]}; {', '.join(args.files)} "
+                 f"{'holds' if len(args.files) == 1 else 'hold'} something else ({type(e).__name__}: {e})")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     output = args.output or f"{args.figure}.png"
-    fig.savefig(output, dpi=100)
+    try:
+        fig.savefig(output, dpi=100)
+    except (OSError, ValueError) as e:  # no such folder; a suffix matplotlib cannot write
+        sys.exit(f"error: cannot write {output} ({e})")
     print(f"wrote {output}")
 
 

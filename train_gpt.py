@@ -32,7 +32,7 @@ from models import GPT
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_bdia_args(p)
     g = p.add_argument_group("model")
     for name, default in (("--n-layer", 12), ("--n-head", 12), ("--n-embd", 768), ("--block-size", 1024)):
@@ -65,8 +65,9 @@ def parse_args(argv=None):
     training.add_run_args(p, "out/gpt")
     args = p.parse_args(argv)
     training.check_args(p, args, at_least_1=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                                             "max_iters", "eval_interval", "eval_iters"),
-                        at_least_0=("warmup_iters", "sample"))
+                                             "max_iters", "eval_interval", "eval_iters", "top_k"),
+                        at_least_0=("warmup_iters", "sample", "min_lr", "weight_decay", "grad_clip", "sample_tokens"),
+                        positive=("lr", "temperature"), fractions=("dropout",))
     if not args.sample and not (args.dataset or args.data_dir or args.text_file):
         p.error("give the data: --dataset shakespeare_char, --data-dir DIR or --text-file FILE")
     if not 0 < args.train_fraction <= 1:
@@ -167,10 +168,12 @@ def estimate_loss(model, splits, args, dist, device):
 
 
 def sample(args, device):
-    ckpt = training.load_checkpoint(Path(args.out_dir) / "ckpt.pt", device)
-    model = GPT(**ckpt["model_args"]).to(device).eval()
-    model.load_state_dict(ckpt["model"])
-    itos = ckpt.get("itos")
+    path = Path(args.out_dir) / "ckpt.pt"
+    ckpt = training.load_checkpoint(path, device)
+    with training.restoring(path):
+        model = GPT(**ckpt["model_args"]).to(device).eval()
+        model.load_state_dict(ckpt["model"])
+        itos = ckpt.get("itos")
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
     for i in range(args.sample):
         ids = model.generate(start, args.sample_tokens, args.temperature, args.top_k)[0, 1:].tolist()
@@ -180,6 +183,8 @@ def sample(args, device):
 
 # -----------------------------------------------------------------------------
 # main: build, resume, the iterations (evaluated, logged and checkpointed every eval_interval)
+
+LOWER_MEMORY = "a smaller --batch-size (a larger --grad-accum keeps the batch), --bdia (activations rebuilt) or --amp"
 
 
 def main(argv=None):
@@ -198,9 +203,9 @@ def run(args):
     folder = data_folder(args, prepare=main_process)
     if dist.enabled:
         torch.distributed.barrier()  # rank 0 prepared any data first
-    train_tokens, val_tokens = data.load_tokens(folder, args.train_fraction, args.block_size)
     meta = data.load_meta(folder)
     vocab_size = meta["vocab_size"] if meta else 50304  # GPT-2 BPE, padded to a multiple of 64
+    train_tokens, val_tokens = data.load_tokens(folder, args.train_fraction, args.block_size, vocab_size)
     model_args = dict(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                       n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
 
@@ -210,17 +215,18 @@ def run(args):
     start_iter = 0
     if args.resume:
         ckpt = training.load_checkpoint(out / "ckpt.pt", device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        training.set_rng_state(ckpt["rng"][dist.rank])
-        start_iter = ckpt["iter"]
+        with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            training.set_rng_state(ckpt["rng"][dist.rank])
+            start_iter = ckpt["iter"]
     train_model = torch.compile(model) if args.compile else model
     if dist.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     log = None
-    if main_process:  # the resumed run evaluates and logs start_iter again
-        log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["iter"] < start_iter)
+    if main_process:  # lines after the checkpoint's iteration were written by a run killed before its next checkpoint
+        log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["iter"] <= start_iter)
         print(f"{'BDIA-GPT' if args.bdia else 'GPT'}: {training.count_params(model) / 1e6:.2f}M parameters, "
               f"{len(train_tokens)} training tokens, {dist.world_size} process(es) on {device}, "
               f"iterations {start_iter}..{args.max_iters}")
@@ -230,9 +236,14 @@ def run(args):
     bar = tqdm(range(start_iter, args.max_iters + 1), disable=not main_process, dynamic_ncols=True)
     t0, last_eval = time.perf_counter(), start_iter
     for it in bar:
-        if it % args.eval_interval == 0 or it == args.max_iters:
+        # a resumed run does not evaluate start_iter again: the log has it, and the weights are the same
+        evaluate = (it % args.eval_interval == 0 or it == args.max_iters) and not (args.resume and it == start_iter)
+        if evaluate:
             seconds = time.perf_counter() - t0
-            losses = estimate_loss(model, splits, args, dist, device)
+            with training.failures(f"iteration {it}", out, LOWER_MEMORY):
+                losses = estimate_loss(model, splits, args, dist, device)
+            # diverged since the last evaluation: stop before the state is logged or checkpointed
+            training.check_loss(losses["train"], f"iteration {it}", out)
             rngs = [None] * dist.world_size  # every process's RNG goes into the one checkpoint
             if dist.enabled:
                 torch.distributed.all_gather_object(rngs, training.rng_state())
@@ -250,9 +261,11 @@ def run(args):
             t0, last_eval = time.perf_counter(), it
         if it == args.max_iters:
             break
-        lr = training.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)
+        lr = training.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)  # a resumed run: the new --lr
         training.set_lr(optimizer, lr)
-        loss = train_step(train_model, model, optimizer, train_tokens, training.generator(args.seed, it), args, dist, device)
+        with training.failures(f"iteration {it}", out, LOWER_MEMORY):  # divergence, out of memory: one line
+            loss = train_step(train_model, model, optimizer, train_tokens, training.generator(args.seed, it), args, dist,
+                              device)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
     if dist.enabled:
         torch.distributed.barrier()  # no process tears the group down while another still uses it

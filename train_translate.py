@@ -40,7 +40,7 @@ UNK_ID, PAD_ID, BOS_ID, EOS_ID = range(4)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="pair file: English<TAB>French per line (eng-fra.txt), or a .csv (Kaggle eng_-french.csv)")
     g.add_argument("--dataset", choices=["eng-fra", "gettext-fr"], help="eng-fra: download the PyTorch tutorial's "
@@ -65,6 +65,8 @@ def parse_args(argv=None):
     g.add_argument("--cosine", action="store_true", help="warmup then cosine decay instead of a constant lr")
     g.add_argument("--warmup", type=int, default=0)
     g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (default 0: none, "
+                   "as the tutorial)")
     g.add_argument("--bleu-every", type=int, default=1, help="BLEU every N epochs and at the end (0: never)")
     g.add_argument("--bleu-samples", type=int, default=1000, help="validation pairs decoded for BLEU")
     g = p.add_argument_group("translation")
@@ -76,7 +78,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     training.check_args(p, args, at_least_1=("epochs", "batch_size", "max_tokens", "min_freq", "beam", "dim", "heads",
                                              "mlp_dim", "enc_layers", "dec_layers"),
-                        at_least_0=("max_pairs", "warmup", "bleu_every", "bleu_samples"))
+                        at_least_0=("max_pairs", "warmup", "bleu_every", "bleu_samples", "min_lr", "grad_clip"),
+                        positive=("lr",), fractions=("dropout",))
     if args.translate is not None:
         return args
     if args.data and args.dataset:
@@ -220,6 +223,8 @@ def train_epoch(model, optimizer, examples, args, epoch, step, total_steps, devi
             loss = loss_of(model, src, tgt)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # BDIA: the encoder memory's gradient is summed over all decoder blocks
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         loss_sum, step = loss_sum + loss.item(), step + 1
     return loss_sum / len(batches), lr, step
@@ -310,12 +315,14 @@ def beam_search(model, src, beam=4, max_new=64, length_penalty=1.0):
 def translate(args):
     """Print the beam-search (greedy for --beam 1) translation of --translate."""
     device = training.pick_device(args.device)
-    ckpt = training.load_checkpoint(Path(args.checkpoint or Path(args.out_dir) / "ckpt.pt"), device)
-    src_vocab, tgt_vocab = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
-    bdia = ckpt["args"]["bdia"]
-    model = Seq2Seq(**ckpt["model_args"], bdia=BDIAConfig(**bdia) if bdia else None).to(device).eval()
-    model.load_state_dict(ckpt["model"])
-    max_tokens = ckpt["model_args"]["max_len"] - 2
+    path = Path(args.checkpoint or Path(args.out_dir) / "ckpt.pt")
+    ckpt = training.load_checkpoint(path, device)
+    with training.restoring(path):  # a checkpoint of another script: a clear error
+        src_vocab, tgt_vocab = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
+        bdia = ckpt["args"]["bdia"]
+        model = Seq2Seq(**ckpt["model_args"], bdia=BDIAConfig(**bdia) if bdia else None).to(device).eval()
+        model.load_state_dict(ckpt["model"])
+        max_tokens = ckpt["model_args"]["max_len"] - 2
     tokens = tokenize(args.translate, ckpt["lowercase"])[:max_tokens]
     src = torch.tensor([src_vocab.encode(tokens) + [EOS_ID]], device=device)
     if args.beam == 1:
@@ -342,9 +349,10 @@ def run(args):
     pairs = data.load_pairs(args.data, args.dataset, args.data_dir, args.locale_dir)
     train_pairs, val_pairs = data.split_pairs(pairs, args.val_fraction, args.max_pairs)
     ckpt = training.load_checkpoint(out / "ckpt.pt", device) if args.resume else None
-    if ckpt is not None:  # the vocabularies and model shape of the run it continues
-        src_vocab, tgt_vocab, lowercase = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"]), ckpt["lowercase"]
-        margs = ckpt["model_args"]
+    if ckpt is not None:  # the vocabularies and model shape of the run it continues (another script's: an error)
+        with training.restoring(out / "ckpt.pt"):
+            src_vocab, tgt_vocab, lowercase = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"]), ckpt["lowercase"]
+            margs = ckpt["model_args"]
     else:
         lowercase = not args.keep_case
         src_vocab = Vocab.build((tokenize(e, lowercase) for e, _ in train_pairs), args.min_freq)
@@ -361,10 +369,11 @@ def run(args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-9)  # the tutorial's
     start_epoch, step = 1, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        training.set_rng_state(ckpt["rng"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        with training.restoring(out / "ckpt.pt"):
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            training.set_rng_state(ckpt["rng"])
+            start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
     train_model = torch.compile(model) if args.compile else model
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     total_steps = args.epochs * len(length_batches(train_ex, args.batch_size))
@@ -374,12 +383,15 @@ def run(args):
 
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
-        train_loss, lr, step = train_epoch(train_model, optimizer, train_ex, args, epoch, step, total_steps, device)
-        fields = dict(epoch=epoch, step=step, train_loss=train_loss,
-                      val_loss=validation_loss(model, val_ex, args.batch_size, device, args.amp))
-        if args.bleu_every and (epoch % args.bleu_every == 0 or epoch == args.epochs):
-            fields["val_bleu"] = validation_bleu(model, val_ex, tgt_vocab, args.batch_size, device, args.amp,
-                                                 args.bleu_samples)
+        # divergence or out of memory ends the run naming this epoch and the intact checkpoint before it
+        with training.failures(f"epoch {epoch}", out):
+            train_loss, lr, step = train_epoch(train_model, optimizer, train_ex, args, epoch, step, total_steps, device)
+            training.check_loss(train_loss, f"epoch {epoch}", out)  # before a diverged state is logged or saved
+            fields = dict(epoch=epoch, step=step, train_loss=train_loss,
+                          val_loss=validation_loss(model, val_ex, args.batch_size, device, args.amp))
+            if args.bleu_every and (epoch % args.bleu_every == 0 or epoch == args.epochs):
+                fields["val_bleu"] = validation_bleu(model, val_ex, tgt_vocab, args.batch_size, device, args.amp,
+                                                     args.bleu_samples)
         fields.update(lr=lr, seconds=round(time.time() - t0, 2), mode=mode,
                       peak_memory_mb=round(training.peak_memory_mb(device), 1))
         log.write(**fields)

@@ -34,7 +34,7 @@ from randaugment import rand_augment
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_bdia_args(p)
     p.add_argument("--model", choices=["vit", "revvit"], default="vit")
     p.add_argument("--no-rev-backprop", action="store_true", help="RevViT: store activations instead")
@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (default 0: none, "
+                   "as the reference)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "set-adam"], default="set-adam")
     g = p.add_argument_group("model (defaults: the paper's ViT)")
     for name, default in (("--depth", 6), ("--dim", 512), ("--heads", 8), ("--mlp-dim", 512), ("--patch", 4)):
@@ -63,7 +65,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     training.check_args(p, args, at_least_1=("epochs", "batch_size", "depth", "dim", "heads", "mlp_dim", "patch",
                                              "eval_batch_size"),
-                        at_least_0=("limit_train", "limit_val", "randaug_n"))
+                        at_least_0=("limit_train", "limit_val", "randaug_n", "weight_decay", "grad_clip"), positive=("lr",),
+                        fractions=("dropout", "emb_dropout"))
     if args.eval_gammas:
         try:
             args.eval_gammas = training.number_list(args.eval_gammas)
@@ -210,6 +213,8 @@ def train_epoch(model, optimizer, images, args, epoch):
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # with --bdia (reversible): the blocks' activations are rebuilt here by eq. (24)
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         total_loss += loss.detach() * len(idx)
         correct += (logits.argmax(-1) == y).sum()
@@ -255,6 +260,8 @@ def gamma_sweep(model, images, args):
 # -----------------------------------------------------------------------------
 # main: build, resume, the epochs (each logged and checkpointed), the gamma sweep
 
+LOWER_MEMORY = "a smaller --batch-size (or --eval-batch-size), --bdia (activations rebuilt, not stored) or --amp"
+
 
 def main(argv=None):
     with training.one_line_errors():
@@ -271,10 +278,11 @@ def run(args):
     start_epoch, best_acc = 1, 0.0
     if args.resume:
         ckpt = training.load_checkpoint(out / "ckpt.pt", device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        training.set_rng_state(ckpt["rng"])  # the dropout masks and gammas continue where they were
-        start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
+        with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            training.set_rng_state(ckpt["rng"])  # the dropout masks and gammas continue where they were
+            start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
     train_model = torch.compile(model) if args.compile else model
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
@@ -283,11 +291,15 @@ def run(args):
 
     epoch_seconds, val_acc = [], None
     for epoch in range(start_epoch, args.epochs + 1):
-        training.set_lr(optimizer, training.cosine_lr(epoch - 1, args.epochs, args.lr))  # cosine over epochs
-        t0 = time.perf_counter()
-        train_loss, train_acc = train_epoch(train_model, optimizer, images, args, epoch)
-        epoch_seconds.append(time.perf_counter() - t0)
-        val_loss, val_acc = evaluate(train_model, images, args)
+        # divergence or out of memory ends the run naming this epoch and the intact checkpoint before it
+        with training.failures(f"epoch {epoch}", out, LOWER_MEMORY):
+            # from the flags, not the checkpoint: a run resumed with a lower --lr uses it
+            training.set_lr(optimizer, training.cosine_lr(epoch - 1, args.epochs, args.lr))  # cosine over epochs
+            t0 = time.perf_counter()
+            train_loss, train_acc = train_epoch(train_model, optimizer, images, args, epoch)
+            training.check_loss(train_loss, f"epoch {epoch}", out)  # before a diverged state is logged or saved
+            epoch_seconds.append(time.perf_counter() - t0)
+            val_loss, val_acc = evaluate(train_model, images, args)
         best_acc = max(best_acc, val_acc)
         log.write(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
                   lr=optimizer.param_groups[0]["lr"], epoch_seconds=epoch_seconds[-1],

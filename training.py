@@ -2,7 +2,8 @@
 What the four training scripts share, so that each of them reads top to bottom: the BDIA
 and run flags and their checks, the device, checkpoints that survive a kill and resume
 exactly, JSON-lines logs, the learning-rate schedules, the random draws of each epoch,
-one-line errors, and torchrun (DDP).
+one-line errors (training that diverges or runs out of memory names the checkpoint to
+continue from), and torchrun (DDP).
 """
 
 import argparse
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 from collections import namedtuple
 from pathlib import Path
@@ -19,11 +21,19 @@ import numpy as np
 import torch
 import torch.distributed
 
-from bdia import BDIAConfig, exact_limit, mantissa_bits
+from bdia import BDIAConfig, DivergedError, exact_limit, mantissa_bits
 from data import DataError, atomic_write
 
 # -----------------------------------------------------------------------------
 # Flags
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit code 2) without the usage block:
+    the message says what to change, and --help has the rest."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def number_list(values):
@@ -64,13 +74,18 @@ def add_run_args(parser, out_dir):
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
 
 
-def check_args(parser, args, at_least_1=(), at_least_0=()):
+def check_args(parser, args, at_least_1=(), at_least_0=(), positive=(), fractions=()):
     """Refuse what cannot run, as a parser error (one line, exit code 2): sizes below 1 or 0,
+    rates that are not positive, probabilities outside [0, 1), an --out-dir that is a file,
     and a BDIA configuration that cannot work. Sets args.bdia_config (None without --bdia)."""
-    for names, minimum, rule in ((at_least_1, 1, "must be at least 1"), (at_least_0, 0, "must not be negative")):
+    rules = ((at_least_1, lambda v: v >= 1, "must be at least 1"), (at_least_0, lambda v: v >= 0, "must not be negative"),
+             (positive, lambda v: v > 0, "must be positive"), (fractions, lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    for names, ok, rule in rules:
         for name in names:
-            if getattr(args, name) < minimum:
-                parser.error(f"--{name.replace('_', '-')} {rule}")
+            if not ok(getattr(args, name)):  # NaN fails every rule
+                parser.error(f"--{name.replace('_', '-')} {rule}, got {getattr(args, name)}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"--out-dir {args.out_dir} is a file; give a folder for the logs and checkpoints")
     try:
         args.gammas = number_list(args.gammas)
         args.bdia_config = BDIAConfig(args.gammas, args.bits, not args.no_reversible, args.eval_gamma) if args.bdia else None
@@ -118,15 +133,31 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+LOWER_MEMORY = "a smaller --batch-size, --bdia (activations rebuilt, not stored) or --amp"
+
+
 @contextlib.contextmanager
 def one_line_errors():
     """What a user can act on ends the run with one line on stderr and exit code 2, never a
-    traceback: missing or bad data, a missing or unreadable checkpoint."""
+    traceback: missing or bad data, a missing, unreadable or foreign checkpoint, training
+    that failed (TrainingFailed), a file that cannot be written, CUDA out of memory."""
     try:
         yield
-    except (DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    except (DataError, CheckpointError, TrainingFailed, OSError) as e:
+        exit_with(e)
+    except torch.cuda.OutOfMemoryError as e:  # outside the training loop (there: TrainingFailed)
+        exit_with(f"{out_of_memory(e)}: use {LOWER_MEMORY}")
+
+
+def exit_with(message):
+    """`message` as one line on stderr, and exit code 2. A progress bar that the failure left
+    open is closed first, so that the message starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    raise SystemExit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -150,7 +181,36 @@ def load_checkpoint(path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path} ({e}); delete it or start a new --out-dir") from e
+        raise CheckpointError(f"cannot read checkpoint {path} ({gist(e)}): it is truncated, corrupt or not a "
+                              "checkpoint of these scripts; delete it or start a new --out-dir") from e
+
+
+def gist(e, limit=160):
+    """What an exception says, in one short line: torch's load_state_dict error puts its first
+    detail on the line after a header ("Error(s) in loading state_dict for ViT:"), torch.load
+    adds paragraphs of advice after its first sentence."""
+    if isinstance(e, KeyError):
+        return f"it has no {e}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    text = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]).split(". ")[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def restoring(path):
+    """Around restoring a run's state from the checkpoint at `path`: one that another script,
+    model or set of flags wrote (missing keys, other shapes) becomes a CheckpointError."""
+    try:
+        yield
+    except (CheckpointError, torch.cuda.OutOfMemoryError):
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise foreign_checkpoint(path, gist(e)) from e
+
+
+def foreign_checkpoint(path, detail):
+    return CheckpointError(f"{path} was written by another script, model or flags ({detail}); give the flags of "
+                           "the run that wrote it, or use another --out-dir for a new run")
 
 
 def rng_state():
@@ -209,6 +269,66 @@ class JsonlLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+# -----------------------------------------------------------------------------
+# Training that fails: one line naming the epoch, the cause, the fix and where to continue
+
+
+class TrainingFailed(Exception):
+    """Training that cannot go on as configured: it diverged or ran out of memory. The
+    message names the epoch (or iteration), the cause, what to change and the checkpoint
+    to continue from; one_line_errors prints it."""
+
+
+@contextlib.contextmanager
+def failures(where, out_dir, lower_memory=LOWER_MEMORY):
+    """Around one epoch (or iteration) `where`, such as "epoch 3": the engine's range errors
+    and CUDA out of memory become TrainingFailed. Nothing of `where` has been logged or
+    checkpointed yet, so the checkpoint before it is intact."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrainingFailed(f"{where}: {out_of_memory(e)}: use {lower_memory}; "
+                             f"{continue_from(out_dir, 'those flags')}") from e
+    except DivergedError as e:
+        raise diverged(where, str(e).partition(": training diverged")[0], out_dir) from e
+    except RuntimeError as e:
+        if not str(e).startswith("BDIA: |x| reached"):
+            raise
+        change = "a smaller --bits, or a lower --lr if the loss was rising"
+        raise TrainingFailed(f"{where}: {e}; {continue_from(out_dir, change)}") from e
+
+
+def check_loss(loss, where, out_dir):
+    """A NaN or infinite training loss ends the run before it is logged or checkpointed.
+    Called once per logging interval with a loss already on the host: no extra device sync."""
+    if not math.isfinite(loss):
+        raise diverged(where, f"the training loss is {loss}", out_dir)
+
+
+def diverged(where, cause, out_dir):
+    return TrainingFailed(f"{where}: training diverged ({cause}): lower --lr or set --grad-clip; "
+                          f"{continue_from(out_dir, 'a lower --lr')}")
+
+
+def out_of_memory(e):
+    tried = re.search(r"Tried to allocate [\d.]+ \w+", str(e))  # the rest of torch's message is advice
+    return f"CUDA out of memory ({tried.group(0)})" if tried else "CUDA out of memory"
+
+
+def continue_from(out_dir, change):
+    """Where a failed run goes on: from the last checkpoint in out_dir (written atomically,
+    so intact), with --resume and `change`; or anew with `change` when none was written."""
+    path = Path(out_dir) / "ckpt.pt"
+    try:  # mmap: the epoch is read without reading the weights
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        at = f"epoch {ckpt['epoch']}" if "epoch" in ckpt else f"iteration {ckpt['iter']}"
+    except FileNotFoundError:
+        return f"no checkpoint was written yet: run again with {change}"
+    except Exception:
+        return f"{path} cannot be read: run again, without --resume, with {change}"
+    return f"{path} ({at}) is intact: continue with --resume and {change}"
 
 
 # -----------------------------------------------------------------------------

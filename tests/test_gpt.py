@@ -23,13 +23,6 @@ TINY = ["--n-layer", "3", "--n-head", "2", "--n-embd", "32", "--block-size", "32
         "--eval-iters", "4", "--lr", "3e-3", "--warmup-iters", "5", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "verse.txt"
-    path.write_text("the cat sat on the mat. the dog sat on the log. " * 60)
-    return path
-
-
 def run(tmp_path, *flags, out="out"):
     train_gpt.main([*TINY, "--out-dir", str(tmp_path / out), *flags])
     return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]

@@ -3,7 +3,6 @@
 import gzip
 import json
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -21,22 +20,6 @@ from randaugment import rand_augment  # noqa: E402
 torch.set_num_threads(1)
 TINY = ["--dim", "16", "--heads", "2", "--mlp-dim", "32", "--depth", "3", "--patch", "8", "--batch-size", "16",
         "--device", "cpu", "--eval-batch-size", "64"]
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory):
-    """A tiny CIFAR-10 in the real "python version" layout: pickled dicts of bytes keys."""
-    root = tmp_path_factory.mktemp("data")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in [(f"data_batch_{i}", 16) for i in range(1, 6)] + [("test_batch", 40)]:
-        labels = rng.integers(0, 10, n)
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        data[:, :1024] = (labels * 25)[:, None]  # learnable: the red channel tells the class
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels.tolist()}, f)
-    return root
 
 
 def run(tmp_path, cifar_dir, *flags, out="out"):

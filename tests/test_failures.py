@@ -1,0 +1,417 @@
+"""Failures a user can act on (issue 14). Every bad input a user plausibly gives a script ends
+it with exit code 2 and one line on stderr, never a traceback, and leaves an existing
+checkpoint and log byte for byte as they were. Training that diverges or runs out of memory
+names the epoch (iteration), the cause, what to change and the intact checkpoint to continue
+from; --resume from it with a lower --lr then works.
+
+Each script's catalogue runs against a copy of a finished tiny run: OUT (its ckpt.pt and
+log.jsonl) and DATA (its data). Flags may name {out}, {data}, {tmp}, {file} (a regular
+file), and the checkpoints of the other scripts' runs: {vit}, {gpt}, {translate}, {e2e}."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bdia  # noqa: E402
+import bench  # noqa: E402
+import finetune_e2e  # noqa: E402
+import gpt2  # noqa: E402
+import plot  # noqa: E402
+import train_gpt  # noqa: E402
+import train_translate  # noqa: E402
+import train_vit  # noqa: E402
+from models import GPT  # noqa: E402
+
+torch.set_num_threads(1)
+SCRIPTS = {"vit": train_vit, "gpt": train_gpt, "translate": train_translate, "e2e": finetune_e2e}
+
+# The tiny runs: the flags of each script's run, with the data in {data} and the run in {out}
+FLAGS = {
+    "vit": ["--dim", "16", "--heads", "2", "--mlp-dim", "32", "--depth", "3", "--patch", "8", "--batch-size", "16",
+            "--eval-batch-size", "64", "--no-randaug", "--device", "cpu", "--data-dir", "{data}", "--out-dir", "{out}"],
+    "gpt": ["--n-layer", "3", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
+            "--eval-iters", "4", "--lr", "3e-3", "--warmup-iters", "5", "--eval-interval", "10", "--device", "cpu",
+            "--out-dir", "{out}"],
+    "translate": ["--dim", "16", "--heads", "2", "--mlp-dim", "32", "--enc-layers", "2", "--dec-layers", "2",
+                  "--batch-size", "8", "--bleu-samples", "4", "--device", "cpu", "--data", "{data}/pairs.txt",
+                  "--out-dir", "{out}"],
+    "e2e": ["--init-from", "{data}/gpt2", "--data-dir", "{data}", "--batch-size", "2", "--warmup-steps", "1",
+            "--lr", "3e-3", "--no-test", "--device", "cpu", "--out-dir", "{out}"],
+}
+FIRST = {"vit": ["--epochs", "1"], "gpt": ["--text-file", "{data}/verse.txt", "--max-iters", "10"],
+         "translate": ["--epochs", "1"], "e2e": ["--epochs", "1"]}
+
+
+@pytest.fixture(autouse=True)
+def quiet_and_offline(monkeypatch):
+    """Progress bars write to stderr too, and these tests read stderr for the one error line;
+    a data set that is not there must not be downloaded."""
+    def no_bar(*args, **kwargs):
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    for script in SCRIPTS.values():
+        monkeypatch.setattr(script, "tqdm", no_bar)
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable (tests run offline)")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+
+
+# -----------------------------------------------------------------------------
+# The data and the finished tiny runs
+
+
+def write_pairs(path, n=48):
+    words = {"red": "rouge", "blue": "bleu", "big": "grand", "small": "petit", "cat": "chat", "dog": "chien"}
+    english = list(words)
+    lines = []
+    for i in range(n):
+        en = [english[(i + 3 * k) % len(english)] for k in range(2 + i % 3)]
+        lines.append(" ".join(en) + ".\t" + " ".join(words[w] for w in en) + " .\n")
+    path.write_text("".join(lines))
+
+
+def write_gpt2_and_e2e(folder):
+    """A random tiny GPT-2 (folder/gpt2: model.safetensors, config.json, a byte-level
+    tokenizer) and the three E2E CSVs."""
+    symbols = [*gpt2.bytes_to_unicode().values(), "<|endoftext|>"]
+    (folder / "gpt2").mkdir()
+    (folder / "gpt2" / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(symbols)}))
+    (folder / "gpt2" / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    gpt2.save_pretrained(GPT(len(symbols), block_size=64, n_layer=2, n_head=2, n_embd=16, gelu="tanh", bias=True),
+                         folder / "gpt2")
+    places = (("Aromi", "pub"), ("Zizzi", "cafe"), ("Loch", "bar"))
+    rows = [(f"name[{n}], eatType[{t}]", f"{n} is a {t}.") for n, t in places]
+    for name, part in (("trainset.csv", rows * 2), ("devset.csv", rows[:2]), ("testset_w_refs.csv", rows[1:])):
+        (folder / name).write_text("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in part))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cifar_dir, text_file):
+    """{script: (data folder, out folder of one finished epoch, or 10 iterations)}."""
+    root = tmp_path_factory.mktemp("runs")
+    data = {name: root / f"{name}-data" for name in SCRIPTS}
+    shutil.copytree(cifar_dir, data["vit"])
+    data["gpt"].mkdir()
+    shutil.copy(text_file, data["gpt"] / "verse.txt")
+    data["translate"].mkdir()
+    write_pairs(data["translate"] / "pairs.txt")
+    data["e2e"].mkdir()
+    write_gpt2_and_e2e(data["e2e"])
+    result = {}
+    for name, script in SCRIPTS.items():
+        places = dict(data=data[name], out=root / f"{name}-out")
+        script.main(fill([*FLAGS[name], *FIRST[name]], places))
+        result[name] = places["data"], places["out"]
+    return result
+
+
+@pytest.fixture
+def places(runs, tmp_path):
+    """Fresh copies of the finished runs' data and out folders, for a test to damage."""
+    def copy(script):
+        data, out = runs[script]
+        found = dict(data=tmp_path / "data", out=tmp_path / "out", tmp=tmp_path, file=tmp_path / "a-file",
+                     **{name: runs[name][1] / "ckpt.pt" for name in SCRIPTS})
+        shutil.copytree(data, found["data"])
+        shutil.copytree(out, found["out"])
+        found["file"].write_text("a regular file, not a folder\n")
+        return found
+
+    return copy
+
+
+def fill(argv, places):
+    return [str(a).format(**places) for a in argv]
+
+
+def fails(main, argv, capsys, *expected):
+    """main(argv) exits with code 2 and one line on stderr, which holds each of `expected`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert all(text in lines[0] for text in expected), lines[0]
+    return lines[0]
+
+
+def saved(out):
+    """The bytes of a run's checkpoint and log: what a failure leaves as they were."""
+    return {name: (out / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garbage(path):
+    path.write_bytes(b"\x80\x02 not what this file should hold \xff\x00" * 20)
+
+
+# -----------------------------------------------------------------------------
+# The catalogue: (script, flags, what the line says, damage done first to the copies)
+
+DIVERGED = ["training diverged", "lower --lr or set --grad-clip", "is intact: continue with --resume and a lower --lr"]
+FOREIGN = ["was written by another script, model or flags", "give the flags of the run that wrote it",
+           "another --out-dir"]
+
+def in_out(name, damage):
+    return lambda p: damage(p["out"] / name)
+
+
+def in_data(name, damage):
+    return lambda p: damage(p["data"] / name)
+
+
+def checkpoint_of(script):
+    return lambda p: shutil.copy(p[script], p["out"] / "ckpt.pt")
+
+
+BINS = ["--data-dir", "{out}/data"]  # train_gpt: the .bin files the run prepared from its text
+CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies done first)
+    # train_vit.py
+    "vit: reversible gammas not +-2^-m": ("vit", ["--bdia", "--gammas", "0.3", "-0.3"], ["2^-m"], None),
+    "vit: --bits 30": ("vit", ["--bdia", "--bits", "30"], ["use --bits 20 or less"], None),
+    "vit: --epochs 0": ("vit", ["--epochs", "0"], ["--epochs must be at least 1"], None),
+    "vit: --batch-size 0": ("vit", ["--batch-size", "0"], ["--batch-size must be at least 1"], None),
+    "vit: --lr -1": ("vit", ["--lr", "-1"], ["--lr must be positive"], None),
+    "vit: --dropout 1.5": ("vit", ["--dropout", "1.5"], ["--dropout must be in [0, 1)"], None),
+    "vit: --epochs abc": ("vit", ["--epochs", "abc"], ["invalid int value: 'abc'"], None),
+    "vit: no data, offline": ("vit", ["--data-dir", "{tmp}/nowhere"], ["cannot download", "cifar-10-batches-py"], None),
+    "vit: truncated data batch": ("vit", [], ["cannot read", "data_batch_1"],
+                                  in_data("cifar-10-batches-py/data_batch_1", truncate)),
+    "vit: garbage data batch": ("vit", [], ["cannot read", "data_batch_2"],
+                                in_data("cifar-10-batches-py/data_batch_2", garbage)),
+    "vit: --resume without a checkpoint": ("vit", ["--resume", "--out-dir", "{tmp}/new"], ["without --resume"], None),
+    "vit: truncated checkpoint": ("vit", ["--resume"], ["cannot read checkpoint", "truncated"],
+                                  in_out("ckpt.pt", truncate)),
+    "vit: garbage checkpoint": ("vit", ["--resume"], ["cannot read checkpoint"], in_out("ckpt.pt", garbage)),
+    "vit: checkpoint of a narrower ViT": ("vit", ["--resume", "--dim", "32"], [*FOREIGN, "size mismatch"], None),
+    "vit: ViT checkpoint resumed as --model revvit": ("vit", ["--resume", "--model", "revvit"], FOREIGN, None),
+    "vit: checkpoint of train_gpt": ("vit", ["--resume"], FOREIGN, checkpoint_of("gpt")),
+    "vit: --out-dir is a file": ("vit", ["--out-dir", "{file}"], ["is a file"], None),
+    "vit: diverging --lr": ("vit", ["--bdia", "--resume", "--epochs", "2", "--lr", "1e4"],
+                            ["epoch 2: training diverged (BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED], None),
+    "vit: diverging --lr, plain (NaN loss)": ("vit", ["--resume", "--epochs", "2", "--lr", "1e4"],
+                                              ["epoch 2: training diverged (the training loss is nan)", *DIVERGED], None),
+    # train_gpt.py
+    "gpt: --bits 30": ("gpt", [*BINS, "--bdia", "--bits", "30"], ["use --bits 20 or less"], None),
+    "gpt: --max-iters 0": ("gpt", [*BINS, "--max-iters", "0"], ["--max-iters must be at least 1"], None),
+    "gpt: --batch-size 0": ("gpt", [*BINS, "--batch-size", "0"], ["--batch-size must be at least 1"], None),
+    "gpt: --top-k 0": ("gpt", ["--sample", "1", "--top-k", "0"], ["--top-k must be at least 1"], None),
+    "gpt: no data given": ("gpt", [], ["give the data"], None),
+    "gpt: missing text file": ("gpt", ["--text-file", "{tmp}/missing.txt"], ["no such text file"], None),
+    "gpt: truncated train.bin": ("gpt", BINS, ["train.bin is not a file of uint16 token ids"],
+                                 in_out("data/train.bin", lambda path: path.write_bytes(b"\x01\x00\x02"))),
+    "gpt: garbage train.bin": ("gpt", BINS, ["train.bin holds token id", "corrupt"], in_out("data/train.bin", garbage)),
+    "gpt: garbage meta.json": ("gpt", BINS, ["cannot read", "meta.json"], in_out("data/meta.json", garbage)),
+    "gpt: truncated checkpoint": ("gpt", [*BINS, "--resume"], ["cannot read checkpoint"], in_out("ckpt.pt", truncate)),
+    "gpt: checkpoint of another width": ("gpt", [*BINS, "--resume", "--n-embd", "16"], FOREIGN, None),
+    "gpt: checkpoint of train_vit": ("gpt", [*BINS, "--resume"], FOREIGN, checkpoint_of("vit")),
+    "gpt: --sample from train_vit's checkpoint": ("gpt", ["--sample", "1"], FOREIGN, checkpoint_of("vit")),
+    "gpt: --out-dir is a file": ("gpt", [*BINS, "--out-dir", "{file}"], ["is a file"], None),
+    "gpt: diverging --lr": ("gpt", [*BINS, "--resume", "--max-iters", "20", "--lr", "1e4"],
+                            ["iteration 20: training diverged (the training loss is nan)", "(iteration 10) is intact",
+                             *DIVERGED], None),
+    # train_translate.py
+    "translate: reversible gammas not +-2^-m": ("translate", ["--bdia", "--gammas", "0.3", "-0.3"], ["2^-m"], None),
+    "translate: --epochs 0": ("translate", ["--epochs", "0"], ["--epochs must be at least 1"], None),
+    "translate: --batch-size 0": ("translate", ["--batch-size", "0"], ["--batch-size must be at least 1"], None),
+    "translate: missing pairs file": ("translate", ["--data", "{tmp}/missing.txt"], ["no such file"], None),
+    "translate: binary pairs file": ("translate", [], ["not a UTF-8 text file"], in_data("pairs.txt", garbage)),
+    "translate: truncated checkpoint": ("translate", ["--resume"], ["cannot read checkpoint"],
+                                        in_out("ckpt.pt", truncate)),
+    "translate: checkpoint of train_vit": ("translate", ["--resume"], FOREIGN, checkpoint_of("vit")),
+    "translate: --translate with train_gpt's checkpoint": ("translate", ["--translate", "red cat", "--checkpoint", "{gpt}"],
+                                                           FOREIGN, None),
+    "translate: --out-dir is a file": ("translate", ["--out-dir", "{file}"], ["is a file"], None),
+    "translate: diverging --lr": ("translate", ["--bdia", "--resume", "--epochs", "2", "--lr", "1e6"],
+                                  ["epoch 2: training diverged (BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED],
+                                  None),
+    # finetune_e2e.py
+    "e2e: reversible gamma 0": ("e2e", ["--bdia", "--gammas", "-0.5", "0", "0.5"], ["reversible=True cannot use gamma 0"],
+                                None),
+    "e2e: --epochs 0": ("e2e", ["--epochs", "0"], ["--epochs must be at least 1"], None),
+    "e2e: --batch-size 0": ("e2e", ["--batch-size", "0"], ["--batch-size must be at least 1"], None),
+    "e2e: missing train file": ("e2e", ["--train-file", "{tmp}/missing.csv"], ["no such data file"], None),
+    "e2e: binary train file": ("e2e", [], ["trainset.csv is not a UTF-8 E2E CSV"], in_data("trainset.csv", garbage)),
+    "e2e: truncated config.json": ("e2e", [], ["cannot load --init-from", "config.json"], in_data("gpt2/config.json", truncate)),
+    "e2e: truncated model.safetensors": ("e2e", [], ["model.safetensors", "truncated"],
+                                         in_data("gpt2/model.safetensors", truncate)),
+    "e2e: truncated checkpoint": ("e2e", ["--resume"], ["cannot read checkpoint"], in_out("ckpt.pt", truncate)),
+    "e2e: FT checkpoint resumed with LoRA": ("e2e", ["--resume", "--lora-rank", "2"], [*FOREIGN, "trainable weights"],
+                                             None),
+    "e2e: checkpoint of train_vit": ("e2e", ["--resume"], [*FOREIGN, "trainable weights"], checkpoint_of("vit")),
+    "e2e: --table of a non-JSON file": ("e2e", ["--table", "{out}"], ["is not an e2e_scores.json"],
+                                        in_out("e2e_scores.json", garbage)),
+    "e2e: --out-dir is a file": ("e2e", ["--out-dir", "{file}"], ["is a file"], None),
+    "e2e: diverging --lr": ("e2e", ["--bdia", "--resume", "--epochs", "2", "--lr", "1e4"],
+                            ["epoch 2: training diverged (BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED], None),
+    "e2e: diverging --lr, plain (NaN loss)": ("e2e", ["--resume", "--epochs", "2", "--lr", "1e4"],
+                                              ["epoch 2: training diverged (the training loss is nan)", *DIVERGED], None),
+}
+
+
+@pytest.mark.parametrize("case", CATALOGUE)
+def test_bad_input_is_one_line_exit_2_and_leaves_the_run_intact(case, places, capsys):
+    script, flags, expected, damage = CATALOGUE[case]
+    found = places(script)
+    if damage:
+        damage(found)
+    before = saved(found["out"])
+    fails(SCRIPTS[script].main, fill([*FLAGS[script], *flags], found), capsys, *expected)
+    assert saved(found["out"]) == before
+
+
+# -----------------------------------------------------------------------------
+# Divergence end to end: the failed epoch is named, the checkpoint before it continues
+
+
+def test_vit_divergence_names_the_intact_checkpoint_and_resume_with_the_normal_lr_finishes(places, capsys):
+    found = places("vit")
+    flags = fill([*FLAGS["vit"], "--bdia", "--resume", "--epochs", "2"], found)
+    before = saved(found["out"])
+    line = fails(train_vit.main, [*flags, "--lr", "1e4"], capsys)
+    assert line.startswith("error: epoch 2: training diverged")
+    assert f"{found['out'] / 'ckpt.pt'} (epoch 1) is intact: continue with --resume and a lower --lr" in line
+    assert saved(found["out"]) == before
+    train_vit.main(flags)  # the normal --lr
+    log = [json.loads(line) for line in (found["out"] / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and log[1]["lr"] < 1
+    assert torch.load(found["out"] / "ckpt.pt", weights_only=True)["epoch"] == 2
+
+
+def test_gpt_divergence_names_the_intact_checkpoint_and_resume_with_the_normal_lr_finishes(places, capsys):
+    found = places("gpt")
+    flags = fill([*FLAGS["gpt"], *BINS, "--resume", "--max-iters", "20"], found)
+    before = saved(found["out"])
+    line = fails(train_gpt.main, [*flags, "--lr", "1e4"], capsys)
+    assert line.startswith("error: iteration 20: training diverged") and "(iteration 10) is intact" in line
+    assert saved(found["out"]) == before
+    train_gpt.main(flags)
+    log = [json.loads(line) for line in (found["out"] / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [0, 10, 20]
+    assert (found["out"] / "log.jsonl").read_bytes().startswith(before["log.jsonl"])  # the first lines as they were
+
+
+def test_the_error_starts_a_line_of_its_own_after_a_progress_bar(places, capsys, monkeypatch):
+    monkeypatch.setattr(train_gpt, "tqdm", tqdm)  # the bar a user sees, left open by the failure
+    found = places("gpt")
+    with pytest.raises(SystemExit):
+        train_gpt.main(fill([*FLAGS["gpt"], *BINS, "--resume", "--max-iters", "20", "--lr", "1e4"], found))
+    err = capsys.readouterr().err
+    assert "it/s" in err and err.split("\n")[-2].startswith("error: iteration 20: training diverged")
+
+
+def test_divergence_before_any_checkpoint_says_none_was_written(places, capsys):
+    found = places("vit")
+    argv = fill([*FLAGS["vit"], "--out-dir", "{tmp}/new", "--epochs", "1", "--lr", "1e4"], found)
+    fails(train_vit.main, argv, capsys, "epoch 1: training diverged",
+          "no checkpoint was written yet: run again with a lower --lr")
+
+
+# -----------------------------------------------------------------------------
+# Out of memory and bits the measured |x| cannot hold, raised where training runs
+
+TRAINING_STEP = {"vit": "train_epoch", "gpt": "train_step", "translate": "train_epoch", "e2e": "train_epoch"}
+NEXT = {"vit": ["--epochs", "2"], "gpt": [*BINS, "--max-iters", "20"], "translate": ["--epochs", "2"],
+        "e2e": ["--epochs", "2"]}
+WHERE = {"vit": "epoch 2", "gpt": "iteration 10", "translate": "epoch 2", "e2e": "epoch 2"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cuda_out_of_memory_names_the_flags_that_lower_memory(script, places, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 79.10 GiB of which 1.2 GiB is free.\nSee the documentation")
+
+    found = places(script)
+    monkeypatch.setattr(SCRIPTS[script], TRAINING_STEP[script], out_of_memory)
+    before = saved(found["out"])
+    fails(SCRIPTS[script].main, fill([*FLAGS[script], "--resume", *NEXT[script]], found), capsys,
+          f"error: {WHERE[script]}: CUDA out of memory (Tried to allocate 2.00 GiB): use a smaller --batch-size",
+          "--bdia", "--amp", "is intact: continue with --resume and those flags")
+    assert saved(found["out"]) == before
+
+
+def test_bits_beyond_the_measured_range_say_fewer_bits(places, capsys, monkeypatch):
+    def too_large(*args, **kwargs):
+        bdia.check_magnitudes([torch.tensor(100.0)], torch.zeros(1), 20)  # the engine's own error
+
+    found = places("vit")
+    monkeypatch.setattr(train_vit, "train_epoch", too_large)
+    argv = fill([*FLAGS["vit"], "--bdia", "--bits", "20", "--resume", "--epochs", "2"], found)
+    fails(train_vit.main, argv, capsys, "error: epoch 2: BDIA: |x| reached 100", "Use fewer bits",
+          "(epoch 1) is intact: continue with --resume and a smaller --bits")
+
+
+# -----------------------------------------------------------------------------
+# bench.py and plot.py
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--depths", "0"], "--depths must be at least 1"),
+    (["--depths", "abc"], "comma-separated integers"),
+    (["--modes", "plain,magic"], "unknown mode(s) ['magic']"),
+    (["--family", "gpt", "--modes", "revvit"], "no mode is left"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--dim", "10", "--heads", "3"], "must be divisible by the heads 3"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--json", "/nonexistent-folder/bench.json"], "no such folder"),
+    (["--family", "resnet"], "invalid choice: 'resnet'"),
+])
+def test_bench_bad_flags(flags, expected, capsys, monkeypatch):
+    def bench_main(argv):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+        bench.main()
+
+    fails(bench_main, flags, capsys, expected)
+
+
+def test_bench_cuda_without_a_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda"])
+    fails(lambda argv: bench.main(), [], capsys, "torch sees no CUDA device")
+
+
+PLOT_FILES = {
+    "log.jsonl": '{"epoch": 1, "train_loss": 2.0, "val_loss": 2.1}\n',
+    "empty.jsonl": "",
+    "text.jsonl": "epoch 1 loss 2.0\n",
+    "sweep.json": "{not json",
+    "bench.json": '{"rows": []}',
+    "binary.json": "\udcff\x00",
+}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["curves", "{tmp}/missing.jsonl"], "no such file"),
+    (["curves"], "needs at least one input file"),
+    (["curves", "{tmp}/text.jsonl"], "text.jsonl is not a log.jsonl"),
+    (["curves", "{tmp}/empty.jsonl"], "holds no log lines"),
+    (["curves", "{tmp}/log.jsonl", "--labels", "a,b"], "1 files but 2 labels"),
+    (["curves", "{tmp}/log.jsonl", "--x", "time"], "needs a log with epoch_seconds or seconds"),
+    (["curves", "{tmp}/log.jsonl", "-o", "{tmp}/no/such/folder.png"], "cannot write"),
+    (["gamma-sweep", "{tmp}/sweep.json"], "sweep.json is not a JSON file"),
+    (["gamma-sweep", "{tmp}/log.jsonl"], "gamma-sweep needs gamma_sweep.json files"),
+    (["gamma-sweep", "{tmp}/binary.json"], "is not a JSON file"),
+    (["bench", "{tmp}/bench.json"], "bench needs JSON files of bench.py --json"),
+    (["reconstruction", "--depth", "1"], "--depth must be at least 2"),
+    (["histogram", "{tmp}/log.jsonl"], "invalid choice: 'histogram'"),
+])
+def test_plot_bad_files_and_flags(argv, expected, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional")
+    for name, text in PLOT_FILES.items():
+        (tmp_path / name).write_text(text, errors="surrogateescape")
+    fails(plot.main, [a.format(tmp=tmp_path) for a in argv], capsys, expected)
+    assert not list(tmp_path.glob("*.png"))
