@@ -49,12 +49,16 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
+def round_ste(y):
+    return _RoundSTE.apply(y)
+
+
 def quantize(x, bits):
     """Q_l[x] = round(x / 2^-l) 2^-l, eq. (17); identity when bits is None."""
     if bits is None:
         return x
     scale = 2.0**bits  # a power of two: the multiply and divide are exact
-    return _RoundSTE.apply(x * scale) / scale
+    return round_ste(x * scale) / scale
 
 
 def mantissa_bits(dtype):
@@ -80,21 +84,31 @@ def side_info(x, bits, m):
 def pack_bits(s, m):
     """Pack integer values 0 <= s < 2^m into m bits each: m bit planes, 8 flags per byte."""
     n = s.numel()
-    s = s.reshape(-1).to(torch.uint8)
-    s = torch.cat([s, s.new_zeros((-n) % 8)])  # pad to a multiple of 8
-    shifts = torch.arange(8, dtype=torch.uint8, device=s.device)
-    planes = [((s >> j) & 1).view(-1, 8) << shifts for j in range(m)]
-    return torch.stack(planes).sum(dim=-1, dtype=torch.uint8)  # (m, ceil(n / 8))
+    if n % 8:
+        s = torch.cat([s.reshape(-1), s.new_zeros(8 - n % 8)])  # pad to a multiple of 8
+    flags = s.reshape(1, -1, 8).to(torch.uint8)
+    if m > 1:
+        flags = torch.cat([(flags >> j) & 1 for j in range(m)])
+    return (flags << bit_shifts(s.device)).sum(dim=-1, dtype=torch.uint8)  # (m, ceil(n / 8))
 
 
-def unpack_bits(packed, m, shape, dtype):
-    """Inverse of pack_bits: the m-bit values as a tensor of `shape` and `dtype`."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    flags = (packed.unsqueeze(-1) >> shifts) & 1  # (m, ceil(n / 8), 8)
+def unpack_bits(packed, m, shape, dtype=torch.uint8):
+    """Inverse of pack_bits: the m-bit values as a tensor of `shape` (uint8 unless asked)."""
+    flags = (packed.unsqueeze(-1) >> bit_shifts(packed.device)) & 1  # (m, ceil(n / 8), 8)
     s = flags[0]
     for j in range(1, m):
         s = s | (flags[j] << j)
     return s.reshape(-1)[: math.prod(shape)].view(shape).to(dtype)
+
+
+_BIT_SHIFTS = {}
+
+
+def bit_shifts(device):
+    """The shifts 0..7 of the 8 flags in a byte, made once per device."""
+    if device not in _BIT_SHIFTS:
+        _BIT_SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return _BIT_SHIFTS[device]
 
 
 def power_of_two_exponent(gamma):
@@ -126,12 +140,15 @@ class BDIAConfig:
     bits:       l, the quantization precision 2^-l (17); None for no quantization (10).
     reversible: online back-propagation: activations are rebuilt by (24), not stored.
     eval_gamma: the constant gamma at inference; 0 is the standard transformer (25).
+    fused:      reversible training with its element-wise arithmetic compiled by
+                torch.compile: a handful of fused kernels per block instead of ~20.
     """
 
     gammas: tuple = (-0.5, 0.5)
     bits: int = 9
     reversible: bool = True
     eval_gamma: float = 0.0
+    fused: bool = False
 
     def __post_init__(self):
         gammas = tuple(float(g) for g in self.gammas)
@@ -152,6 +169,8 @@ class BDIAConfig:
             )
         if self.reversible:
             self._check_reversible()
+        elif self.fused:
+            raise ValueError("BDIAConfig: fused=True compiles the reversible step; it needs reversible=True")
 
     def _check_reversible(self):
         fix = "or pass reversible=False to store activations instead"
@@ -187,37 +206,65 @@ class BDIAConfig:
 # One BDIA step forward (21)/(10) and backward (24)/(16)
 
 
+Factors = namedtuple("Factors", "gamma minus plus minus_l plus_l")
+
+
+def step_factors(gammas, bits):
+    """What each step multiplies by, per sample and block, computed once per stack: gamma_k,
+    1 - gamma_k, 1 + gamma_k, and the last two times 2^l (they put the mixed term of (21) on
+    the integer grid). gammas: (batch, K-1)."""
+    scale = 1.0 if bits is None else 2.0**bits
+    minus, plus = 1 - gammas, 1 + gammas
+    return Factors(gammas, minus, plus, minus * scale, plus * scale)
+
+
+def as_factors(gamma, bits):
+    """gamma_k as Factors: as it is when it already is (a stack's, computed once per step),
+    else from a number or a per-sample tensor."""
+    return gamma if isinstance(gamma, Factors) else step_factors(torch.as_tensor(gamma), bits)
+
+
+def factors_of(factors, k, x):
+    """Block k's factors (k >= 1), shaped to broadcast over x: (batch, 1, ..., 1)."""
+    shape = (-1, *([1] * (x.dim() - 1)))
+    return Factors(*(f[:, k - 1].view(shape) for f in factors))
+
+
 def first_step(x0, h0, bits):
     """x_1 = x_0 + Q_l[h_0(x_0)], eqs. (19) and (6)."""
-    return x0 + quantize(h0, bits)
+    if bits is None:
+        return x0 + h0
+    return x0.add(round_ste(h0 * 2.0**bits), alpha=2.0**-bits)
 
 
-def mixed_term(x, h, gamma, bits):
-    """Q_l[(1 - gamma_k) x_k + (1 + gamma_k) h_k(x_k)], the second term of (21)."""
-    return quantize((1 - gamma) * x + (1 + gamma) * h, bits)
+def mixed_term(x, h, f):
+    """Q_l[(1 - gamma_k) x_k + (1 + gamma_k) h_k(x_k)], the second term of (21), in units of 2^-l
+    (an integer-valued tensor). The forward (21) and the rebuild (24) both call this function,
+    so both round the very same number: that is what makes (24) exact."""
+    return round_ste(torch.addcmul(x * f.minus_l, h, f.plus_l))
 
 
 def bdia_step(x_prev, x, h, gamma, bits, side=None):
-    """x_{k+1} from (x_{k-1}, x_k, h_k(x_k)): eq. (21), or eq. (10) when bits is None.
-    side None: (21) without the side term (gammas that are not +-2^-m, and inference)."""
+    """x_{k+1} from (x_{k-1}, x_k, h_k(x_k)): eq. (21), or eq. (10) when bits is None. gamma:
+    gamma_k (a number, a per-sample tensor, or the block's Factors). side None: (21) without
+    the side term (gammas that are not +-2^-m)."""
+    f = as_factors(gamma, bits)
     if bits is None:
-        return gamma * x_prev + (1 - gamma) * x + (1 + gamma) * h  # (10)
-    # Q_l on the first term is a no-op when |gamma| = 2^-m (Prop. 4.3); it keeps
-    # other gammas (non-reversible training, e.g. +-0.6) on the grid (Lemma 4.2).
-    first = quantize(gamma * (x_prev if side is None else x_prev + side * 2.0**-bits), bits)
-    return first + mixed_term(x, h, gamma, bits)  # (21)
+        return f.gamma * x_prev + f.minus * x + f.plus * h  # (10)
+    if side is None:  # Q_l keeps gamma x_{k-1} on the grid (Lemma 4.2), e.g. for gamma = +-0.6
+        first = quantize(f.gamma * x_prev, bits)
+    else:  # x_{k-1} + s 2^-l is a multiple of 2^(m-l): the product with gamma is exact (23)
+        first = f.gamma * x_prev.add(side, alpha=2.0**-bits)
+    return first.add(mixed_term(x, h, f), alpha=2.0**-bits)  # (21)
 
 
 def bdia_unstep(x_next, x, h, gamma, bits, side=None):
     """x_{k-1} from (x_k, x_{k+1}, h_k(x_k)): eq. (24), exact; or eq. (16) when bits is None."""
+    f = as_factors(gamma, bits)
     if bits is None:
-        return x_next / gamma - (1 - gamma) / gamma * x - (1 + gamma) / gamma * h  # (16)
-    return (x_next - mixed_term(x, h, gamma, bits)) / gamma - side * 2.0**-bits  # (24)
-
-
-def per_sample(gamma, x):
-    """View a (batch,) tensor of gammas so that it broadcasts over x's other dimensions."""
-    return gamma.view(-1, *([1] * (x.dim() - 1)))
+        return x_next / f.gamma - f.minus / f.gamma * x - f.plus / f.gamma * h  # (16)
+    x_prev = x_next.sub(mixed_term(x, h, f), alpha=2.0**-bits)  # a new tensor: the rest works in place
+    return x_prev.div_(f.gamma).sub_(side, alpha=2.0**-bits)  # (24); dividing by 2^-m is exact
 
 
 def draw_gammas(config, batch, depth, device, dtype):
@@ -257,12 +304,12 @@ def run_blocks(blocks, x, config, *context):
             f"{exact_limit(x.dtype, config.bits):g}, and a normalised residual stream exceeds that; use "
             f"bits <= {mantissa_bits(x.dtype) - 3} (the paper uses 9) or a float64 stream"
         )
-    gammas = draw_gammas(config, x.shape[0], len(blocks), x.device, x.dtype)
+    factors = step_factors(draw_gammas(config, x.shape[0], len(blocks), x.device, x.dtype), config.bits)
     if config.reversible and torch.is_grad_enabled():
-        return reversible_stack(blocks, x, gammas, config, context)
+        return reversible_stack(blocks, x, factors, config, context)
     x_prev, x = None, quantize(x, config.bits)  # (18)
     for k, block in enumerate(blocks):
-        x_prev, x = x, bdia_block(block, k, x_prev, x, gammas, config, context)[0]
+        x_prev, x = x, bdia_block(block, k, x_prev, x, factors, config, context)[0]
     return x
 
 
@@ -271,7 +318,7 @@ def residual_of(block, x, context):
     return block.residual(x, *context).to(x.dtype)
 
 
-def bdia_block(block, k, x_prev, x, gammas, config, context):
+def bdia_block(block, k, x_prev, x, factors, config, context):
     """One block of BDIA training: x_{k+1} by (19) for k = 0, else by (21) (or (10)).
     Returns x_{k+1} and the side information s_{k-1} (20) it used (None if none)."""
     h = residual_of(block, x, context)
@@ -279,8 +326,7 @@ def bdia_block(block, k, x_prev, x, gammas, config, context):
         return first_step(x, h, config.bits), None  # (19)
     m = side_bits(config.gammas)
     side = None if config.bits is None or m is None else side_info(x_prev, config.bits, m)  # (20)
-    gamma = per_sample(gammas[:, k - 1], x)
-    return bdia_step(x_prev, x, h, gamma, config.bits, side), side  # (21)
+    return bdia_step(x_prev, x, h, factors_of(factors, k, x), config.bits, side), side  # (21)
 
 
 def bdia_inference(blocks, x, config, *context):
@@ -288,6 +334,7 @@ def bdia_inference(blocks, x, config, *context):
     bits (21) without the side term: side information only serves the exact inverse (24),
     which inference never takes."""
     gamma, bits = config.eval_gamma, config.bits
+    f = Factors(*step_factors(torch.tensor(gamma, dtype=x.dtype, device=x.device), bits)) if gamma else None
     x_prev, x = None, quantize(x, bits)  # (18)
     for k, block in enumerate(blocks):
         h = residual_of(block, x, context)
@@ -296,7 +343,7 @@ def bdia_inference(blocks, x, config, *context):
         elif gamma == 0:
             x_prev, x = x, quantize(x + h, bits)  # (25)
         else:
-            x_prev, x = x, bdia_step(x_prev, x, h, gamma, bits)  # (10), or (21) without s
+            x_prev, x = x, bdia_step(x_prev, x, h, f, bits)  # (10), or (21) without s
     return x
 
 
@@ -362,7 +409,7 @@ class Tape:
 
 
 def max_abs(x):
-    return x.detach().abs().amax()
+    return torch.linalg.vector_norm(x.detach(), float("inf"))  # NaN stays NaN
 
 
 def fingerprint(x, bits):
@@ -401,13 +448,13 @@ class DivergedError(RuntimeError):
     """The residual stream blew up (NaN, infinity or |x| > 2^20): the training diverged."""
 
 
-def reversible_stack(blocks, x, gammas, config, context):
+def reversible_stack(blocks, x, factors, config, context):
     """BDIA training (18)-(21) whose backward rebuilds the activations by (24)."""
     x_prev, x = None, quantize(x, config.bits)  # (18)
     tape = Tape(x, config)
     for k, block in enumerate(blocks):
         params = [p for p in block.parameters() if p.requires_grad]
-        x_next = ReversibleBlock.apply(tape, block, k, gammas, x_prev, x, len(context), *context, *params)
+        x_next = ReversibleBlock.apply(tape, block, k, factors, x_prev, x, len(context), *context, *params)
         x_prev, x = x, x_next
     check_magnitudes(tape.magnitudes, x, config.bits)
     tape.rebuilt = {len(blocks): x.detach(), len(blocks) - 1: x_prev.detach()}
@@ -415,55 +462,59 @@ def reversible_stack(blocks, x, gammas, config, context):
     return x
 
 
-Saved = namedtuple("Saved", "side gammas context")  # what block k's forward kept
-Grads = namedtuple("Grads", "x_prev x context params")  # what block k's backward returns
-
-
 class ReversibleBlock(torch.autograd.Function):
     """Block k of a reversible BDIA stack: (x_{k-1}, x_k) -> x_{k+1}, no activations kept.
 
-    Its inputs, in this order: tape, block, k, gammas, x_prev, x, n_context, *context,
-    *params. The parameters are inputs so that their gradients come out of this backward,
-    block by block, as in a plain model (DDP's hooks fire; frozen inputs work)."""
+    Its inputs, in this order: tape, block, k, factors, x_prev, x, n_context, *context, *params.
+    The parameters are inputs so that their gradients come out of this backward, block by
+    block, as in a plain model (DDP's hooks fire; frozen inputs work)."""
 
     @staticmethod
-    def forward(ctx, tape, block, k, gammas, x_prev, x, n_context, *context_and_params):
+    def forward(ctx, tape, block, k, factors, x_prev, x, n_context, *context_and_params):
         context = context_and_params[:n_context]
-        rng_before = tape.rng_state()
-        x_next, side = bdia_block(block, k, x_prev, x, gammas, tape.config, context)
-        tape.magnitudes.append(max_abs(x_next))
+        rng_before = tape.rng_state() if may_draw_random(block) else None
+        if tape.config.fused and k > 0:
+            x_next, packed, size = fused_step(block, k, x_prev, x, factors, tape.config, context)
+        else:
+            x_next, side = bdia_block(block, k, x_prev, x, factors, tape.config, context)
+            packed = None if side is None else pack_bits(side, side_bits(tape.config.gammas))
+            size = max_abs(x_next)
+        tape.magnitudes.append(size)
         ctx.tape, ctx.block, ctx.k = tape, block, k
-        ctx.rng = tape.rng_state_if_drawn(rng_before)  # only blocks with dropout keep an RNG state
+        ctx.rng = rng_before and tape.rng_state_if_drawn(rng_before)  # only blocks with dropout keep one
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         # Everything a block keeps goes through save_for_backward (the tests count it with
         # saved-tensor hooks), but the RNG states of blocks with dropout.
-        packed = None if side is None else pack_bits(side, side_bits(tape.config.gammas))
         ctx.other_context = [None if torch.is_tensor(c) else c for c in context]
-        ctx.save_for_backward(packed, gammas, *[c if torch.is_tensor(c) else None for c in context])
+        ctx.save_for_backward(packed, *factors, *[c if torch.is_tensor(c) else None for c in context])
         return x_next
 
     @staticmethod
     def backward(ctx, g_next):
         k, config = ctx.k, ctx.tape.config
         x_next, x = ctx.tape.take(k)  # x_{k+1}, x_k: rebuilt by the block above (or the top pair)
-        saved = Saved(*ctx.saved_tensors[:2], context=context_leaves(ctx))
-        gamma = 0.0 if k == 0 else per_sample(saved.gammas[:, k - 1], x)
-        x_leaf, h = recompute_residual(ctx, x, saved.context)  # h_k(x_k), with its graph
-        grads = gradients_through_step(ctx, h, x_leaf, saved.context, gamma, g_next)
-        if k > 0:  # x_{k-1} for the backward of block k - 1, exactly: eq. (24)
-            side = unpack_bits(saved.side, side_bits(config.gammas), x.shape, x.dtype)
-            x_prev = bdia_unstep(x_next, x, h.detach(), gamma, config.bits, side)
+        packed, factors, context = ctx.saved_tensors[0], Factors(*ctx.saved_tensors[1 : 1 + len(Factors._fields)]), context_leaves(ctx)
+        x_leaf, h = recompute_residual(ctx, x, context)  # h_k(x_k), with its graph
+        f = factors_of(factors, k, x) if k > 0 else None
+        if k > 0 and config.fused:  # the same, compiled
+            ctx.tape.rebuilt[k - 1] = fused_unstep(x_next, x, h.detach(), f, config, packed)
             if k == 1:
-                ctx.tape.check_x0(x_prev)
-            ctx.tape.rebuilt[k - 1] = x_prev
+                ctx.tape.check_x0(ctx.tape.rebuilt[0])
+        elif k > 0:  # x_{k-1} for the backward of block k - 1, exactly: eq. (24)
+            side = unpack_bits(packed, side_bits(config.gammas), x.shape)
+            ctx.tape.rebuilt[k - 1] = bdia_unstep(x_next, x, h.detach(), f, config.bits, side)
+            if k == 1:
+                ctx.tape.check_x0(ctx.tape.rebuilt[0])
         else:
             ctx.tape.rebuilt.pop(0)
+        del x_next  # the rebuild is done: x_{k+1} is not needed again (nor the side bits)
+        grads = gradients_through_step(ctx, h, x_leaf, context, f, g_next)
         return (None, None, None, None, grads.x_prev, grads.x, None, *grads.context, *grads.params)
 
 
 def context_leaves(ctx):
     """The block's context for the recomputation: tensors that need a gradient become leaves."""
-    tensors = ctx.saved_tensors[2:]
+    tensors = ctx.saved_tensors[1 + len(Factors._fields):]
     return [c if t is None else t.detach().requires_grad_(t.requires_grad) for t, c in zip(tensors, ctx.other_context)]
 
 
@@ -481,18 +532,98 @@ def recompute_residual(ctx, x, context):
     return x_leaf, h
 
 
-def gradients_through_step(ctx, h, x_leaf, context, gamma, g_next):
+Grads = namedtuple("Grads", "x_prev x context params")  # what block k's backward returns
+
+
+def gradients_through_step(ctx, h, x_leaf, context, f, g_next):
     """dL/d(inputs) of x_{k+1} = gamma x_{k-1} + Q[(1 - gamma) x_k + (1 + gamma) h_k(x_k)] (21),
     Q straight-through: dx_{k+1}/dx_{k-1} = gamma, dx_{k+1}/dx_k = (1 - gamma) + (1 + gamma) dh/dx.
-    For k = 0 (19) this is gamma = 0."""
+    For k = 0 (19), f is None: gamma = 0."""
     params = [p for p in ctx.block.parameters() if p.requires_grad]
     leaves = [c for c in context if torch.is_tensor(c) and c.requires_grad]
-    grads = torch.autograd.grad(h, [x_leaf, *params, *leaves], (1 + gamma) * g_next, allow_unused=True)
-    g_h, g_params, g_leaves = grads[0], grads[1 : 1 + len(params)], grads[1 + len(params) :]
-    g_x = (1 - gamma) * g_next + (0 if g_h is None else g_h)
-    g_prev = gamma * g_next if ctx.k > 0 and ctx.needs_input_grad[4] else None
+    g_h = g_next if f is None else compiled(scale, ctx.tape.config.fused)(g_next, f.plus)
+    grads = torch.autograd.grad(h, [x_leaf, *params, *leaves], g_h, allow_unused=True)  # frees the graph
+    g_x, g_params, g_leaves = grads[0], grads[1 : 1 + len(params)], grads[1 + len(params) :]
+    if f is None:
+        g_x, g_prev = g_next if g_x is None else g_x.add_(g_next), None
+    else:
+        g_x, g_prev = compiled(combine, ctx.tape.config.fused)(g_x if g_x is not None else torch.zeros_like(g_next),
+                                                               g_next, f.minus, f.gamma)
+    g_prev = g_prev if ctx.needs_input_grad[4] else None
     by_leaf = dict(zip(map(id, leaves), g_leaves))
     return Grads(g_prev, g_x, [by_leaf.get(id(c)) for c in context], g_params)
+
+
+def scale(g, factor):
+    return g * factor
+
+
+def combine(g_x, g_next, minus, gamma):
+    """dL/dx_k = (1 - gamma) dL/dx_{k+1} + dL/dh dh/dx, and dL/dx_{k-1} = gamma dL/dx_{k+1}."""
+    return g_x.addcmul_(g_next, minus), g_next * gamma
+
+
+def may_draw_random(block):
+    """Whether a block in training mode can draw random numbers: it has dropout (a Dropout
+    module, or a float attribute named *dropout* above 0). Other blocks keep no RNG state:
+    nothing to replay. (A block that draws otherwise fails the x_0 check, loudly.)"""
+    for module in block.modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        if any("dropout" in name and isinstance(v, float) and v > 0 for name, v in vars(module).items()):
+            return True
+    return False
+
+
+# -----------------------------------------------------------------------------
+# The fused path (BDIAConfig(fused=True)): a reversible step's element-wise arithmetic as a
+# few torch.compile'd kernels. The mixed term is its own compiled function, called by the
+# forward (21) and by the rebuild (24) alike: two different compilations of it could round
+# differently (a fused multiply-add in one and not the other), and the rebuild would drift.
+
+
+_COMPILED = {}
+
+
+def compiled(fn, fused=True):
+    """fn compiled once by torch.compile when fused, else fn itself (eager)."""
+    if not fused:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=None)
+    return _COMPILED[fn]
+
+
+def grid_mixed(x, h, minus_l, plus_l):
+    return torch.round(torch.addcmul(x * minus_l, h, plus_l))  # mixed_term without autograd
+
+
+def grid_step(x_prev, mixed, gamma, bits, m):
+    """(20), (21), the packed side bits and |x_{k+1}| in one compiled function."""
+    side = torch.remainder(x_prev * -(2.0**bits), 2**m)
+    x_next = (gamma * (x_prev + side * 2.0**-bits)) + mixed * 2.0**-bits
+    return x_next, pack_bits(side, m), torch.linalg.vector_norm(x_next, float("inf"))
+
+
+def grid_unstep(x_next, mixed, gamma, packed, bits, m):
+    """(24): every operation here is exact, whatever the compiler makes of it."""
+    side = unpack_bits(packed, m, x_next.shape, x_next.dtype)
+    return (x_next - mixed * 2.0**-bits) / gamma - side * 2.0**-bits
+
+
+def fused_step(block, k, x_prev, x, factors, config, context):
+    """Block k >= 1 of a fused reversible stack: (x_{k+1}, packed s_{k-1}, |x_{k+1}|)."""
+    h = residual_of(block, x, context)
+    f = factors_of(factors, k, x)
+    mixed = compiled(grid_mixed)(x, h, f.minus_l, f.plus_l)
+    return compiled(grid_step)(x_prev, mixed, f.gamma, config.bits, side_bits(config.gammas))
+
+
+def fused_unstep(x_next, x, h, f, config, packed):
+    mixed = compiled(grid_mixed)(x, h, f.minus_l, f.plus_l)
+    return compiled(grid_unstep)(x_next, mixed, f.gamma, packed, config.bits, side_bits(config.gammas))
 
 
 # -----------------------------------------------------------------------------
@@ -533,17 +664,17 @@ def reconstruction_errors(depth=12, dim=256, heads=8, batch=4, seq=64, bits=9, s
     gammas = draw_gammas(BDIAConfig(), batch, depth, x0.device, x0.dtype)
     errors = {}
     for name, b in (("eq16", None), ("eq24", bits)):
-        config = BDIAConfig(bits=b, reversible=False)
+        config, factors = BDIAConfig(bits=b, reversible=False), step_factors(gammas, b)
         xs, sides = [quantize(x0, b)], []  # sides[k]: the s_{k-1} block k used
         for k, block in enumerate(blocks):  # forward, keeping every x_k for comparison
-            x_next, side = bdia_block(block, k, xs[k - 1] if k else None, xs[k], gammas, config, ())
+            x_next, side = bdia_block(block, k, xs[k - 1] if k else None, xs[k], factors, config, ())
             xs.append(x_next)
             sides.append(side)
         rebuilt = {depth: xs[depth], depth - 1: xs[depth - 1]}
         for k in range(depth - 1, 0, -1):  # backward, from the top pair only
-            gamma = per_sample(gammas[:, k - 1], xs[k])
             h = blocks[k].residual(rebuilt[k])
-            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gamma, b, sides[k])  # (24) or (16)
+            f = factors_of(factors, k, xs[k])
+            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, f, b, sides[k])  # (24) or (16)
         errors[name] = [(rebuilt[k] - xs[k]).abs().max().item() for k in range(depth + 1)]
     return errors
 

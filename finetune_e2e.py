@@ -347,7 +347,7 @@ def run(args):
             optimizer.load_state_dict(ckpt["optimizer"])
             training.set_rng_state(ckpt["rng"])
             start_epoch = ckpt["epoch"] + 1
-    train_model = torch.compile(model) if args.compile else model
+    train_model = training.compiled_model(model, args)
     # points within an epoch have a fractional epoch: those of the epoch run again are dropped
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] <= start_epoch - 1)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -220,7 +220,7 @@ def run(args):
             optimizer.load_state_dict(ckpt["optimizer"])
             training.set_rng_state(ckpt["rng"][dist.rank])
             start_iter = ckpt["iter"]
-    train_model = torch.compile(model) if args.compile else model
+    train_model = training.compiled_model(model, args)
     if dist.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)

@@ -374,7 +374,7 @@ def run(args):
             optimizer.load_state_dict(ckpt["optimizer"])
             training.set_rng_state(ckpt["rng"])
             start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-    train_model = torch.compile(model) if args.compile else model
+    train_model = training.compiled_model(model, args)
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     total_steps = args.epochs * len(length_batches(train_ex, args.batch_size))
     mode = "plain" if args.bdia_config is None else f"bdia{'' if args.bdia_config.reversible else '-stored'}"

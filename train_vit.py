@@ -283,7 +283,7 @@ def run(args):
             optimizer.load_state_dict(ckpt["optimizer"])
             training.set_rng_state(ckpt["rng"])  # the dropout masks and gammas continue where they were
             start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
-    train_model = torch.compile(model) if args.compile else model
+    train_model = training.compiled_model(model, args)
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
     print(f"{mode}: {training.count_params(model) / 1e6:.2f}M parameters, {len(images.train_x)} training images, "

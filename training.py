@@ -68,7 +68,8 @@ def add_run_args(parser, out_dir):
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the blocks (the residual stream stays float32)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model; with reversible --bdia, "
+                   "BDIA's arithmetic instead (BDIAConfig(fused=True))")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--out-dir", default=out_dir, help=f"logs and checkpoints (default {out_dir})")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
@@ -88,7 +89,9 @@ def check_args(parser, args, at_least_1=(), at_least_0=(), positive=(), fraction
         parser.error(f"--out-dir {args.out_dir} is a file; give a folder for the logs and checkpoints")
     try:
         args.gammas = number_list(args.gammas)
-        args.bdia_config = BDIAConfig(args.gammas, args.bits, not args.no_reversible, args.eval_gamma) if args.bdia else None
+        reversible = not args.no_reversible
+        args.bdia_config = (BDIAConfig(args.gammas, args.bits, reversible, args.eval_gamma, fused=args.compile and reversible)
+                            if args.bdia else None)
     except (argparse.ArgumentTypeError, ValueError) as e:
         parser.error(str(e))
     if args.bdia and args.bits is not None and exact_limit(torch.float32, args.bits) <= 1:  # the scripts' streams
@@ -97,12 +100,20 @@ def check_args(parser, args, at_least_1=(), at_least_0=(), positive=(), fraction
                      f"{mantissa_bits(torch.float32) - 3} or less (the paper uses 9)")
 
 
+def compiled_model(model, args):
+    """torch.compile(model) with --compile, but for reversible BDIA: its autograd Function keeps
+    Python state between forward and backward, which a whole-model graph cannot hold, so there
+    --compile compiles BDIA's element-wise arithmetic instead (BDIAConfig(fused=True))."""
+    fused = args.bdia_config is not None and args.bdia_config.fused
+    return torch.compile(model) if args.compile and not fused else model
+
+
 def plain_args(args):
     """vars(args), the BDIA config as a plain dict: checkpoints load with weights_only=True."""
     config = args.bdia_config
     return {k: v for k, v in vars(args).items() if k != "bdia_config"} | {
-        "bdia": None if config is None else dict(gammas=list(config.gammas), bits=config.bits,
-                                                 reversible=config.reversible, eval_gamma=config.eval_gamma)}
+        "bdia": None if config is None else dict(gammas=list(config.gammas), bits=config.bits, reversible=config.reversible,
+                                                 eval_gamma=config.eval_gamma, fused=config.fused)}
 
 
 def pick_device(name):

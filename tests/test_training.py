@@ -30,6 +30,8 @@ def bdia_config(argv):
 
 def test_bdia_flags_build_the_config():
     assert bdia_config([]) is None
+    assert bdia_config(["--bdia", "--compile"]) == BDIAConfig(fused=True)  # --compile fuses BDIA's arithmetic
+    assert bdia_config(["--bdia", "--compile", "--no-reversible"]) == BDIAConfig(reversible=False)
     assert bdia_config(["--bdia", "--gammas", "-0.25", "0.25", "--bits", "5"]) == BDIAConfig((-0.25, 0.25), 5, True, 0.0)
     config = bdia_config(["--bdia", "--bits", "none", "--no-reversible", "--gammas=-0.5,0,0.5"])  # commas too
     assert config == BDIAConfig((-0.5, 0.0, 0.5), None, False, 0.0)
