@@ -6,6 +6,8 @@ user would choose between:
     checkpoint  torch.utils.checkpoint around each block (the usual memory saver)
     bdia        BDIA training with stored activations (eqs. 18-21)
     bdia-rev    BDIA with online back-propagation (activations rebuilt by eq. 24)
+    bdia-fused  bdia-rev with its arithmetic compiled (BDIAConfig(fused=True); not in the
+                default --modes: compiling takes a minute)
     revvit      RevViT's two-stream reversible blocks with their own online back-propagation
                 (the paper's reversible baseline; vit family only)
 
@@ -15,7 +17,14 @@ freed tensors leave RSS). Both are measured after a warm-up step, so parameters,
 gradients and optimizer state are already allocated and the rise is the activations
 (plus transient workspace). Time: warm-up, then the modes interleaved, medians.
 
+--kernels counts, instead, what each mode adds per block and training step beyond the
+block's own computation, on any device: operations (aten ops on a CPU, kernels on CUDA) per
+block, from two depths' difference, minus those of the mode without BDIA that runs the block
+as often (bdia - plain; bdia-rev, bdia-fused and revvit - checkpoint, which all recompute
+the block once). On a CPU, bdia-fused's count is that of the kernels torch.compile generated.
+
     python bench.py --family gpt --depths 6,12,24,48 --device cpu
+    python bench.py --kernels --modes plain,checkpoint,bdia,bdia-rev,bdia-fused --dim 64
 """
 
 import argparse
@@ -30,11 +39,13 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+import bdia
 import training
 from bdia import BDIAConfig, run_blocks, side_bits
 from models import Block, RevBlock, run_rev_blocks
 
 MODES = ("plain", "checkpoint", "bdia", "bdia-rev", "revvit")
+ALL_MODES = (*MODES, "bdia-fused")
 FAMILIES = {  # (width, heads, MLP width, tokens, causal)
     "vit": (512, 8, 512, 65, False),  # the paper's ViT on CIFAR: 64 patches + CLS
     "gpt": (768, 12, 3072, 256, True),  # nanoGPT-like
@@ -63,7 +74,7 @@ def forward(mode, blocks, x):
         for block in blocks:
             x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
         return x
-    return run_blocks(blocks, x, BDIAConfig(reversible=mode == "bdia-rev"))
+    return run_blocks(blocks, x, BDIAConfig(reversible=mode != "bdia", fused=mode == "bdia-fused"))
 
 
 def make_step(args, mode, depth, device):
@@ -85,6 +96,74 @@ def make_step(args, mode, depth, device):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+# -----------------------------------------------------------------------------
+# Operations per block and step: a device-independent measure of BDIA's arithmetic
+
+VIEWS = {"aten::" + op for op in (
+    "view empty empty_like empty_strided as_strided slice select unsqueeze squeeze t transpose permute expand "
+    "expand_as detach alias lift_fresh reshape _reshape_alias _unsafe_view contiguous unbind split chunk narrow "
+    "flatten unflatten view_as item _local_scalar_dense is_nonzero to _to_copy resolve_conj resolve_neg "
+    "requires_grad_ result_type").split()}  # no arithmetic: metadata, views, host reads
+FUSED_CALLS = {bdia.grid_mixed: 2, bdia.grid_step: 1, bdia.grid_unstep: 1, bdia.scale: 1, bdia.combine: 1}
+BASELINE = {"bdia": "plain", "bdia-rev": "checkpoint", "bdia-fused": "checkpoint", "revvit": "checkpoint"}
+
+
+def operations(args, mode, depth, device):
+    """Operations of one training step: top-level aten ops (not views) on a CPU, kernels on CUDA."""
+    step = make_step(args, mode, depth, device)
+    step()  # warm-up (and, for bdia-fused, compilation)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync(device)
+    if device.type == "cuda":
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    top = (e for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEWS
+           and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    return sum(1 for _ in top)
+
+
+def fused_kernels():
+    """Kernels torch.compile generates for one block and step of bdia-fused (a CPU profile
+    does not see inside compiled code): those of each compiled function times its calls."""
+    import torch._inductor.metrics as metrics
+
+    x_prev, x, h = (bdia.quantize(torch.randn(2, 8, 16), 9) for _ in range(3))
+    f = bdia.factors_of(bdia.step_factors(torch.full((2, 1), 0.5), 9), 1, x)
+    mixed = bdia.grid_mixed(x, h, f.minus_l, f.plus_l)
+    x_next, packed, _ = bdia.grid_step(x_prev, mixed, f.gamma, 9, 1)
+    inputs = {bdia.grid_mixed: (x, h, f.minus_l, f.plus_l), bdia.grid_step: (x_prev, mixed, f.gamma, 9, 1),
+              bdia.grid_unstep: (x_next, mixed, f.gamma, packed, 9, 1), bdia.scale: (x, f.plus),
+              bdia.combine: (x.clone(), h, f.minus, f.gamma)}
+    total = 0
+    for fn, calls in FUSED_CALLS.items():
+        before = metrics.generated_kernel_count
+        torch.compile(fn)(*inputs[fn])
+        total += calls * (metrics.generated_kernel_count - before)
+    return total
+
+
+def count_kernels(args, device):
+    """Per mode: operations per block and step, and those beyond the block's own computation."""
+    shallow, deep = 2, 4
+    per_block = {m: (operations(args, m, deep, device) - operations(args, m, shallow, device)) / (deep - shallow)
+                 for m in args.modes}
+    rows = []
+    for mode in args.modes:
+        base = BASELINE.get(mode)
+        added = per_block[mode] - per_block[base] if base in per_block else None
+        if mode == "bdia-fused" and device.type == "cpu":
+            added = fused_kernels()  # the compiled code's kernels; its aten ops would count 0
+        rows.append(dict(mode=mode, per_block=per_block[mode], baseline=base, added=added))
+    unit = "kernels (CUDA profiler)" if device.type == "cuda" else "aten ops (CPU profiler; bdia-fused: generated kernels)"
+    print(f"\n{args.family} stack, {device_name(device)}: {unit} per block and training step")
+    print(f"{'mode':>11} {'per block':>10} {'baseline':>11} {'added':>6}")
+    for r in rows:
+        added = "-" if r["added"] is None else f"{r['added']:g}"
+        print(f"{r['mode']:>11} {r['per_block']:>10g} {r['baseline'] or '-':>11} {added:>6}")
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -159,7 +238,8 @@ def side_info_bytes(args, depth):
 def main():
     p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="vit")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} (revvit: vit family)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(ALL_MODES)} "
+                   "(revvit: vit family)")
     p.add_argument("--depths", default="6,12,24,48")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dim", type=int, default=None, help="override the family's width (MLP becomes 4x)")
@@ -171,14 +251,16 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    p.add_argument("--kernels", action="store_true", help="count the operations BDIA adds per block and step, "
+                   "instead of timing and memory")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--measure-memory", nargs=2, metavar=("MODE", "DEPTH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.modes = args.modes.split(",")
     if args.family == "gpt" and "revvit" in args.modes:
         args.modes.remove("revvit")  # RevViT is the ViT family's baseline
-    if bad := [m for m in args.modes if m not in MODES]:
-        p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    if bad := [m for m in args.modes if m not in ALL_MODES]:
+        p.error(f"unknown mode(s) {bad}; choose from {', '.join(ALL_MODES)}")
     if not args.modes:
         p.error("--modes revvit is the vit family's baseline: with --family gpt no mode is left to run")
     try:
@@ -204,6 +286,12 @@ def main():
         mode, depth = args.measure_memory
         print(measure_memory(args, mode, int(depth)))
         return
+    if args.kernels:
+        rows = count_kernels(args, torch.device(args.device))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"config": vars(args), "device": device_name(torch.device(args.device)), "kernels": rows}, f, indent=2)
+        return
     run(args, depths)
 
 
@@ -218,7 +306,7 @@ def run(args, depths):
             mem = None if args.no_memory else memory_in_fresh_process(args, mode, depth)
             row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20,
                        state_mb=state_bytes(args, mode, depth) / 2**20)
-            if mode == "bdia-rev":
+            if mode in ("bdia-rev", "bdia-fused"):
                 row["side_info_mb"] = side_info_bytes(args, depth) / 2**20
                 row["side_info_share"] = mem and side_info_bytes(args, depth) / mem
             results.append(row)
