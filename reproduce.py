@@ -45,7 +45,7 @@ VIT = {  # dataset names are filled in per table
     "cpu": ["--limit-train", "1000", "--limit-val", "500", "--dim", "64", "--mlp-dim", "64", "--heads", "4",
             "--patch", "8", "--epochs", "3", "--device", "cpu"],
     "cpu-overfit": ["--limit-train", "2000", "--limit-val", "2000", "--dim", "128", "--mlp-dim", "128",
-                    "--heads", "4", "--patch", "8", "--epochs", "300", "--device", "cpu"],
+                    "--heads", "4", "--patch", "8", "--epochs", "200", "--device", "cpu"],
 }
 VIT_DATASETS = {"paper": ["cifar10", "cifar100"], "cpu": ["fashion-mnist"], "cpu-overfit": ["fashion-mnist"]}
 
