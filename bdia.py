@@ -241,7 +241,7 @@ def mixed_term(x, h, f):
     """Q_l[(1 - gamma_k) x_k + (1 + gamma_k) h_k(x_k)], the second term of (21), in units of 2^-l
     (an integer-valued tensor). The forward (21) and the rebuild (24) both call this function,
     so both round the very same number: that is what makes (24) exact."""
-    return round_ste(torch.addcmul(x * f.minus_l, h, f.plus_l))
+    return round_ste((x * f.minus_l).addcmul_(h, f.plus_l))  # one temporary, not two
 
 
 def bdia_step(x_prev, x, h, gamma, bits, side=None):
@@ -597,7 +597,7 @@ def compiled(fn, fused=True):
 
 
 def grid_mixed(x, h, minus_l, plus_l):
-    return torch.round(torch.addcmul(x * minus_l, h, plus_l))  # mixed_term without autograd
+    return torch.round((x * minus_l).addcmul_(h, plus_l))  # mixed_term without autograd
 
 
 def grid_step(x_prev, mixed, gamma, bits, m):
