@@ -401,6 +401,14 @@ def fetch_eng_fra(data_dir):
     return dest
 
 
+def text_file(reader, path, what):
+    """reader(path); a file that is not UTF-8 text, or not CSV where CSV is read, is a DataError."""
+    try:
+        return reader(path)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path} is not a UTF-8 {what} ({e})") from e
+
+
 def load_pairs(data=None, dataset=None, data_dir="data", locale_dir=None):
     """Sentence pairs from a pair file (data: .csv or tab-separated), or a dataset: eng-fra
     (downloaded into data_dir) or gettext-fr (the catalogues in locale_dir)."""
@@ -410,10 +418,7 @@ def load_pairs(data=None, dataset=None, data_dir="data", locale_dir=None):
         path = Path(data) if data else fetch_eng_fra(data_dir)
         if not path.is_file():
             raise DataError(f"--data {path}: no such file")
-        try:
-            pairs = read_csv_pairs(path) if path.suffix.lower() == ".csv" else read_tsv_pairs(path)
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"--data {path} is not a UTF-8 text file of sentence pairs ({e})") from e
+        pairs = text_file(read_csv_pairs if path.suffix.lower() == ".csv" else read_tsv_pairs, path, "text file of sentence pairs")
         where = path
     if not pairs:
         raise DataError(f"no sentence pairs in {where}")
@@ -477,10 +482,8 @@ def read_e2e_pairs(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such data file: {path}")
-    try:
-        pairs = read_e2e_csv(path) if path.suffix.lower() == ".csv" else read_lora_txt(path)
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path} is not a UTF-8 E2E CSV or `context||completion` file ({e})") from e
+    pairs = text_file(read_e2e_csv if path.suffix.lower() == ".csv" else read_lora_txt, path,
+                      "E2E CSV or `context||completion` file")
     if not pairs:
         raise DataError(f"no examples in {path}")
     return pairs

@@ -27,6 +27,9 @@ import data
 import training
 from models import GPT
 
+# what a CUDA out-of-memory error suggests
+LOWER_MEMORY = "a smaller --batch-size (a larger --grad-accum keeps the batch), --bdia (activations rebuilt) or --amp"
+
 # -----------------------------------------------------------------------------
 # Flags
 
@@ -184,7 +187,6 @@ def sample(args, device):
 # -----------------------------------------------------------------------------
 # main: build, resume, the iterations (evaluated, logged and checkpointed every eval_interval)
 
-LOWER_MEMORY = "a smaller --batch-size (a larger --grad-accum keeps the batch), --bdia (activations rebuilt) or --amp"
 
 
 def main(argv=None):

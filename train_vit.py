@@ -29,6 +29,9 @@ from bdia import BDIAConfig
 from models import RevViT, ViT
 from randaugment import rand_augment
 
+# what a CUDA out-of-memory error suggests
+LOWER_MEMORY = "a smaller --batch-size (or --eval-batch-size), --bdia (activations rebuilt, not stored) or --amp"
+
 # -----------------------------------------------------------------------------
 # Flags
 
@@ -260,7 +263,6 @@ def gamma_sweep(model, images, args):
 # -----------------------------------------------------------------------------
 # main: build, resume, the epochs (each logged and checkpointed), the gamma sweep
 
-LOWER_MEMORY = "a smaller --batch-size (or --eval-batch-size), --bdia (activations rebuilt, not stored) or --amp"
 
 
 def main(argv=None):
