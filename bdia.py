@@ -473,12 +473,7 @@ class ReversibleBlock(torch.autograd.Function):
     def forward(ctx, tape, block, k, factors, x_prev, x, n_context, *context_and_params):
         context = context_and_params[:n_context]
         rng_before = tape.rng_state() if may_draw_random(block) else None
-        if tape.config.fused and k > 0:
-            x_next, packed, size = fused_step(block, k, x_prev, x, factors, tape.config, context)
-        else:
-            x_next, side = bdia_block(block, k, x_prev, x, factors, tape.config, context)
-            packed = None if side is None else pack_bits(side, side_bits(tape.config.gammas))
-            size = max_abs(x_next)
+        x_next, packed, size = packed_step(block, k, x_prev, x, factors, tape.config, context)
         tape.magnitudes.append(size)
         ctx.tape, ctx.block, ctx.k = tape, block, k
         ctx.rng = rng_before and tape.rng_state_if_drawn(rng_before)  # only blocks with dropout keep one
@@ -493,16 +488,12 @@ class ReversibleBlock(torch.autograd.Function):
     def backward(ctx, g_next):
         k, config = ctx.k, ctx.tape.config
         x_next, x = ctx.tape.take(k)  # x_{k+1}, x_k: rebuilt by the block above (or the top pair)
-        packed, factors, context = ctx.saved_tensors[0], Factors(*ctx.saved_tensors[1 : 1 + len(Factors._fields)]), context_leaves(ctx)
+        packed, factors = ctx.saved_tensors[0], Factors(*ctx.saved_tensors[1 : 1 + N_FACTORS])
+        context = context_leaves(ctx)
         x_leaf, h = recompute_residual(ctx, x, context)  # h_k(x_k), with its graph
         f = factors_of(factors, k, x) if k > 0 else None
-        if k > 0 and config.fused:  # the same, compiled
-            ctx.tape.rebuilt[k - 1] = fused_unstep(x_next, x, h.detach(), f, config, packed)
-            if k == 1:
-                ctx.tape.check_x0(ctx.tape.rebuilt[0])
-        elif k > 0:  # x_{k-1} for the backward of block k - 1, exactly: eq. (24)
-            side = unpack_bits(packed, side_bits(config.gammas), x.shape)
-            ctx.tape.rebuilt[k - 1] = bdia_unstep(x_next, x, h.detach(), f, config.bits, side)
+        if k > 0:  # x_{k-1} for the backward of block k - 1, exactly: eq. (24)
+            ctx.tape.rebuilt[k - 1] = rebuild(x_next, x, h.detach(), f, config, packed)
             if k == 1:
                 ctx.tape.check_x0(ctx.tape.rebuilt[0])
         else:
@@ -512,9 +503,29 @@ class ReversibleBlock(torch.autograd.Function):
         return (None, None, None, None, grads.x_prev, grads.x, None, *grads.context, *grads.params)
 
 
+N_FACTORS = len(Factors._fields)
+
+
+def packed_step(block, k, x_prev, x, factors, config, context):
+    """Block k's step in a reversible stack: x_{k+1}, the side bits it used, packed, and |x_{k+1}|."""
+    if config.fused and k > 0:
+        return fused_step(block, k, x_prev, x, factors, config, context)
+    x_next, side = bdia_block(block, k, x_prev, x, factors, config, context)
+    packed = None if side is None else pack_bits(side, side_bits(config.gammas))
+    return x_next, packed, max_abs(x_next)
+
+
+def rebuild(x_next, x, h, f, config, packed):
+    """x_{k-1} by (24), from (x_k, x_{k+1}), h_k(x_k) and the packed side bits."""
+    if config.fused:
+        return fused_unstep(x_next, x, h, f, config, packed)
+    side = unpack_bits(packed, side_bits(config.gammas), x.shape)
+    return bdia_unstep(x_next, x, h, f, config.bits, side)
+
+
 def context_leaves(ctx):
     """The block's context for the recomputation: tensors that need a gradient become leaves."""
-    tensors = ctx.saved_tensors[1 + len(Factors._fields):]
+    tensors = ctx.saved_tensors[1 + N_FACTORS:]
     return [c if t is None else t.detach().requires_grad_(t.requires_grad) for t, c in zip(tensors, ctx.other_context)]
 
 

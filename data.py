@@ -418,7 +418,8 @@ def load_pairs(data=None, dataset=None, data_dir="data", locale_dir=None):
         path = Path(data) if data else fetch_eng_fra(data_dir)
         if not path.is_file():
             raise DataError(f"--data {path}: no such file")
-        pairs = text_file(read_csv_pairs if path.suffix.lower() == ".csv" else read_tsv_pairs, path, "text file of sentence pairs")
+        reader = read_csv_pairs if path.suffix.lower() == ".csv" else read_tsv_pairs
+        pairs = text_file(reader, path, "text file of sentence pairs")
         where = path
     if not pairs:
         raise DataError(f"no sentence pairs in {where}")
