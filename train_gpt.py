@@ -211,7 +211,9 @@ def run(args):
     model_args = dict(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                       n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
 
-    training.seed_everything(args.seed + dist.rank)  # dropout and gammas differ per process
+    # The same initial weights on every process (DDP broadcasts rank 0's anyway), but dropout
+    # masks and BDIA's gammas differ per process, as they would per sample on one process.
+    training.seed_everything(args.seed + dist.rank)
     model = GPT(**model_args, bdia=args.bdia_config).to(device)
     optimizer = configure_optimizer(model, args)
     start_iter = 0
@@ -263,7 +265,9 @@ def run(args):
             t0, last_eval = time.perf_counter(), it
         if it == args.max_iters:
             break
-        lr = training.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)  # a resumed run: the new --lr
+        # the learning rate follows from the iteration and the flags alone: a resumed run (maybe
+        # with a lower --lr after a divergence) continues the same schedule
+        lr = training.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)
         training.set_lr(optimizer, lr)
         with training.failures(f"iteration {it}", out, LOWER_MEMORY):  # divergence, out of memory: one line
             loss = train_step(train_model, model, optimizer, train_tokens, training.generator(args.seed, it), args, dist,

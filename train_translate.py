@@ -212,8 +212,9 @@ def loss_of(model, src, tgt):
 def train_epoch(model, optimizer, examples, args, epoch, step, total_steps, device):
     """One epoch over length-bucketed batches drawn with the (seed, epoch) generator.
     Returns (mean training loss, the last learning rate, the step count after it)."""
-    model.train()
+    model.train()  # dropout on; with --bdia both stacks draw their gammas
     loss_sum, lr = 0.0, args.lr
+    # length-bucketed batches waste little on padding; their order comes from (seed, epoch)
     batches = length_batches(examples, args.batch_size, training.generator(args.seed, epoch))
     for batch in tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False):
         lr = training.cosine_lr(step, total_steps, args.lr, args.warmup, args.min_lr) if args.cosine else args.lr
@@ -394,8 +395,9 @@ def run(args):
                                                      args.bleu_samples)
         fields.update(lr=lr, seconds=round(time.time() - t0, 2), mode=mode,
                       peak_memory_mb=round(training.peak_memory_mb(device), 1))
-        log.write(**fields)
+        log.write(**fields)  # Fig. 5 plots these: train and validation loss per epoch
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
+        # the vocabularies travel with the weights: --translate and --resume need exactly these
         training.save_checkpoint(out / "ckpt.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
                                  rng=training.rng_state(), epoch=epoch, step=step, model_args=margs,
                                  lowercase=lowercase, src_vocab=src_vocab.itos, tgt_vocab=tgt_vocab.itos,

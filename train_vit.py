@@ -199,9 +199,9 @@ def make_optimizer(name, model, lr, weight_decay):
 def train_epoch(model, optimizer, images, args, epoch):
     """One epoch; its order and augmentation come from a generator seeded by (seed, epoch),
     so a resumed run sees the same batches. Returns (mean loss, accuracy)."""
-    model.train()
+    model.train()  # dropout on; with --bdia the blocks draw a gamma per sample and block (eq. 21)
     device = images.mean.device
-    generator = training.generator(args.seed, epoch)
+    generator = training.generator(args.seed, epoch)  # the order, then every crop, flip and RandAugment op
     order = torch.randperm(len(images.train_x), generator=generator)
     # Sums stay on the device: reading them every step would sync the host with a GPU.
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -285,7 +285,7 @@ def run(args):
             optimizer.load_state_dict(ckpt["optimizer"])
             training.set_rng_state(ckpt["rng"])  # the dropout masks and gammas continue where they were
             start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
-    train_model = training.compiled_model(model, args)
+    train_model = training.compiled_model(model, args)  # `model` keeps the plain state_dict's names
     log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
     print(f"{mode}: {training.count_params(model) / 1e6:.2f}M parameters, {len(images.train_x)} training images, "
@@ -303,6 +303,8 @@ def run(args):
             epoch_seconds.append(time.perf_counter() - t0)
             val_loss, val_acc = evaluate(train_model, images, args)
         best_acc = max(best_acc, val_acc)
+        # the log line first, then the checkpoint: a run killed between the two resumes from the
+        # previous checkpoint, and --resume drops the log lines written after it
         log.write(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
                   lr=optimizer.param_groups[0]["lr"], epoch_seconds=epoch_seconds[-1],
                   peak_memory_mb=training.peak_memory_mb(device))
@@ -311,7 +313,7 @@ def run(args):
         training.save_checkpoint(out / "ckpt.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
                                  rng=training.rng_state(), epoch=epoch, best_acc=best_acc, args=training.plain_args(args))
 
-    if args.eval_gammas:
+    if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
         sweep = gamma_sweep(model, images, args)
         (out / "gamma_sweep.json").write_text(json.dumps(sweep, indent=1))
         print("gamma at inference   val acc")
