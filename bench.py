@@ -104,7 +104,7 @@ def sync(device):
 VIEWS = {"aten::" + op for op in (
     "view empty empty_like empty_strided as_strided slice select unsqueeze squeeze t transpose permute expand "
     "expand_as detach alias lift_fresh reshape _reshape_alias _unsafe_view contiguous unbind split chunk narrow "
-    "flatten unflatten view_as item _local_scalar_dense is_nonzero to _to_copy resolve_conj resolve_neg "
+    "flatten unflatten view_as item _local_scalar_dense is_nonzero resolve_conj resolve_neg "
     "requires_grad_ result_type").split()}  # no arithmetic: metadata, views, host reads
 FUSED_CALLS = {bdia.grid_mixed: 2, bdia.grid_step: 1, bdia.grid_unstep: 1, bdia.scale: 1, bdia.combine: 1}
 BASELINE = {"bdia": "plain", "bdia-rev": "checkpoint", "bdia-fused": "checkpoint", "revvit": "checkpoint"}
