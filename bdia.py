@@ -338,7 +338,6 @@ def bdia_inference(blocks, x, config, *context):
     bits (21) without the side term: side information only serves the exact inverse (24),
     which inference never takes."""
     gamma, bits = config.eval_gamma, config.bits
-    f = Factors(*step_factors(torch.tensor(gamma, dtype=x.dtype, device=x.device), bits)) if gamma else None
     x_prev, x = None, quantize(x, bits)  # (18)
     for k, block in enumerate(blocks):
         h = residual_of(block, x, context)
@@ -347,7 +346,7 @@ def bdia_inference(blocks, x, config, *context):
         elif gamma == 0:
             x_prev, x = x, quantize(x + h, bits)  # (25)
         else:
-            x_prev, x = x, bdia_step(x_prev, x, h, f, bits)  # (10), or (21) without s
+            x_prev, x = x, bdia_step(x_prev, x, h, gamma, bits)  # (10), or (21) without s
     return x
 
 
