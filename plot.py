@@ -67,19 +67,25 @@ def x_values(rows, x):
 
 
 def plot_curves(args, plt):
-    """Training and validation loss (and accuracy, when logged) per epoch, iteration, step or minute."""
+    """Training and validation loss (and accuracy, when logged) per epoch, iteration, step or
+    minute. Files that share a label (the seeds of one model) share its colour and legend entry."""
     runs = [(name, read_jsonl(p)) for name, p in zip(labels_for(args.files, args.labels), args.files)]
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(name for name, _ in runs))}
     has_acc = any("val_acc" in row for _, rows in runs for row in rows)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    labelled = set()
     for name, rows in runs:
         xs = x_values(rows, args.x)
+        first = name not in labelled
+        labelled.add(name)
         for key, style in (("train_loss", "--"), ("val_loss", "-")):
             points = [(x, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
             if points:
-                axes[0, 0].plot(*zip(*points), style, label=f"{name} {key.split('_')[0]}")
+                axes[0, 0].plot(*zip(*points), style, color=colours[name],
+                                label=f"{name} {key.split('_')[0]}" if first else None)
         if has_acc:
             points = [(x, r["val_acc"]) for x, r in zip(xs, rows) if r.get("val_acc") is not None]
-            axes[0, 1].plot(*zip(*points), label=name)
+            axes[0, 1].plot(*zip(*points), color=colours[name], label=name if first else None)
     label = "wall-clock time (min)" if args.x == "time" else (args.x if args.x != "auto" else
                                                                ("epoch" if "epoch" in runs[0][1][0] else "iter"))
     for ax in axes[0]:

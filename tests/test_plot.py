@@ -64,3 +64,16 @@ def test_curves_against_wall_clock_time(tmp_path):
     assert_png(tmp_path / "t.png")
     with pytest.raises(SystemExit, match="epoch_seconds or seconds"):
         plot.x_values([{"epoch": 1}], "time")
+
+
+def test_seeds_of_one_model_share_a_colour_and_a_legend_entry(tmp_path):
+    import argparse
+
+    logs = [write_jsonl(tmp_path / f"{i}.jsonl", [{"iter": t, "train_loss": 3 - t / 100 - i, "val_loss": 3 - t / 90}
+                                                  for t in (0, 100)]) for i in range(3)]
+    args = argparse.Namespace(files=logs, labels="GPT2,GPT2,BDIA-GPT2", x="auto")
+    fig, axes = plot.plot_curves(args, plot.pyplot())
+    lines = axes[0].get_lines()
+    assert [line.get_label() for line in lines if not line.get_label().startswith("_")] == \
+        ["GPT2 train", "GPT2 val", "BDIA-GPT2 train", "BDIA-GPT2 val"]
+    assert lines[0].get_color() == lines[2].get_color() != lines[4].get_color()
