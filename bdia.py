@@ -76,20 +76,20 @@ def side_info(x, bits, m):
 
     x is on the 2^-l grid, so x / 2^-l is an integer n; then n + s is a multiple of
     2^m and gamma (x + s 2^-l) is again on the grid with no rounding (Prop. 4.3).
-    For m = 1, s is the parity of n, exactly eq. (20). An int32 tensor: -n held exactly
-    (|n| < 2^23), its low m bits are s (two's complement), much cheaper than a float remainder.
+    For m = 1, s is the parity of n, exactly eq. (20). An integer tensor holds -n exactly
+    (|n| < 2^23 in float32, int32; < 2^52 in float64, int64) and its low m bits are s (two's
+    complement): much cheaper than a float remainder.
     """
-    return (x.detach() * -(2.0**bits)).to(torch.int32) & (2**m - 1)  # a constant: no gradient
+    integers = torch.int64 if x.dtype == torch.float64 else torch.int32
+    return (x.detach() * -(2.0**bits)).to(integers) & (2**m - 1)  # a constant: no gradient
 
 
 def pack_bits(s, m):
-    """Pack integer values 0 <= s < 2^m into m bits each: m bit planes, 8 flags per byte."""
+    """Pack the values 0 <= s < 2^m of an integer tensor into m bits each: m bit planes, 8 flags per byte."""
     n = s.numel()
     if n % 8:
         s = torch.cat([s.reshape(-1), s.new_zeros(8 - n % 8)])  # pad to a multiple of 8
     flags = s.reshape(1, -1, 8)
-    if flags.is_floating_point():
-        flags = flags.to(torch.uint8)
     if m > 1:
         flags = torch.cat([(flags >> j) & 1 for j in range(m)])
     return (flags << bit_shifts(s.device, flags.dtype)).sum(dim=-1, dtype=torch.uint8)  # (m, ceil(n / 8))

@@ -100,6 +100,19 @@ def test_prop_4_3_gamma_product_needs_no_rounding(m):
         assert torch.equal(product.double(), exact)
 
 
+def test_side_information_of_a_float64_stream_beyond_int32():
+    """|x| 2^l above 2^31: the integers of (20) need int64 there (an int32 cast saturates)."""
+    bits, gamma = 40, -0.5
+    x_prev = bdia.quantize(torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1000, bits)
+    assert (x_prev * 2.0**bits).abs().max() > 2**31
+    s = bdia.side_info(x_prev, bits, 1)
+    assert torch.equal(s.double(), torch.remainder(-x_prev * 2.0**bits, 2))  # (20)
+    x, h = bdia.quantize(torch.randn(1000, dtype=torch.float64) * 1000, bits), torch.randn(1000, dtype=torch.float64)
+    x_next = bdia.bdia_step(x_prev, x, h, gamma, bits, s)
+    assert torch.equal(bdia.quantize(x_next, bits), x_next)  # Lemma 4.2
+    assert torch.equal(bdia.bdia_unstep(x_next, x, h, gamma, bits, s), x_prev)  # (24)
+
+
 @pytest.mark.parametrize("gamma", [0.5, -0.5, 0.25, -0.125])
 @pytest.mark.parametrize("bits", [9, 0, -2])
 def test_prop_4_4_eq_24_inverts_eq_21_exactly(gamma, bits):
@@ -121,10 +134,10 @@ def test_eq_16_without_quantization_is_only_approximately_inverse():
 @pytest.mark.parametrize("m", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 8, 13, 1000])
 def test_side_information_is_packed_to_m_bits_per_element(m, n):
-    s = torch.randint(0, 2**m, (n,)).float()
+    s = torch.randint(0, 2**m, (n,), dtype=torch.int32)  # as side_info makes them
     packed = bdia.pack_bits(s, m)
     assert packed.dtype == torch.uint8 and packed.numel() == m * ((n + 7) // 8)
-    assert torch.equal(bdia.unpack_bits(packed, m, (n,), torch.float32), s)
+    assert torch.equal(bdia.unpack_bits(packed, m, (n,), torch.int32), s)
 
 
 # ----------------------------------------------------------------------------- configuration
