@@ -22,6 +22,7 @@ import pickle
 import random
 import re
 import shutil
+import struct
 import tarfile
 import tempfile
 import urllib.request
@@ -376,7 +377,7 @@ def read_gettext_pairs(locale_dir, min_words=2, max_words=25):
         with open(path, "rb") as f:
             try:
                 catalog = gettext.GNUTranslations(f)._catalog  # msgid -> msgstr, decoded
-            except (OSError, UnicodeError) as e:  # gettext raises OSError for a bad .mo
+            except (OSError, UnicodeError, struct.error, IndexError) as e:  # bad magic: OSError; truncated: struct.error
                 raise DataError(f"{path} is not a readable .mo file ({e})") from e
         for msgid, msgstr in catalog.items():
             if not isinstance(msgid, str) or not msgid:  # plural forms are (msgid, n); "" is the header

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data
 import training
+from bdia import BDIAConfig
 from models import GPT
 
 # what a CUDA out-of-memory error suggests
@@ -174,7 +175,8 @@ def sample(args, device):
     path = Path(args.out_dir) / "ckpt.pt"
     ckpt = training.load_checkpoint(path, device)
     with training.restoring(path):
-        model = GPT(**ckpt["model_args"]).to(device).eval()
+        bdia = ckpt["args"]["bdia"]  # the BDIA model samples as it was evaluated: eq. (25) on the 2^-l grid
+        model = GPT(**ckpt["model_args"], bdia=BDIAConfig(**bdia) if bdia else None).to(device).eval()
         model.load_state_dict(ckpt["model"])
         itos = ckpt.get("itos")
     start = torch.zeros((1, 1), dtype=torch.long, device=device)

@@ -76,9 +76,12 @@ def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path, text_file
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     capsys.readouterr()
+    built = []  # the BDIA model samples as it was evaluated: with its config, eq. (25) on the grid
+    monkeypatch.setattr(train_gpt, "GPT", lambda **kw: built.append(kw.get("bdia")) or GPT(**kw))
     train_gpt.main(["--out-dir", str(tmp_path / "a"), "--sample", "2", "--sample-tokens", "20", "--device", "cpu"])
     out = capsys.readouterr().out
     assert out.count("--- sample") == 2 and len(out.splitlines()[1]) > 0
+    assert built == [BDIAConfig(gammas=(-0.5, 0.5), bits=9, reversible=True)]
 
 
 def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path, text_file):

@@ -239,6 +239,12 @@ def test_gettext_errors_are_clear(tmp_path):
     (tmp_path / "bad.mo").write_bytes(b"\x00" * 40)
     with pytest.raises(data.DataError, match="not a readable .mo"):
         data.read_gettext_pairs(tmp_path)
+    write_mo(tmp_path / "bad.mo", {"Open the file": "Ouvrir le fichier"})
+    whole = (tmp_path / "bad.mo").read_bytes()
+    for size in (2, 30, len(whole) - 5):  # truncated downloads or copies
+        (tmp_path / "bad.mo").write_bytes(whole[:size])
+        with pytest.raises(data.DataError, match="not a readable .mo"):
+            data.read_gettext_pairs(tmp_path)
 
 
 def test_pair_files_tsv_and_kaggle_csv(tmp_path):
