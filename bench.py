@@ -199,7 +199,9 @@ def memory_in_fresh_process(args, mode, depth):
     argv += [a for a in sys.argv[1:] if a not in ("--measure-memory",)]
     out = subprocess.run(argv, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"memory run {mode} depth {depth} failed:\n{out.stderr}")
+        last = (out.stderr.strip().splitlines() or ["no message"])[-1]
+        raise training.TrainingFailed(f"the memory run of {mode} at depth {depth} failed ({last}); try a smaller "
+                                      "--batch-size or --depths, or --no-memory")
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -282,17 +284,18 @@ def main():
         p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: no such folder")
-    if args.measure_memory:
-        mode, depth = args.measure_memory
-        print(measure_memory(args, mode, int(depth)))
-        return
-    if args.kernels:
-        rows = count_kernels(args, torch.device(args.device))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"config": vars(args), "device": device_name(torch.device(args.device)), "kernels": rows}, f, indent=2)
-        return
-    run(args, depths)
+    with training.one_line_errors():  # a failed memory run, CUDA out of memory: one line, exit 2
+        if args.measure_memory:
+            mode, depth = args.measure_memory
+            print(measure_memory(args, mode, int(depth)))
+        elif args.kernels:
+            rows = count_kernels(args, torch.device(args.device))
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"config": vars(args), "device": device_name(torch.device(args.device)), "kernels": rows},
+                              f, indent=2)
+        else:
+            run(args, depths)
 
 
 def run(args, depths):

@@ -15,9 +15,10 @@ no-repeat-ngram 4, at most 64 tokens, KV cache) decodes each distinct test conte
 metrics.py scores it against all its references: OUT_DIR/predictions.txt and
 OUT_DIR/references.txt (in the format of the E2E challenge's measure_scores.py, which adds
 METEOR), OUT_DIR/e2e_scores.json and a table in Table 1's layout. OUT_DIR/log.jsonl gets a
-line per epoch and every --eval-interval steps; OUT_DIR/ckpt.pt (the trainable weights, optimizer, RNG) is written atomically after
-each; --resume continues exactly. --export DIR writes the fine-tuned model (LoRA merged) as
-a standard Hugging Face GPT-2 checkpoint.
+line every --eval-interval steps and per epoch; OUT_DIR/ckpt.pt (the trainable weights,
+optimizer, RNG) is written atomically after each epoch; --resume continues from there.
+--export DIR writes the fine-tuned model (LoRA merged) as a standard Hugging Face GPT-2
+checkpoint.
 """
 
 import argparse
@@ -54,7 +55,6 @@ def parse_args(argv=None):
     g.add_argument("--lora-dropout", type=float, default=0.1)
     g.add_argument("--lora-mlp", action="store_true", help="adapters on the MLP too (default: query and value only)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["e2e"], default="e2e")
     g.add_argument("--data-dir", default="data/e2e", help="E2E CSVs (downloaded when missing) or the LoRA repo's *.txt")
     g.add_argument("--train-file")
     g.add_argument("--valid-file")
@@ -160,10 +160,7 @@ def build_model(args, device):
 
 def configure_optimizer(model, args):
     """AdamW (betas 0.9, 0.999, eps 1e-6) over the trainable parameters; no decay on biases and LayerNorms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
+    return torch.optim.AdamW(training.decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
 
 
 def trainable_state(model):
@@ -338,7 +335,7 @@ def run(args):
     optimizer = configure_optimizer(model, args)
     start_epoch = 1
     if args.resume:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
-        ckpt = training.load_checkpoint(out / "ckpt.pt", device)
+        ckpt = training.load_checkpoint(out / "ckpt.pt")
         with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
             if missing := set(trainable_state(model)) ^ set(ckpt["model"]):  # strict=False below would not tell
                 raise training.foreign_checkpoint(out / "ckpt.pt", f"its trainable weights are not this model's, "

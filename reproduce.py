@@ -6,7 +6,7 @@ seeds next to the paper's numbers, as Markdown and JSON.
 
     python reproduce.py table2                              # the paper's scale: CIFAR, 400 epochs, 3 seeds
     python reproduce.py table2 --preset cpu --seeds 2       # minutes on a CPU, offline (Fashion-MNIST)
-    python reproduce.py table2 --preset cpu-overfit --jobs 2    # about an hour per seed on a CPU
+    python reproduce.py table2 --preset cpu-overfit --jobs 2    # 9 runs of about 20 CPU-core minutes
     python reproduce.py appf --preset cpu-overfit           # Appendix F on this machine's license texts
     python reproduce.py table2 --dry-run                    # print the commands only
 
@@ -15,7 +15,7 @@ table5 (dropout), fig1 (a constant gamma at inference), fig5 (translation), appf
 Presets: paper (the paper's setup; CIFAR is downloaded, fig5 needs the Kaggle CSV in
 data/eng_-french.csv, appf nanoGPT's OpenWebText .bin files in data/openwebtext);
 cpu (a few minutes: tiny models, few epochs, offline data: the machinery at work, not a
-result); cpu-overfit (a CPU hour or more per table: small models trained until the plain
+result); cpu-overfit (about 20 minutes per run on one CPU core: small models trained until the plain
 model overfits, the regime where the paper's claim can show).
 
 Runs go to RUNS_DIR/TABLE-PRESET/CONFIG/seedN (log.jsonl, ckpt.pt); the table to
@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import training
 
 ROOT = Path(__file__).resolve().parent  # the scripts, and the data/ their presets read, are here
 
@@ -359,7 +361,7 @@ def build_table(table, args, base):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", choices=TABLES)
     p.add_argument("--preset", choices=PRESETS, default="paper")
     p.add_argument("--seeds", type=int, default=3, help="runs per configuration, seeds 1..N (default 3, as the paper)")

@@ -117,10 +117,7 @@ def global_batch_slice(tokens, generator, args, dist, device):
 
 def configure_optimizer(model, args):
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only, as nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(training.decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
 
 
 # -----------------------------------------------------------------------------
@@ -173,7 +170,7 @@ def estimate_loss(model, splits, args, dist, device):
 
 def sample(args, device):
     path = Path(args.out_dir) / "ckpt.pt"
-    ckpt = training.load_checkpoint(path, device)
+    ckpt = training.load_checkpoint(path)
     with training.restoring(path):
         bdia = ckpt["args"]["bdia"]  # the BDIA model samples as it was evaluated: eq. (25) on the 2^-l grid
         model = GPT(**ckpt["model_args"], bdia=BDIAConfig(**bdia) if bdia else None).to(device).eval()
@@ -220,7 +217,7 @@ def run(args):
     optimizer = configure_optimizer(model, args)
     start_iter = 0
     if args.resume:
-        ckpt = training.load_checkpoint(out / "ckpt.pt", device)
+        ckpt = training.load_checkpoint(out / "ckpt.pt")
         with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -63,8 +63,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=192, help="default 192, as the tutorial")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--cosine", action="store_true", help="warmup then cosine decay instead of a constant lr")
-    g.add_argument("--warmup", type=int, default=0)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--warmup", type=int, default=0, help="warm-up steps (with --cosine)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="the cosine's floor (with --cosine)")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (default 0: none, "
                    "as the tutorial)")
     g.add_argument("--bleu-every", type=int, default=1, help="BLEU every N epochs and at the end (0: never)")
@@ -317,7 +317,7 @@ def translate(args):
     """Print the beam-search (greedy for --beam 1) translation of --translate."""
     device = training.pick_device(args.device)
     path = Path(args.checkpoint or Path(args.out_dir) / "ckpt.pt")
-    ckpt = training.load_checkpoint(path, device)
+    ckpt = training.load_checkpoint(path)
     with training.restoring(path):  # a checkpoint of another script: a clear error
         src_vocab, tgt_vocab = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
         bdia = ckpt["args"]["bdia"]
@@ -349,7 +349,7 @@ def run(args):
     training.seed_everything(args.seed)
     pairs = data.load_pairs(args.data, args.dataset, args.data_dir, args.locale_dir)
     train_pairs, val_pairs = data.split_pairs(pairs, args.val_fraction, args.max_pairs)
-    ckpt = training.load_checkpoint(out / "ckpt.pt", device) if args.resume else None
+    ckpt = training.load_checkpoint(out / "ckpt.pt") if args.resume else None
     if ckpt is not None:  # the vocabularies and model shape of the run it continues (another script's: an error)
         with training.restoring(out / "ckpt.pt"):
             src_vocab, tgt_vocab, lowercase = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"]), ckpt["lowercase"]

@@ -279,7 +279,7 @@ def run(args):
     optimizer = make_optimizer(args.optimizer, model, args.lr, args.weight_decay)
     start_epoch, best_acc = 1, 0.0
     if args.resume:
-        ckpt = training.load_checkpoint(out / "ckpt.pt", device)
+        ckpt = training.load_checkpoint(out / "ckpt.pt")
         with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -93,11 +93,20 @@ def check_args(parser, args, at_least_1=(), at_least_0=(), positive=(), fraction
         args.bdia_config = (BDIAConfig(args.gammas, args.bits, reversible, args.eval_gamma, fused=args.compile and reversible)
                             if args.bdia else None)
     except (argparse.ArgumentTypeError, ValueError) as e:
-        parser.error(str(e))
+        parser.error(in_flags(str(e)))
     if args.bdia and args.bits is not None and exact_limit(torch.float32, args.bits) <= 1:  # the scripts' streams
         parser.error(f"--bits {args.bits}: a float32 residual stream holds the 2^-l grid exactly only for "
                      f"|x| < 2^(23 - l) <= 1, which a normalised stream exceeds; use --bits "
                      f"{mantissa_bits(torch.float32) - 3} or less (the paper uses 9)")
+
+
+def in_flags(message):
+    """BDIAConfig's advice in the scripts' flags (it speaks Python: reversible=False, bits)."""
+    for api, flag in (("BDIAConfig: ", ""), ("reversible=False", "--no-reversible"),
+                      ("reversible=True", "reversible training (the default)"), ("bits=None", "--bits none"),
+                      ("set bits", "set --bits")):
+        message = message.replace(api, flag)
+    return message
 
 
 def compiled_model(model, args):
@@ -184,13 +193,15 @@ def save_checkpoint(path, **state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint safely (weights_only=True: no code runs on load)."""
+def load_checkpoint(path):
+    """Load a checkpoint safely (weights_only=True: no code runs on load) into host memory:
+    load_state_dict copies the weights to the model's device, and the optimizers' step
+    counters stay on the host (on a GPU each step would read them back, a sync per tensor)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: run without --resume to start a new run")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path} ({gist(e)}): it is truncated, corrupt or not a "
                               "checkpoint of these scripts; delete it or start a new --out-dir") from e
@@ -343,7 +354,15 @@ def continue_from(out_dir, change):
 
 
 # -----------------------------------------------------------------------------
-# Learning rate and torchrun
+# Optimizer groups, learning rate and torchrun
+
+
+def decay_groups(model, weight_decay):
+    """The trainable parameters as optimizer groups: weight decay on the 2-D weights (matmuls,
+    embeddings) only, none on biases and LayerNorm gains (as nanoGPT and the LoRA repository)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def cosine_lr(step, total_steps, lr, warmup=0, min_lr=0.0):

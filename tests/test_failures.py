@@ -11,6 +11,7 @@ file), and the checkpoints of the other scripts' runs: {vit}, {gpt}, {translate}
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -180,7 +181,7 @@ def checkpoint_of(script):
 BINS = ["--data-dir", "{out}/data"]  # train_gpt: the .bin files the run prepared from its text
 CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies done first)
     # train_vit.py
-    "vit: reversible gammas not +-2^-m": ("vit", ["--bdia", "--gammas", "0.3", "-0.3"], ["2^-m"], None),
+    "vit: reversible gammas not +-2^-m": ("vit", ["--bdia", "--gammas", "0.3", "-0.3"], ["2^-m", "--no-reversible"], None),
     "vit: --bits 30": ("vit", ["--bdia", "--bits", "30"], ["use --bits 20 or less"], None),
     "vit: --epochs 0": ("vit", ["--epochs", "0"], ["--epochs must be at least 1"], None),
     "vit: --batch-size 0": ("vit", ["--batch-size", "0"], ["--batch-size must be at least 1"], None),
@@ -239,7 +240,7 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
                                   ["epoch 2: training diverged (BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED],
                                   None),
     # finetune_e2e.py
-    "e2e: reversible gamma 0": ("e2e", ["--bdia", "--gammas", "-0.5", "0", "0.5"], ["reversible=True cannot use gamma 0"],
+    "e2e: reversible gamma 0": ("e2e", ["--bdia", "--gammas", "-0.5", "0", "0.5"], ["reversible training (the default) cannot use gamma 0", "--no-reversible"],
                                 None),
     "e2e: --epochs 0": ("e2e", ["--epochs", "0"], ["--epochs must be at least 1"], None),
     "e2e: --batch-size 0": ("e2e", ["--batch-size", "0"], ["--batch-size must be at least 1"], None),
@@ -382,6 +383,19 @@ def test_bench_cuda_without_a_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda"])
     fails(lambda argv: bench.main(), [], capsys, "torch sees no CUDA device")
+
+
+def test_bench_a_failed_memory_run_is_one_line(capsys, monkeypatch):
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback (most recent call last):\n  ...\n"
+                                                                  "RuntimeError: not enough memory")
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: failed)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--depths", "1", "--modes", "plain"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    err = capsys.readouterr().err  # the depths bar, closed, then the one error line
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert err.split("\n")[-2].startswith("error: the memory run of plain at depth 1 failed (RuntimeError: not "
+                                           "enough memory)") and "--no-memory" in err
 
 
 PLOT_FILES = {
