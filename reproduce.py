@@ -25,6 +25,7 @@ RUNS_DIR/TABLE-PRESET/table.md and table.json.
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -332,6 +333,18 @@ def summarize(values, name):
     return text, mean, std
 
 
+def with_flags(table, flags):
+    """The table with `flags` added to every run (a variation on a preset, e.g. --no-randaug)."""
+    table.runs = {key: (script, [*run_flags, *flags]) for key, (script, run_flags) in table.runs.items()}
+    return table
+
+
+def folder_tag(flags):
+    """'' or the flags as part of a folder name: '--no-randaug --limit-train 1000' -> '+no-randaug+limit-train-1000'."""
+    words = [w.lstrip("-").replace("=", "-").replace("/", "-") for w in shlex.split(flags)]
+    return "".join(("+" if flag.startswith("-") else "-") + w for flag, w in zip(shlex.split(flags), words))
+
+
 def build_table(table, args, base):
     """The table as Markdown (rows x columns of cells, each mean +- std with its best and the
     paper's figure beside it) and as records, one per metric and cell, with the seeds' values."""
@@ -350,7 +363,8 @@ def build_table(table, args, base):
         grid[row, column] = text + (f" ({'; '.join(notes)})" if notes and text != "not run" else "")
         rows += [row] if row not in rows else []
         columns += [column] if column not in columns else []
-    lines = [f"{table.title}. Preset {args.preset}, {args.seeds} seed(s) per cell, mean +- std of the final "
+    extra = f" with {args.flags}" if args.flags else ""
+    lines = [f"{table.title}. Preset {args.preset}{extra}, {args.seeds} seed(s) per cell, mean +- std of the final "
              f"epoch (best epoch in brackets); runs in {base}.", ""]
     lines.append("| | " + " | ".join(columns) + " |")
     lines.append("| --- |" + " --- |" * len(columns))
@@ -369,11 +383,13 @@ def main(argv=None):
     p.add_argument("--runs-dir", default="runs", help="where the runs and tables go (default runs)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")
     p.add_argument("--table-only", action="store_true", help="print the table from the runs there are, run nothing")
+    p.add_argument("--flags", default="", help='more flags for every run, after the preset\'s (so they override it), '
+                   'e.g. --flags="--no-randaug --limit-train 1000"; the runs get a folder of their own')
     args = p.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1:
         p.error("--seeds and --jobs must be at least 1")
-    table = TABLES[args.table](args.preset)
-    base = Path(args.runs_dir).resolve() / f"{args.table}-{args.preset}"
+    table = with_flags(TABLES[args.table](args.preset), shlex.split(args.flags))
+    base = Path(args.runs_dir).resolve() / (f"{args.table}-{args.preset}" + folder_tag(args.flags))
     ok = True if args.table_only else run_all(table, args, base)
     if args.dry_run:
         return

@@ -76,3 +76,15 @@ def test_summaries_of_missing_and_single_values():
     assert reproduce.summarize([None, None], "final_acc")[0] == "not run"
     assert reproduce.summarize([88.0], "final_acc") == ("88.00", 88.0, 0.0)
     assert reproduce.summarize([500.0, 510.0], "peak_memory")[0] == "505 +- 7 MB"
+
+
+def test_flags_vary_a_preset_in_a_folder_of_its_own(tiny_cpu_preset, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    reproduce.main(["table2", "--preset", "cpu", "--seeds", "1", "--runs-dir", str(runs), "--dry-run",
+                    "--flags=--no-randaug --epochs 3"])
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 3 and all(c.split(" --seed")[0].endswith("--no-randaug --epochs 3") for c in commands)
+    assert all("table2-cpu+no-randaug+epochs-3/cifar10/" in c for c in commands)
+    assert not (runs / "table2-cpu").exists()
+    table = reproduce.with_flags(reproduce.TABLES["table2"]("cpu"), ["--epochs", "3"])
+    assert reproduce.flag_value(table.runs["cifar10/ViT"][1], "--epochs", None) == "3"  # the last one counts
