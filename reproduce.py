@@ -364,8 +364,8 @@ def build_table(table, args, base):
         rows += [row] if row not in rows else []
         columns += [column] if column not in columns else []
     extra = f" with {args.flags}" if args.flags else ""
-    lines = [f"{table.title}. Preset {args.preset}{extra}, {args.seeds} seed(s) per cell, mean +- std of the final "
-             f"epoch (best epoch in brackets); runs in {base}.", ""]
+    lines = [f"{table.title}. Preset {args.preset}{extra}, {args.seeds} seed(s) per cell, mean +- std at the end of "
+             f"training (the best evaluation in brackets); runs in {base}.", ""]
     lines.append("| | " + " | ".join(columns) + " |")
     lines.append("| --- |" + " --- |" * len(columns))
     lines += ["| " + row + " | " + " | ".join(grid.get((row, c), "") for c in columns) + " |" for row in rows]
