@@ -74,7 +74,7 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint", help="default OUT_DIR/ckpt.pt")
     g.add_argument("--beam", type=int, default=4, help="beam size (1: greedy)")
     training.add_bdia_args(p)
-    training.add_run_args(p, "out-translate")
+    training.add_run_args(p, "out/translate")
     args = p.parse_args(argv)
     training.check_args(p, args, at_least_1=("epochs", "batch_size", "max_tokens", "min_freq", "beam", "dim", "heads",
                                              "mlp_dim", "enc_layers", "dec_layers"),

@@ -105,3 +105,14 @@ def test_single_process_without_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     dist = training.distributed()
     assert dist == training.Dist(0, 1, 0, False)
+
+
+def test_every_script_writes_to_its_own_folder_under_out():
+    import finetune_e2e
+    import train_gpt
+    import train_translate
+    import train_vit
+    scripts = {"vit": (train_vit, []), "gpt": (train_gpt, ["--text-file", "t.txt"]),
+               "translate": (train_translate, ["--data", "pairs.txt"]), "e2e": (finetune_e2e, [])}
+    for name, (script, data) in scripts.items():
+        assert script.parse_args(data).out_dir == f"out/{name}"
