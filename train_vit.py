@@ -281,6 +281,8 @@ def run(args):
     if args.resume:
         ckpt = training.load_checkpoint(out / "ckpt.pt")
         with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
+            if ckpt["args"]["optimizer"] != args.optimizer:  # its state would not fit this optimizer's step
+                raise training.foreign_checkpoint(out / "ckpt.pt", f"--optimizer {ckpt['args']['optimizer']}")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             training.set_rng_state(ckpt["rng"])  # the dropout masks and gammas continue where they were

@@ -199,6 +199,8 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
     "vit: garbage checkpoint": ("vit", ["--resume"], ["cannot read checkpoint"], in_out("ckpt.pt", garbage)),
     "vit: checkpoint of a narrower ViT": ("vit", ["--resume", "--dim", "32"], [*FOREIGN, "size mismatch"], None),
     "vit: ViT checkpoint resumed as --model revvit": ("vit", ["--resume", "--model", "revvit"], FOREIGN, None),
+    "vit: SET-Adam checkpoint resumed with --optimizer adam": ("vit", ["--resume", "--optimizer", "adam"],
+                                                             [*FOREIGN, "(--optimizer set-adam)"], None),
     "vit: checkpoint of train_gpt": ("vit", ["--resume"], FOREIGN, checkpoint_of("gpt")),
     "vit: --out-dir is a file": ("vit", ["--out-dir", "{file}"], ["is a file"], None),
     "vit: diverging --lr": ("vit", ["--bdia", "--resume", "--epochs", "2", "--lr", "1e4"],
