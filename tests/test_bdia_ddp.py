@@ -52,6 +52,7 @@ def worker(rank, init_file, out_file):
     grads = grads_of(model, batch().chunk(2)[rank])  # DDP averages over the two halves
     if rank == 0:
         torch.save([g.clone() for g in grads], out_file)
+    dist.barrier()  # gloo aborts a process that tears down while its peer's last messages are in flight
     dist.destroy_process_group()
 
 
