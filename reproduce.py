@@ -6,7 +6,7 @@ seeds next to the paper's numbers, as Markdown and JSON.
 
     python reproduce.py table2                              # the paper's scale: CIFAR, 400 epochs, 3 seeds
     python reproduce.py table2 --preset cpu --seeds 2       # minutes on a CPU, offline (Fashion-MNIST)
-    python reproduce.py table2 --preset cpu-overfit --jobs 2    # 9 runs of about 20 CPU-core minutes
+    python reproduce.py table2 --preset cpu-overfit --jobs 2    # 9 runs of about 15 CPU-core minutes
     python reproduce.py appf --preset cpu-overfit           # Appendix F on this machine's license texts
     python reproduce.py table2 --dry-run                    # print the commands only
 
@@ -15,8 +15,9 @@ table5 (dropout), fig1 (a constant gamma at inference), fig5 (translation), appf
 Presets: paper (the paper's setup; CIFAR is downloaded, fig5 needs the Kaggle CSV in
 data/eng_-french.csv, appf nanoGPT's OpenWebText .bin files in data/openwebtext);
 cpu (a few minutes: tiny models, few epochs, offline data: the machinery at work, not a
-result); cpu-overfit (about 20 minutes per run on one CPU core: small models trained until the plain
-model overfits, the regime where the paper's claim can show).
+result); cpu-overfit (about 15 minutes per run on one CPU core: small models trained long on little
+data, where a plain model can overfit, the regime of the paper's claim; see RESULTS.md for
+whether it did).
 
 Runs go to RUNS_DIR/TABLE-PRESET/CONFIG/seedN (log.jsonl, ckpt.pt); the table to
 RUNS_DIR/TABLE-PRESET/table.md and table.json.
