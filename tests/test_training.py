@@ -10,6 +10,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import finetune_e2e  # noqa: E402
+import train_gpt  # noqa: E402
+import train_translate  # noqa: E402
+import train_vit  # noqa: E402
 import training  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 
@@ -108,10 +112,6 @@ def test_single_process_without_torchrun(monkeypatch):
 
 
 def test_every_script_writes_to_its_own_folder_under_out():
-    import finetune_e2e
-    import train_gpt
-    import train_translate
-    import train_vit
     scripts = {"vit": (train_vit, []), "gpt": (train_gpt, ["--text-file", "t.txt"]),
                "translate": (train_translate, ["--data", "pairs.txt"]), "e2e": (finetune_e2e, [])}
     for name, (script, data) in scripts.items():
