@@ -54,6 +54,10 @@ def worker(rank, init_file, out_file):
         torch.save([g.clone() for g in grads], out_file)
     dist.barrier()  # gloo aborts a process that tears down while its peer's last messages are in flight
     dist.destroy_process_group()
+    # Gloo's worker threads can still hold tensors when the interpreter finalizes, which then
+    # aborts (about 1 run in 40 here, torch 2.13; pytorch/pytorch PR 179291): the results are
+    # saved and the group is gone, so leave without finalizing.
+    os._exit(0)
 
 
 def test_ddp_gradients_match_one_process_on_the_whole_batch(tmp_path):
