@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--limit-val", type=int, default=0, help="evaluate on the first N test images (0: all)")
     p.add_argument("--no-randaug", dest="randaug", action="store_false",
                    help="no RandAugment before crop and flip (the reference applies it by default)")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no augmentation at all: no RandAugment, crop or flip (to reach overfitting on few images)")
     p.add_argument("--randaug-n", type=int, default=2, help="RandAugment: operations per image (default 2)")
     p.add_argument("--randaug-m", type=int, default=14, help="RandAugment: magnitude 0..30 (default 14)")
     p.add_argument("--epochs", type=int, default=400, help="default 400, as in the paper")
@@ -120,6 +122,8 @@ def crop_and_flip(images, generator):
 
 def augment(images, args, generator):
     """The reference's training transform: RandAugment(N, M), then crop and flip (uint8)."""
+    if not args.augment:
+        return images
     if args.randaug:
         images = rand_augment(images, args.randaug_n, args.randaug_m, generator)
     return crop_and_flip(images, generator)
