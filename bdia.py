@@ -296,13 +296,13 @@ def run_blocks(blocks, x, config, *context):
     if not blocks.training:
         return bdia_inference(blocks, x, config, *context)
     if config.bits is not None and x.dtype not in (torch.float32, torch.float64):
-        raise ValueError(
+        raise PrecisionError(
             f"BDIA with bits={config.bits} needs a float32 or float64 residual stream, got {x.dtype}: "
             "a 2^-l grid does not fit in 16-bit floats. Keep x in float32 and run the blocks "
             "under torch.autocast instead"
         )
     if config.bits is not None and exact_limit(x.dtype, config.bits) <= 1:
-        raise ValueError(
+        raise PrecisionError(
             f"BDIA with bits={config.bits}: {x.dtype} holds the 2^-{config.bits} grid exactly only for |x| < "
             f"{exact_limit(x.dtype, config.bits):g}, and a normalised residual stream exceeds that; use "
             f"bits <= {mantissa_bits(x.dtype) - 3} (the paper uses 9) or a float64 stream"
@@ -394,7 +394,7 @@ class Tape:
     def check_x0(self, x0):
         """The rebuilt x_0 must be the forward's, bit for bit, or every gradient below is wrong."""
         if not torch.equal(fingerprint(x0, self.config.bits), self.fingerprint):
-            raise RuntimeError(
+            raise ReconstructionError(
                 "BDIA: the reversible backward did not rebuild x_0 bit for bit. A block is not "
                 "deterministic between forward and recomputation (a non-deterministic kernel, an "
                 "attention backend that differs with and without grad, or RNG use outside the "
@@ -404,7 +404,7 @@ class Tape:
     def take(self, k):
         """(x_{k+1}, x_k) for the backward of block k; x_{k+1} is not needed after it."""
         if k + 1 not in self.rebuilt:
-            raise RuntimeError(
+            raise BDIAError(
                 "BDIA: this reversible graph was already back-propagated; it cannot be "
                 "back-propagated twice (retain_graph=True is not supported with reversible=True)"
             )
@@ -439,7 +439,7 @@ def check_magnitudes(magnitudes, x, bits):
         raise DivergedError(
             f"BDIA: |x| reached {size:.4g} at {where}: training diverged. Lower the learning rate or "
             f"clip gradients, and resume from the last checkpoint")
-    raise RuntimeError(
+    raise PrecisionError(
         f"BDIA: |x| reached {size:.4g} at {where}, but {x.dtype} holds the 2^-{bits} grid exactly only "
         f"below 2^{math.log2(limit):.0f} = {limit:g}; the reversible backward would return wrong "
         f"gradients. Use fewer bits (at most bits={math.floor(mantissa_bits(x.dtype) - math.log2(size)) - 1} "
@@ -447,8 +447,21 @@ def check_magnitudes(magnitudes, x, bits):
     )
 
 
-class DivergedError(RuntimeError):
+class BDIAError(RuntimeError):
+    """Base of the engine's runtime errors: scripts catch these by type."""
+
+
+class DivergedError(BDIAError):
     """The residual stream blew up (NaN, infinity or |x| > 2^20): the training diverged."""
+
+
+class PrecisionError(BDIAError):
+    """The residual stream left the range where its dtype holds the 2^-l grid exactly (or
+    cannot hold it at all: a 16-bit stream, too many bits): (24) would be inexact."""
+
+
+class ReconstructionError(BDIAError):
+    """The reversible backward did not rebuild x_0 bit for bit: the gradients would be wrong."""
 
 
 def reversible_stack(blocks, x, factors, config, context):

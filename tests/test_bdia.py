@@ -175,7 +175,7 @@ def test_config_allows_those_settings_without_reversibility_and_warns_on_nonzero
 
 def test_half_precision_residual_stream_is_a_value_error():
     blocks = make_stack(2).train()
-    with pytest.raises(ValueError, match="float32 or float64"):
+    with pytest.raises(bdia.PrecisionError, match="float32 or float64"):
         run_blocks(blocks, torch.randn(2, 3, 8, dtype=torch.bfloat16), BDIAConfig())
 
 
@@ -415,11 +415,11 @@ def test_guard_names_the_block_where_float32_loses_the_grid():
     blocks = make_stack(3).train()
     x = torch.randn(2, 3, 8)
     x[0, 0, 0] = 2.0**14  # 2^(23 - 9)
-    with pytest.raises(RuntimeError, match=r"input of the stack \(x_0\).*fewer bits"):
+    with pytest.raises(bdia.PrecisionError, match=r"input of the stack \(x_0\).*fewer bits"):
         run_blocks(blocks, x, BDIAConfig(bits=9))
     run_blocks(blocks, x, BDIAConfig(bits=6)).sum().backward()  # fine with fewer bits
     blocks[1] = Loud()
-    with pytest.raises(RuntimeError, match=r"output of block 1 \(x_2\)"):
+    with pytest.raises(bdia.PrecisionError, match=r"output of block 1 \(x_2\)"):
         run_blocks(blocks, torch.randn(2, 3, 8), BDIAConfig(bits=9))
 
 
@@ -428,7 +428,7 @@ def test_range_error_suggests_the_largest_l_that_holds_and_divergence_says_so():
     x = torch.randn(2, 3, 8)
     x[0, 0, 0] = 7.0 * 2.0**10  # float32 with l = 9 holds |x| < 2^14; this |x| needs l <= floor(23 - 12.8) - 1 = 9 - 1
     x[0, 0, 1] = 2.0**14
-    with pytest.raises(RuntimeError, match=r"at most bits=8 for this \|x\|"):
+    with pytest.raises(bdia.PrecisionError, match=r"at most bits=8 for this \|x\|"):
         run_blocks(blocks, x, BDIAConfig(bits=9))
     for bad in (float("nan"), float("inf"), 2.0**21):
         x[0, 0, 0] = bad
@@ -439,7 +439,7 @@ def test_range_error_suggests_the_largest_l_that_holds_and_divergence_says_so():
 def test_bits_that_no_stream_can_hold_are_refused_up_front():
     with pytest.raises(ValueError, match="bits=52 leaves no room"):
         BDIAConfig(bits=52)
-    with pytest.raises(ValueError, match="use bits <= 20"):
+    with pytest.raises(bdia.PrecisionError, match="use bits <= 20"):
         run_blocks(make_stack(2).train(), torch.randn(2, 3, 8), BDIAConfig(bits=23))
     x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)  # float64 holds l = 30 below 2^22
     run_blocks(make_stack(2).double().train(), x, BDIAConfig(bits=30)).sum().backward()
@@ -461,7 +461,7 @@ def test_reconstruction_check_catches_a_non_deterministic_block():
     torch.manual_seed(0)
     blocks = nn.ModuleList([Block(), Flaky(), Block()]).train()
     out = run_blocks(blocks, torch.randn(2, 3, 8, requires_grad=True), BDIAConfig())
-    with pytest.raises(RuntimeError, match="did not rebuild x_0 bit for bit"):
+    with pytest.raises(bdia.ReconstructionError, match="did not rebuild x_0 bit for bit"):
         out.sum().backward()
 
 
@@ -486,6 +486,6 @@ def test_back_propagating_a_reversible_graph_twice_is_refused():
     blocks = make_stack(3).train()
     out = run_blocks(blocks, torch.randn(2, 3, 8, requires_grad=True), BDIAConfig())
     out.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="already back-propagated"):
+    with pytest.raises(bdia.BDIAError, match="already back-propagated"):
         out.sum().backward()
 
