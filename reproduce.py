@@ -8,10 +8,13 @@ seeds next to the paper's numbers, as Markdown and JSON.
     python reproduce.py table2 --preset cpu --seeds 2       # minutes on a CPU, offline (Fashion-MNIST)
     python reproduce.py table2 --preset cpu-overfit --jobs 2    # 9 runs of about 15 CPU-core minutes
     python reproduce.py appf --preset cpu-overfit           # Appendix F on this machine's license texts
+    python reproduce.py table3-gpt --preset cpu-overfit     # Table 3's gammas on appf's GPT
     python reproduce.py table2 --dry-run                    # print the commands only
 
 Tables: table2 (ViT, BDIA-ViT, RevViT), table3 (gammas), table4 (quantization l),
-table5 (dropout), fig1 (a constant gamma at inference), fig5 (translation), appf (GPT).
+table5 (dropout), fig1 (a constant gamma at inference), fig5 (translation), appf (GPT);
+table3-gpt and table5-gpt: Tables 3 and 5's gammas and dropout rates on appf's GPT, where
+the plain model overfits on a CPU (they read appf's finished runs where the flags are the same).
 Presets: paper (the paper's setup; CIFAR is downloaded, fig5 needs the Kaggle CSV in
 data/eng_-french.csv, appf nanoGPT's OpenWebText .bin files in data/openwebtext);
 cpu (a few minutes: tiny models, few epochs, offline data: the machinery at work, not a
@@ -104,10 +107,21 @@ PAPER = {
 
 class Table:
     """name, runs {key: (script, flags)}, and rows of cells (row label, column label, run key,
-    metric, paper value); metrics are read from each run's folder and averaged over seeds."""
+    metric, paper value); metrics are read from each run's folder and averaged over seeds.
+    borrowed {key: (table, key)}: runs that are another table's (the same script and flags),
+    read from and run in that table's folder, so that one configuration is run once."""
 
-    def __init__(self, name, title, runs, cells, note=""):
+    def __init__(self, name, title, runs, cells, note="", borrowed=None):
         self.name, self.title, self.runs, self.cells, self.note = name, title, runs, cells, note
+        self.borrowed = borrowed or {}
+
+
+def run_folder(table, key, base):
+    """The folder of a configuration's seeds: base/key, or the other table's for a borrowed run."""
+    if key in table.borrowed:
+        other, other_key = table.borrowed[key]
+        return base.with_name(other + base.name[len(table.name):]) / other_key
+    return base / key
 
 
 def vit_runs(preset, dataset, **configs):
@@ -200,7 +214,40 @@ def appf(preset):
                  "the paper gives Fig. 9 as curves only; `python plot.py curves` draws them from log.jsonl")
 
 
-TABLES = {"table2": table2, "table3": table3, "table4": table4, "table5": table5, "fig1": fig1, "fig5": fig5, "appf": appf}
+def gpt_ablation(name, title, preset, configs, cells, borrowed):
+    """A table of GPT runs on appf's data and model: configs {key: extra flags}, and the
+    runs borrowed from appf {key: appf's key}, whose flags are appf's own."""
+    runs = {key: ("train_gpt.py", [*appf(preset).runs["GPT2"][1], *extra]) for key, extra in configs.items()}
+    runs.update({key: appf(preset).runs[other] for key, other in borrowed.items()})
+    measures = (("val. loss", "final_val_loss"), ("iteration of best", "best_at"), ("train loss", "final_train_loss"))
+    return Table(name, title, runs, [(row, m, key, k, None) for row, key in cells for m, k in measures],
+                 "the paper's figures are ViT accuracies on CIFAR (Tables 3 and 5): nothing here to compare them with",
+                 {key: ("appf", other) for key, other in borrowed.items()})
+
+
+def table3_gpt(preset):
+    """Table 3's gammas on appf's GPT (where the plain model overfits), stored activations and no
+    quantization as in the paper's Table 3, and appf's reversible BDIA-GPT2 (+-0.5, l = 9) beside."""
+    gammas = {"0.0": ["0"], "+-0.25": ["-0.25", "0.25"], "+-0.5": ["-0.5", "0.5"], "+-0.6": ["-0.6", "0.6"]}
+    configs = {g: ["--bdia", "--gammas", *v, "--bits", "none", "--no-reversible"] for g, v in gammas.items()}
+    bridge = "+-0.5 reversible l=9"
+    cells = [(f"gamma {g}", g) for g in gammas] + [(f"gamma {bridge} (appf's BDIA-GPT2)", bridge)]
+    return gpt_ablation("table3-gpt", "Table 3 on appf's GPT: gamma_k without quantization or online "
+                        "back-propagation, validation loss", preset, configs, cells, {bridge: "BDIA-GPT2"})
+
+
+def table5_gpt(preset):
+    """Table 5's dropout rates on appf's GPT, plain and BDIA (+-0.5, l = 9, reversible); dropout 0
+    is appf's own pair."""
+    models = {"GPT2": [], "BDIA-GPT2": ["--bdia"]}
+    configs = {f"{m}/{p}": [*flags, "--dropout", p] for m, flags in models.items() for p in ("0.1", "0.2")}
+    cells = [(f"dropout {p} {m}", f"{m}/{p}") for p in ("0.0", "0.1", "0.2") for m in models]
+    return gpt_ablation("table5-gpt", "Table 5 on appf's GPT: dropout rate, validation loss", preset, configs, cells,
+                        {f"{m}/0.0": m for m in models})
+
+
+TABLES = {"table2": table2, "table3": table3, "table4": table4, "table5": table5, "fig1": fig1, "fig5": fig5, "appf": appf,
+          "table3-gpt": table3_gpt, "table5-gpt": table5_gpt}
 
 # -----------------------------------------------------------------------------
 # Runs: finished, interrupted or new
@@ -252,15 +299,15 @@ def run_all(table, args, base):
     todo = []
     for key, (script, flags) in table.runs.items():
         for seed in range(1, args.seeds + 1):
-            folder = base / key / f"seed{seed}"
+            folder = run_folder(table, key, base) / f"seed{seed}"
             if finished(script, flags, folder):
                 print(f"done     {key} seed {seed}")
             else:
                 todo.append((key, seed, command(script, flags, folder, seed), folder))
     if any(f == "RUN/licenses.txt" for _, (_, flags) in table.runs.items() for f in flags):
         for key in table.runs:
-            if not args.dry_run and not (base / key / "licenses.txt").is_file():
-                prepare_text(base / key)
+            if not args.dry_run and not (run_folder(table, key, base) / "licenses.txt").is_file():
+                prepare_text(run_folder(table, key, base))
     if args.dry_run:
         for _, _, argv, _ in todo:
             print("python " + " ".join(os.path.relpath(a) if a.startswith("/") else a for a in argv[1:]))
@@ -352,7 +399,7 @@ def build_table(table, args, base):
     rows, columns, grid, records = [], [], {}, []
 
     def record(row, column, key, name, paper):
-        values = [metric(base / key / f"seed{s}", name) for s in range(1, args.seeds + 1)]
+        values = [metric(run_folder(table, key, base) / f"seed{s}", name) for s in range(1, args.seeds + 1)]
         text, mean, std = summarize(values, name)
         records.append(dict(row=row, column=column, run=key, metric=name, values=values, mean=mean, std=std, paper=paper))
         return text

@@ -88,3 +88,24 @@ def test_flags_vary_a_preset_in_a_folder_of_its_own(tiny_cpu_preset, tmp_path, c
     assert not (runs / "table2-cpu").exists()
     table = reproduce.with_flags(reproduce.TABLES["table2"]("cpu"), ["--epochs", "3"])
     assert reproduce.flag_value(table.runs["cifar10/ViT"][1], "--epochs", None) == "3"  # the last one counts
+
+
+def test_gpt_ablations_read_and_skip_appfs_finished_runs(tmp_path, capsys):
+    """table3-gpt's reversible +-0.5 and table5-gpt's dropout 0 are appf's runs: the same flags, run
+    and read in appf's folder, so a finished appf run is neither repeated nor missing from the table."""
+    appf = reproduce.appf("cpu")
+    assert reproduce.table5_gpt("cpu").runs["BDIA-GPT2/0.0"] == appf.runs["BDIA-GPT2"]
+    assert reproduce.table3_gpt("cpu").runs["+-0.5 reversible l=9"] == appf.runs["BDIA-GPT2"]
+    assert "--dropout" not in appf.runs["GPT2"][1] and reproduce.table5_gpt("cpu").runs["GPT2/0.0"] == appf.runs["GPT2"]
+    runs = tmp_path / "runs"
+    folder = runs / "appf-cpu" / "BDIA-GPT2" / "seed1"
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text(json.dumps({"iter": 100, "train_loss": 2.5, "val_loss": 2.75, "lr": 1e-3}) + "\n")
+    reproduce.main(["table5-gpt", "--preset", "cpu", "--seeds", "1", "--runs-dir", str(runs), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "done     BDIA-GPT2/0.0 seed 1" in out and out.count("python ") == 5  # GPT2/0.0 and four new runs
+    assert "appf-cpu/GPT2/seed1" in out and "table5-gpt-cpu/BDIA-GPT2/0.1/seed1" in out
+    reproduce.main(["table5-gpt", "--preset", "cpu", "--seeds", "1", "--runs-dir", str(runs), "--table-only"])
+    cells = json.loads((runs / "table5-gpt-cpu" / "table.json").read_text())["cells"]
+    read = {(c["run"], c["metric"]): c["values"] for c in cells}
+    assert read["BDIA-GPT2/0.0", "final_val_loss"] == [2.75] and read["GPT2/0.1", "final_val_loss"] == [None]
