@@ -2,12 +2,15 @@
 One command per table and figure of the paper: runs each configuration over several seeds
 (each a `python train_*.py ...` run in its own folder), skips runs that already finished,
 resumes interrupted ones, and prints the table in the paper's layout, mean +- std over the
-seeds next to the paper's numbers, as Markdown and JSON.
+seeds, models as rows, as Markdown and JSON; the paper's numbers beside where the runs are
+the paper's own setup (preset paper, no --flags), a note where there is nothing to compare.
 
     python reproduce.py table2                              # the paper's scale: CIFAR, 400 epochs, 3 seeds
     python reproduce.py table2 --preset cpu --seeds 2       # minutes on a CPU, offline (Fashion-MNIST)
     python reproduce.py table2 --preset cpu-overfit --jobs 2    # 9 runs of about 15 CPU-core minutes
     python reproduce.py appf --preset cpu-overfit           # Appendix F on this machine's license texts
+    python reproduce.py table2 --preset cpu-overfit --jobs 2 \
+        --flags="--no-augment --limit-train 1000 --optimizer adam --lr 1e-3 --batch-size 32 --epochs 200"  # overfits
     python reproduce.py table3-gpt --preset cpu-overfit     # Table 3's gammas on appf's GPT
     python reproduce.py table2 --dry-run                    # print the commands only
 
@@ -35,6 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 import training
 
@@ -133,29 +138,27 @@ def vit_runs(preset, dataset, **configs):
 MODELS = {"RevViT": ["--model", "revvit"], "ViT": [], "BDIA-ViT": ["--bdia"]}
 
 
-def paper_dataset(dataset):
-    """The paper's dataset a preset's dataset stands in for (its numbers are shown beside)."""
-    return dataset if dataset.startswith("cifar") else "cifar10"
-
-
 def table2(preset):
-    runs, cells = {}, []
+    runs, cells, paper = {}, [], PAPER["table2"]
     for dataset in VIT_DATASETS[preset]:
         runs.update(vit_runs(preset, dataset, **MODELS))
-        for model in MODELS:
-            key, paper = f"{dataset}/{model}", PAPER["table2"]
-            cells += [(dataset, f"{model} val. acc.", key, "final_acc", paper[(paper_dataset(dataset), model)]),
-                      (dataset, f"{model} peak memory", key, "peak_memory", paper["memory"][model]),
-                      (dataset, f"{model} time per epoch", key, "epoch_time", paper["time"][model])]
+        cells += [(m, f"{dataset} val. acc.", f"{dataset}/{m}", "final_acc", paper.get((dataset, m))) for m in MODELS]
+        cells += [(m, f"{dataset} {measure}", f"{dataset}/{m}", name, None) for m in MODELS  # does a model overfit?
+                  for measure, name in (("val. loss", "final_val_loss"), ("epoch of best", "best_at"),
+                                        ("train loss", "final_train_loss"))]
+    first = VIT_DATASETS[preset][0]  # the paper gives one memory and one time per model, the same for both datasets
+    for m in MODELS:
+        cells += [(m, "peak memory", f"{first}/{m}", "peak_memory", paper["memory"][m]),
+                  (m, "time per epoch", f"{first}/{m}", "epoch_time", paper["time"][m])]
     return Table("table2", "Table 2: validation accuracy (%), peak memory, training time per epoch", runs, cells,
-                 "peak memory: CUDA max_memory_allocated on a GPU, the process's peak RSS on a CPU")
+                 f"peak memory and time per epoch: the {first} runs" if len(VIT_DATASETS[preset]) > 1 else "")
 
 
 def table3(preset):
     dataset = VIT_DATASETS[preset][0]
     gammas = {"0.0": ["0"], "+-0.25": ["-0.25", "0.25"], "+-0.5": ["-0.5", "0.5"], "+-0.6": ["-0.6", "0.6"]}
     configs = {g: ["--bdia", "--gammas", *v, "--bits", "none", "--no-reversible"] for g, v in gammas.items()}
-    cells = [(dataset, g, f"{dataset}/{g}", "final_acc", PAPER["table3"][g]) for g in gammas]
+    cells = [(f"gamma {g}", f"{dataset} val. acc.", f"{dataset}/{g}", "final_acc", PAPER["table3"][g]) for g in gammas]
     return Table("table3", "Table 3: gamma_k of BDIA-ViT without quantization or online back-propagation, "
                  "validation accuracy (%)", vit_runs(preset, dataset, **configs), cells)
 
@@ -178,8 +181,8 @@ def table5(preset):
     for dataset in VIT_DATASETS[preset]:
         configs = {f"{m}/{p}": [*MODELS[m], "--dropout", p] for m in ("ViT", "BDIA-ViT") for p in ("0.0", "0.1", "0.2")}
         runs.update(vit_runs(preset, dataset, **configs))
-        cells += [(dataset, f"dropout {p} {m}", f"{dataset}/{m}/{p}", "final_acc",
-                   PAPER["table5"][(paper_dataset(dataset), m, p)]) for p in ("0.0", "0.1", "0.2") for m in ("ViT", "BDIA-ViT")]
+        cells += [(f"{m}, dropout {p}", f"{dataset} val. acc.", f"{dataset}/{m}/{p}", "final_acc",
+                   PAPER["table5"].get((dataset, m, p))) for p in ("0.0", "0.1", "0.2") for m in ("ViT", "BDIA-ViT")]
     return Table("table5", "Table 5: dropout rate, validation accuracy (%)", runs, cells)
 
 
@@ -189,7 +192,7 @@ FIG1_GAMMAS = ["-0.5", "-0.25", "0", "0.25", "0.5"]
 def fig1(preset):
     dataset = VIT_DATASETS[preset][0]
     configs = {m: [*MODELS[m], "--eval-gammas", *FIG1_GAMMAS] for m in ("ViT", "BDIA-ViT")}
-    cells = [(f"gamma = {g}", m, f"{dataset}/{m}", f"sweep:{g}", None) for g in FIG1_GAMMAS for m in configs]
+    cells = [(m, f"gamma = {g}", f"{dataset}/{m}", f"sweep:{g}", None) for m in configs for g in FIG1_GAMMAS]
     return Table("fig1", f"Fig. 1: validation accuracy (%) with one constant gamma in every block at inference, "
                  f"{dataset}", vit_runs(preset, dataset, **configs), cells,
                  "the paper gives Fig. 1 as a plot only; `python plot.py gamma-sweep` draws it from gamma_sweep.json")
@@ -241,7 +244,7 @@ def table5_gpt(preset):
     is appf's own pair."""
     models = {"GPT2": [], "BDIA-GPT2": ["--bdia"]}
     configs = {f"{m}/{p}": [*flags, "--dropout", p] for m, flags in models.items() for p in ("0.1", "0.2")}
-    cells = [(f"dropout {p} {m}", f"{m}/{p}") for p in ("0.0", "0.1", "0.2") for m in models]
+    cells = [(f"{m}, dropout {p}", f"{m}/{p}") for p in ("0.0", "0.1", "0.2") for m in models]
     return gpt_ablation("table5-gpt", "Table 5 on appf's GPT: dropout rate, validation loss", preset, configs, cells,
                         {f"{m}/0.0": m for m in models})
 
@@ -372,10 +375,11 @@ def summarize(values, name):
     values = [v for v in values if v is not None]
     if not values:
         return "not run", None, None
+    if name == "epoch_time":  # the seeds' medians over epochs, their median: one slow seed (a busy machine) moves nothing
+        return f"{statistics.median(values):.1f} s", statistics.median(values), None
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    digits = 0 if name in ("peak_memory", "best_at") else (1 if name == "epoch_time" else (2 if "acc" in name or
-                                                                                          name.startswith("sweep") else 4))
+    digits = 0 if name in ("peak_memory", "best_at") else (2 if "acc" in name or name.startswith("sweep") else 4)
     text = f"{mean:.{digits}f} +- {std:.{digits}f}{UNITS.get(name, '')}" if len(values) > 1 else \
         f"{mean:.{digits}f}{UNITS.get(name, '')}"
     return text, mean, std
@@ -393,10 +397,19 @@ def folder_tag(flags):
     return "".join(("+" if flag.startswith("-") else "-") + w for flag, w in zip(shlex.split(flags), words))
 
 
+def on_gpu(flags):
+    """Whether a run trained on a GPU: --device cuda, or auto where CUDA is (the logs do not say)."""
+    device = flag_value(flags, "--device", "auto")
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def build_table(table, args, base):
-    """The table as Markdown (rows x columns of cells, each mean +- std with its best and the
-    paper's figure beside it) and as records, one per metric and cell, with the seeds' values."""
+    """The table as Markdown (models as rows, datasets and measures as columns; each cell mean +- std
+    with its best, and the paper's figure beside it where the runs are the paper's own setup) and as
+    records, one per metric and cell, with the seeds' values."""
     rows, columns, grid, records = [], [], {}, []
+    comparable = args.preset == "paper" and not args.flags  # the paper's datasets and model size, nothing varied
+    hidden = []  # what was left out, and why
 
     def record(row, column, key, name, paper):
         values = [metric(run_folder(table, key, base) / f"seed{s}", name) for s in range(1, args.seeds + 1)]
@@ -405,6 +418,15 @@ def build_table(table, args, base):
         return text
 
     for row, column, key, name, paper in table.cells:
+        if name == "peak_memory" and on_gpu(table.runs[key][1]):
+            hidden.append("peak memory: CUDA's max_memory_allocated during training")
+        elif name == "peak_memory":
+            hidden.append("peak memory: left out for CPU runs (the process's RSS is mostly data and evaluation "
+                          "batches and compares nothing); `python bench.py` measures the activation memory of each mode")
+            continue
+        paper = paper if comparable or paper is None else hidden.append(
+            "the paper's figures are not shown: they are for CIFAR at the paper's model size and schedule, and these runs "
+            f"(preset {args.preset}{' with ' + args.flags if args.flags else ''}) are not, so there is nothing to compare")
         notes = [f"best {record(row, column, key, BEST[name], None)}"] if name in BEST else []
         notes += [f"paper {paper}"] if paper else []
         text = record(row, column, key, name, paper)
@@ -412,13 +434,15 @@ def build_table(table, args, base):
         rows += [row] if row not in rows else []
         columns += [column] if column not in columns else []
     extra = f" with {args.flags}" if args.flags else ""
+    times = ", time per epoch the median over epochs and seeds" if any(c[3] == "epoch_time" for c in table.cells) else ""
     lines = [f"{table.title}. Preset {args.preset}{extra}, {args.seeds} seed(s) per cell, mean +- std at the end of "
-             f"training (the best evaluation in brackets); runs in {base}.", ""]
+             f"training (the best evaluation in brackets){times}; runs in {os.path.relpath(base)}.", ""]
     lines.append("| | " + " | ".join(columns) + " |")
     lines.append("| --- |" + " --- |" * len(columns))
     lines += ["| " + row + " | " + " | ".join(grid.get((row, c), "") for c in columns) + " |" for row in rows]
-    if table.note:
-        lines += ["", table.note + "."]
+    notes = [table.note] if table.note else []
+    notes += [n for i, n in enumerate(hidden) if n not in hidden[:i]]
+    lines += [line for n in notes for line in ("", n[0].upper() + n[1:] + ".")]
     return "\n".join(lines) + "\n", records
 
 

@@ -4,6 +4,7 @@ and the mean +- std table; on tiny models and a tiny CIFAR-10 the tests write.""
 import json
 import os
 import pickle
+import shutil
 import sys
 
 import numpy as np
@@ -40,7 +41,9 @@ def test_table2_over_two_seeds_then_skips_and_resumes(tiny_cpu_preset, tmp_path,
     for c in accuracies:  # mean and std of the seeds' final accuracies (in %)
         assert c["mean"] == pytest.approx(np.mean(c["values"])) and c["std"] == pytest.approx(np.std(c["values"], ddof=1))
     markdown = (runs / "table2-cpu" / "table.md").read_text()
-    assert "| cifar10 |" in markdown and "+-" in markdown and "paper 88.15 +- 0.55" in markdown and markdown in out
+    assert "| ViT | " in markdown and "| cifar10 val. acc. | cifar10 val. loss | cifar10 epoch of best | cifar10 train loss | time per epoch |" in markdown and markdown in out
+    assert "paper 88.15" not in markdown and "nothing to compare" in markdown  # tiny models: not the paper's setup
+    assert "peak memory" not in markdown.split("\n\n")[1]  # a CPU run's RSS compares nothing: no column
 
     reproduce.main(["table2", "--preset", "cpu", "--seeds", "2", "--runs-dir", str(runs)])  # all done: nothing runs
     out = capsys.readouterr().out
@@ -109,3 +112,38 @@ def test_gpt_ablations_read_and_skip_appfs_finished_runs(tmp_path, capsys):
     cells = json.loads((runs / "table5-gpt-cpu" / "table.json").read_text())["cells"]
     read = {(c["run"], c["metric"]): c["values"] for c in cells}
     assert read["BDIA-GPT2/0.0", "final_val_loss"] == [2.75] and read["GPT2/0.1", "final_val_loss"] == [None]
+
+
+def write_log(folder, rows):
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_paper_numbers_only_beside_the_papers_setup_and_time_as_a_median(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    for dataset in ("cifar10", "cifar100"):
+        for model in ("RevViT", "ViT", "BDIA-ViT"):
+            for seed, seconds in ((1, [30, 31, 300]), (2, [32, 33, 34]), (3, [29, 30, 31])):  # one slow epoch
+                write_log(runs / "table2-paper" / dataset / model / f"seed{seed}",
+                          [dict(epoch=e + 1, val_acc=0.8 + 0.01 * seed, val_loss=0.5, train_loss=0.4, epoch_seconds=s, peak_memory_mb=500.0 + seed)
+                           for e, s in enumerate(seconds)])
+    reproduce.main(["table2", "--preset", "paper", "--runs-dir", str(runs), "--table-only"])
+    markdown = (runs / "table2-paper" / "table.md").read_text()
+    header, *rows = markdown.split("\n\n")[1].splitlines()
+    assert header == "| | cifar10 val. acc. | cifar10 val. loss | cifar10 epoch of best | cifar10 train loss | " \
+        "cifar100 val. acc. | cifar100 val. loss | cifar100 epoch of best | cifar100 train loss | time per epoch |"  # no GPU here
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| RevViT", "| ViT", "| BDIA-ViT"]
+    vit = rows[2].split(" | ")
+    assert vit[1] == "82.00 +- 1.00 (best 82.00 +- 1.00; paper 88.15 +- 0.55)"
+    assert vit[5].endswith("paper 61.86 +- 0.47)") and vit[9] == "31.0 s (paper 30.6 s) |"  # median of 31, 33, 30
+    assert "nothing to compare" not in markdown and "left out for CPU runs" in markdown
+
+    monkeypatch.setattr(reproduce.torch.cuda, "is_available", lambda: True)  # the same runs, read as GPU runs
+    reproduce.main(["table2", "--preset", "paper", "--runs-dir", str(runs), "--table-only"])
+    markdown = (runs / "table2-paper" / "table.md").read_text()
+    assert "| peak memory |" in markdown and "502 +- 1 MB (paper 1570.6 MB)" in markdown
+
+    shutil.copytree(runs / "table2-paper", runs / "table2-paper+dim-64")  # the same logs, as runs of another size
+    reproduce.main(["table2", "--preset", "paper", "--runs-dir", str(runs), "--table-only", "--flags=--dim 64"])
+    table = (runs / "table2-paper+dim-64" / "table.md").read_text().split("\n\n")[1]
+    assert "82.00 +- 1.00" in table and "paper" not in table  # nothing beside a run of another model size
