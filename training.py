@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed
 
+import bdia_fused
 from bdia import BDIAConfig, DivergedError, exact_limit, mantissa_bits
 from data import DataError, atomic_write
 
@@ -90,8 +91,8 @@ def check_args(parser, args, at_least_1=(), at_least_0=(), positive=(), fraction
     try:
         args.gammas = number_list(args.gammas)
         reversible = not args.no_reversible
-        args.bdia_config = (BDIAConfig(args.gammas, args.bits, reversible, args.eval_gamma, fused=args.compile and reversible)
-                            if args.bdia else None)
+        config = BDIAConfig(args.gammas, args.bits, reversible, args.eval_gamma) if args.bdia else None
+        args.bdia_config = bdia_fused.fuse(config) if config and args.compile and reversible else config
     except (argparse.ArgumentTypeError, ValueError) as e:
         parser.error(in_flags(str(e)))
     if args.bdia and args.bits is not None and exact_limit(torch.float32, args.bits) <= 1:  # the scripts' streams
@@ -113,7 +114,7 @@ def compiled_model(model, args):
     """torch.compile(model) with --compile, but for reversible BDIA: its autograd Function keeps
     Python state between forward and backward, which a whole-model graph cannot hold, so there
     --compile compiles BDIA's element-wise arithmetic instead (BDIAConfig(fused=True))."""
-    fused = args.bdia_config is not None and args.bdia_config.fused
+    fused = args.bdia_config is not None and args.bdia_config.arithmetic is not None
     return torch.compile(model) if args.compile and not fused else model
 
 
@@ -122,7 +123,7 @@ def plain_args(args):
     config = args.bdia_config
     return {k: v for k, v in vars(args).items() if k != "bdia_config"} | {
         "bdia": None if config is None else dict(gammas=list(config.gammas), bits=config.bits, reversible=config.reversible,
-                                                 eval_gamma=config.eval_gamma, fused=config.fused)}
+                                                 eval_gamma=config.eval_gamma)}
 
 
 def pick_device(name):

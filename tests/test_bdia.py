@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bdia  # noqa: E402
+import bdia_fused  # noqa: E402
 from bdia import BDIAConfig, run_blocks  # noqa: E402
 
 torch.set_num_threads(1)  # CI has 2 cores; small tensors are fastest single-threaded
@@ -215,26 +216,28 @@ def cpp_compiler():
 
 @pytest.mark.skipif(not cpp_compiler(), reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_fused_path_rebuilds_exactly_and_gives_the_eager_gradients():
-    """BDIAConfig(fused=True): the arithmetic compiled, every activation still rebuilt bit for bit
+    """bdia_fused.fuse(config): the arithmetic compiled, every activation still rebuilt bit for bit
     (the mixed term is one compiled function in (21) and (24)). The compiled mixed term may round
     a few elements otherwise than eager code, so the gradients match the eager mode's closely, not
     bitwise."""
     blocks = make_stack(3, dropout=0.1).train()
     x = torch.randn(4, 3, 8, requires_grad=True)
     results = []
-    for fused in (True, False):
+    for config in (bdia_fused.fuse(BDIAConfig()), BDIAConfig()):
         clear_calls(blocks)
         x.grad = None
-        out, leaves, params = run_and_backward(blocks, x, BDIAConfig(fused=fused), 5)
+        out, leaves, params = run_and_backward(blocks, x, config, 5)
         for k, b in enumerate(blocks):
-            assert torch.equal(b.calls[1], b.calls[0]), f"x_{k} was not rebuilt exactly (fused={fused})"
+            assert torch.equal(b.calls[1], b.calls[0]), f"x_{k} was not rebuilt exactly ({config})"
         results.append((out, leaves + params))
     (out_f, grads_f), (out_e, grads_e) = results
     assert (out_f - out_e).abs().max() <= 4 * 2.0**-9  # at most a few grid steps apart
     for a, b in zip(grads_f, grads_e):
         assert rel_err(a, b) < 1e-2
-    with pytest.raises(ValueError, match="fused=True .* needs reversible=True"):
-        BDIAConfig(reversible=False, fused=True)
+    with pytest.raises(ValueError, match="needs a config with reversible=True"):
+        bdia_fused.fuse(BDIAConfig(reversible=False))
+    with pytest.raises(ValueError, match="needs reversible=True"):
+        BDIAConfig(reversible=False, arithmetic=bdia_fused.FUSED)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 7])
@@ -360,7 +363,7 @@ def test_side_information_only_for_gammas_that_are_powers_of_two():
     x_prev, x = grid((2, 3, 8), bits, seed=1), grid((2, 3, 8), bits, seed=2)
     gammas = torch.tensor([[0.6], [-0.6]])
     config = BDIAConfig(gammas=(-0.6, 0.6), bits=bits, reversible=False)
-    x_next, side = bdia.bdia_block(block, 1, x_prev, x, bdia.step_factors(gammas, bits), config, ())
+    x_next, side = bdia.bdia_block(block, 1, x_prev, x, bdia.Gamma.of(gammas, bits), config, (), {})
     g = gammas.view(2, 1, 1)
     expected = bdia.quantize(g * x_prev, bits) + bdia.quantize((1 - g) * x + (1 + g) * block.residual(x), bits)
     assert side is None and torch.equal(x_next, expected)
@@ -398,7 +401,7 @@ def test_reversible_memory_grows_with_depth_only_by_the_packed_side_bits():
         blocks = make_stack(depth, dim=32).train()
         kept[depth] = {rev: bytes_saved_for_backward(blocks, x, BDIAConfig(reversible=rev)) for rev in (True, False)}
     side_bytes_per_block = x.numel() // 8  # 1 bit per element for gammas +-1/2
-    gamma_bytes_per_block = len(bdia.Factors._fields) * x.shape[0] * 4  # gamma_k and 4 factors of (21) made of it
+    gamma_bytes_per_block = len(bdia.Gamma._fields) * x.shape[0] * 4  # gamma_k and 4 factors of (21) made of it
     growth = kept[16][True] - kept[4][True]
     assert growth == 12 * (side_bytes_per_block + gamma_bytes_per_block)
     # Besides the top pair (x_{K-1}, x_K), which the Tape holds, nothing but the side bits,
