@@ -315,6 +315,7 @@ class BDIAStack(nn.Sequential):
         else:
             super().__init__(*blocks)
         self.config = config
+        self.training = blocks.training if isinstance(blocks, nn.Module) else self.training  # as the model it joins
 
     def forward(self, x, *context, **kwargs):
         return run_blocks(self, x, self.config, *context, **kwargs)
@@ -414,7 +415,7 @@ class ReversibleBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tape, block, k, gammas, x_prev, x, *tensors_and_params):
         context, kwargs = tape.context()
-        rng = rng_state(x.device)  # random draws are replayed by observation, never by guess
+        rng = generator_states(x.device)  # random draws are replayed by observation, never by guess
         if k == 0:
             x_next, packed = first_step(x, residual_of(block, x, context, kwargs), tape.config.bits), None  # (19)
             tape.magnitudes.append(max_abs(x_next))
@@ -422,7 +423,7 @@ class ReversibleBlock(torch.autograd.Function):
             h = residual_of(block, x, context, kwargs)
             x_next, packed, size = tape.arithmetic.step(x_prev, x, h, gammas.block(k, x), tape.config.bits, tape.m)
             tape.magnitudes.append(size)
-        ctx.rng = rng if rng_changed(rng, x.device) else None  # kept only where the block drew
+        ctx.rng = rng if generators_changed(rng, x.device) else None  # kept only where the block drew
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         ctx.tape, ctx.block, ctx.k = tape, block, k
         ctx.save_for_backward(packed, *gammas, *tensors_and_params[: len(tape.tensors)])
@@ -446,7 +447,7 @@ def block_backward(ctx, g_next):
     needs_grad = ctx.needs_input_grad[6 : 6 + len(tensors)]
     leaves = [t.detach().requires_grad_() if need else t for t, need in zip(tensors, needs_grad)]
     context, kwargs = tape.context(leaves)
-    with replayed_rng(ctx.rng, x.device), torch.enable_grad():
+    with replayed_generators(ctx.rng, x.device), torch.enable_grad():
         with torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             h = residual_of(block, x_leaf, context, kwargs)  # h_k(x_k) again, now with its graph
 
@@ -473,18 +474,18 @@ def block_backward(ctx, g_next):
     return None, None, None, None, g_prev if ctx.needs_input_grad[4] else None, g_x, *g_tensors, *g_params
 
 
-def rng_state(device):
+def generator_states(device):
     """The CPU generator's state, and that of x's CUDA device (what a block's draws change)."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def rng_changed(before, device):
-    after = rng_state(device)
+def generators_changed(before, device):
+    after = generator_states(device)
     return not torch.equal(before[0], after[0]) or (after[1] is not None and not torch.equal(before[1], after[1]))
 
 
 @contextlib.contextmanager
-def replayed_rng(state, device):
+def replayed_generators(state, device):
     """Within: the generators as they were before the block's forward (state None: as they
     are). After: the caller's generators as they were, untouched by the replay."""
     with torch.random.fork_rng([device] if device.type == "cuda" else [], enabled=state is not None):
