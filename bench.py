@@ -6,7 +6,7 @@ user would choose between:
     checkpoint  torch.utils.checkpoint around each block (the usual memory saver)
     bdia        BDIA training with stored activations (eqs. 18-21)
     bdia-rev    BDIA with online back-propagation (activations rebuilt by eq. 24)
-    bdia-fused  bdia-rev with its arithmetic compiled (BDIAConfig(fused=True); not in the
+    bdia-fused  bdia-rev with its arithmetic compiled (bdia_fused.fuse; not in the
                 default --modes: compiling takes a minute)
     revvit      RevViT's two-stream reversible blocks with their own online back-propagation
                 (the paper's reversible baseline; vit family only)
@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 import bdia
+import bdia_fused
 import training
 from bdia import BDIAConfig, run_blocks, side_bits
 from models import Block, RevBlock, run_rev_blocks
@@ -74,7 +75,8 @@ def forward(mode, blocks, x):
         for block in blocks:
             x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
         return x
-    return run_blocks(blocks, x, BDIAConfig(reversible=mode != "bdia", fused=mode == "bdia-fused"))
+    config = BDIAConfig(reversible=mode != "bdia")
+    return run_blocks(blocks, x, bdia_fused.fuse(config) if mode == "bdia-fused" else config)
 
 
 def make_step(args, mode, depth, device):
@@ -106,12 +108,15 @@ VIEWS = {"aten::" + op for op in (
     "expand_as detach alias lift_fresh reshape _reshape_alias _unsafe_view contiguous unbind split chunk narrow "
     "flatten unflatten view_as item _local_scalar_dense is_nonzero resolve_conj resolve_neg "
     "requires_grad_ result_type").split()}  # no arithmetic: metadata, views, host reads
-FUSED_CALLS = {bdia.grid_mixed: 2, bdia.grid_step: 1, bdia.grid_unstep: 1, bdia.scale: 1, bdia.combine: 1}
+FUSED_CALLS = {bdia_fused.grid_mixed: 2, bdia_fused.grid_step: 1, bdia_fused.grid_unstep: 1, bdia_fused.grad_h: 1,
+               bdia_fused.grad_inputs: 1}
 BASELINE = {"bdia": "plain", "bdia-rev": "checkpoint", "bdia-fused": "checkpoint", "revvit": "checkpoint"}
 
 
 def operations(args, mode, depth, device):
     """Operations of one training step: top-level aten ops (not views) on a CPU, kernels on CUDA."""
+    if device.type == "cpu":  # kineto, the profiler's backend, logs each start and stop ("USDT: ...") and, in a
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # CUDA build without a GPU, an error; 6 is above its levels
     step = make_step(args, mode, depth, device)
     step()  # warm-up (and, for bdia-fused, compilation)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -131,12 +136,12 @@ def fused_kernels():
     import torch._inductor.metrics as metrics
 
     x_prev, x, h = (bdia.quantize(torch.randn(2, 8, 16), 9) for _ in range(3))
-    f = bdia.factors_of(bdia.step_factors(torch.full((2, 1), 0.5), 9), 1, x)
-    mixed = bdia.grid_mixed(x, h, f.minus_l, f.plus_l)
-    x_next, packed, _ = bdia.grid_step(x_prev, mixed, f.gamma, 9, 1)
-    inputs = {bdia.grid_mixed: (x, h, f.minus_l, f.plus_l), bdia.grid_step: (x_prev, mixed, f.gamma, 9, 1),
-              bdia.grid_unstep: (x_next, mixed, f.gamma, packed, 9, 1), bdia.scale: (x, f.plus),
-              bdia.combine: (x.clone(), h, f.minus, f.gamma)}
+    g = bdia.Gamma.of(torch.full((2, 1), 0.5), 9).block(1, x)
+    mixed = bdia_fused.grid_mixed(x, h, g)
+    x_next, packed, _ = bdia_fused.grid_step(x_prev, mixed, g, 9, 1)
+    inputs = {bdia_fused.grid_mixed: (x, h, g), bdia_fused.grid_step: (x_prev, mixed, g, 9, 1),
+              bdia_fused.grid_unstep: (x_next, mixed, g, packed, 9, 1), bdia_fused.grad_h: (x, g),
+              bdia_fused.grad_inputs: (x.clone(), h, g)}
     total = 0
     for fn, calls in FUSED_CALLS.items():
         before = metrics.generated_kernel_count
