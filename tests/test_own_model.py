@@ -1,0 +1,180 @@
+"""README's "BDIA in your own model": its three recipes, run as written there, on blocks
+this project did not write. Each recipe must (a) at inference with gamma 0 and bits None be
+the plain model bit for bit, and (b) train reversibly: the same loss, bit for bit, as
+stored-activation BDIA under the same seed, and every gradient (block 0's included) within
+1e-5. Hugging Face's GPT2Block and LlamaDecoderLayer are built from small configs (no
+network) and skipped where transformers is not installed."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bdia import BDIAConfig, BDIAStack, run_blocks  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_trains_reversibly_as_stored(model, loss_of, set_config):
+    """One step in each mode under the same seed: equal losses, gradients within 1e-5."""
+    results = []
+    for reversible in (True, False):
+        set_config(BDIAConfig(reversible=reversible))
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        loss = loss_of(model)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_r, grads_r), (loss_s, grads_s) = results
+    assert torch.equal(loss_r, loss_s)
+    assert grads_r.keys() == grads_s.keys() and len(grads_r) == sum(1 for p in model.parameters() if p.requires_grad)
+    for name in grads_s:
+        assert rel_err(grads_r[name], grads_s[name]) < 1e-5, f"the gradient of {name} differs"
+
+
+# ----------------------------------------------------------------------------- recipe 1: your own blocks
+
+
+class MyBlock(nn.Module):
+    """nanoGPT-like: forward only (no residual method), functional dropout."""
+
+    def __init__(self, dim, p=0.1):
+        super().__init__()
+        self.ln_1, self.ln_2, self.p = nn.LayerNorm(dim), nn.LayerNorm(dim), p
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.ln_1(x)).chunk(3, dim=-1)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0))
+        return x + F.dropout(self.fc2(F.gelu(self.fc1(self.ln_2(x)))), self.p, self.training)
+
+
+class MyTransformer(nn.Module):
+    def __init__(self, dim, depth, bdia=None):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, dim), nn.Linear(dim, 10)
+        self.blocks = nn.ModuleList(MyBlock(dim) for _ in range(depth))
+        self.bdia = bdia  # BDIAConfig() for BDIA, None: the plain model
+
+    def forward(self, x):
+        x = self.embed(x)  # keep the residual stream float32
+        x = run_blocks(self.blocks, x, self.bdia)  # was: for block in self.blocks: x = block(x)
+        return self.head(x.mean(dim=1))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 8])
+def test_recipe_1_your_own_blocks(depth):
+    torch.manual_seed(0)
+    model, x, y = MyTransformer(16, depth), torch.randn(4, 6, 3), torch.arange(4)
+    plain = model.eval()(x)
+    model.bdia = BDIAConfig(bits=None, reversible=False)
+    assert torch.equal(model(x), plain)
+    model.train()
+    assert_trains_reversibly_as_stored(model, lambda m: F.cross_entropy(m(x), y), lambda c: setattr(model, "bdia", c))
+
+
+# ----------------------------------------------------------------------------- recipe 2: BDIAStack
+
+
+class TimmStyleViT(nn.Module):
+    """A model that calls its blocks as one nn.Sequential, as timm's and torchvision's do;
+    timm's Block layout with stochastic depth (DropPath) and dropout."""
+
+    def __init__(self, dim=16, depth=4, drop_path=0.2):
+        super().__init__()
+        self.patch_embed, self.norm, self.head = nn.Linear(12, dim), nn.LayerNorm(dim), nn.Linear(dim, 10)
+        self.blocks = nn.Sequential(*(TimmBlock(dim, drop_path) for _ in range(depth)))
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.patch_embed(x))).mean(dim=1))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim, drop_path):
+        super().__init__()
+        self.norm1, self.norm2, self.drop_prob = nn.LayerNorm(dim), nn.LayerNorm(dim), drop_path
+        self.attn = nn.MultiheadAttention(dim, 2, dropout=0.1, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * dim, dim))
+
+    def drop_path(self, y):
+        if not self.training or self.drop_prob == 0:
+            return y
+        keep = y.new_empty(y.shape[0], 1, 1).bernoulli_(1 - self.drop_prob)
+        return y * keep / (1 - self.drop_prob)
+
+    def forward(self, x):
+        y = self.norm1(x)
+        x = x + self.drop_path(self.attn(y, y, y, need_weights=False)[0])
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def test_recipe_2_a_model_that_calls_an_nn_sequential_of_blocks():
+    torch.manual_seed(0)
+    model, x, y = TimmStyleViT().eval(), torch.randn(4, 5, 12), torch.arange(4)
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = model(x)
+
+    model.blocks = BDIAStack(model.blocks, BDIAConfig())  # the same blocks; state_dict keys unchanged
+    model.load_state_dict(pretrained)  # pretrained weights load as they are
+
+    model.blocks.config = BDIAConfig(bits=None, reversible=False)
+    assert torch.equal(model(x), plain)
+    model.train()
+    assert_trains_reversibly_as_stored(model, lambda m: F.cross_entropy(m(x), y),
+                                       lambda c: setattr(model.blocks, "config", c))
+
+
+# ----------------------------------------------------------------------------- recipe 3: Hugging Face
+
+
+def llama_logits(model, input_ids, config):  # config None: the model's own computation
+    m = model.model
+    x = m.embed_tokens(input_ids)
+    position_ids = torch.arange(input_ids.shape[1], device=x.device)[None]
+    rotary = m.rotary_emb(x, position_ids)  # (cos, sin): computed once, passed to every layer
+    x = run_blocks(m.layers, x, config, position_embeddings=rotary, position_ids=position_ids)
+    return model.lm_head(m.norm(x))
+
+
+def gpt2_logits(model, input_ids, config):
+    t = model.transformer
+    x = t.drop(t.wte(input_ids) + t.wpe(torch.arange(input_ids.shape[1], device=input_ids.device)))
+    x = run_blocks(t.h, x, config)
+    return model.lm_head(t.ln_f(x))
+
+
+def small_hf_model(name, depth):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "llama":  # attention dropout on, so that its random draws must be replayed
+        config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=depth,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                          attention_dropout=0.1, bos_token_id=0, eos_token_id=1,
+                                          attn_implementation="sdpa")
+        return transformers.LlamaForCausalLM(config), llama_logits
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=depth, n_head=4,
+                                     bos_token_id=0, eos_token_id=1, attn_implementation="sdpa")  # dropouts 0.1
+    return transformers.GPT2LMHeadModel(config), gpt2_logits
+
+
+@pytest.mark.parametrize("depth", [1, 2, 8])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_recipe_3_a_hugging_face_model_whose_forward_loops_over_its_layers(name, depth):
+    model, logits = small_hf_model(name, depth)
+    ids = torch.randint(50, (2, 10), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    assert torch.equal(logits(model, ids, None), model(ids).logits)  # the recipe is the model's own loop
+    assert torch.equal(logits(model, ids, BDIAConfig(bits=None, reversible=False)), model(ids).logits)
+    model.train()
+    config = {}
+    loss = lambda m: F.cross_entropy(logits(m, ids, config["bdia"]).flatten(0, 1), ids.flatten())  # noqa: E731
+    assert_trains_reversibly_as_stored(model, loss, lambda c: config.update(bdia=c))
