@@ -9,6 +9,13 @@ with LoRA and BDIA (paper 5.1, Table 1; Appendix E, Table 6).
         --bits none --no-reversible --out-dir out/e2e-lora-bdia                         # LoRA+BDIA
     python finetune_e2e.py --table out/e2e-ft out/e2e-ft-bdia out/e2e-lora             # Table 1
 
+A small run meant to finish on a CPU in under a minute once GPT-2 small (about 550 MB) and the
+E2E CSVs are downloaded (not timed: the machine this was written on is offline; the tests run
+the same steps on a tiny local GPT-2):
+
+    python finetune_e2e.py --init-from gpt2 --lora-rank 4 --train-limit 64 --valid-limit 16 --test-limit 4 \\
+        --epochs 1 --beam 2 --eval-interval 0 --out-dir out/e2e-small
+
 Each example is `context <eos> completion <eos>` (GPT-2 BPE), the loss (label smoothing
 0.1) on the completion only. After training, beam search (beam 10, length penalty 0.8,
 no-repeat-ngram 4, at most 64 tokens, KV cache) decodes each distinct test context and
@@ -21,7 +28,6 @@ optimizer, RNG) is written atomically after each epoch; --resume continues from 
 checkpoint.
 """
 
-import argparse
 import json
 import math
 import time
@@ -34,63 +40,62 @@ from tqdm import tqdm
 import data
 import gpt2
 import metrics
-import training
+import runlib
+
+SCRIPT = Path(__file__).name
+PAD_ID = 0  # padding follows each example's end: the scored positions of a causal model never see it
 
 # -----------------------------------------------------------------------------
 # Flags
 
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runlib.ArgumentParser(prog=SCRIPT, description=__doc__)
     g = p.add_argument_group("model")
     g.add_argument("--init-from", default="gpt2-medium",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (hub) or a folder/file with model.safetensors "
-                        "or pytorch_model.bin and config.json (default gpt2-medium)")
+                        "or pytorch_model.bin and config.json")
     g.add_argument("--tokenizer", default=None, help="folder with encoder.json+vocab.bpe or vocab.json+merges.txt "
-                                                     "(default: that of --init-from)")
+                                                     "(None: that of --init-from)")
     g.add_argument("--cache-dir", default=gpt2.DEFAULT_CACHE, help="where hub downloads are kept")
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the blocks")
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    g.add_argument("--lora-alpha", type=float, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.1)
-    g.add_argument("--lora-mlp", action="store_true", help="adapters on the MLP too (default: query and value only)")
+    g.add_argument("--lora-alpha", type=float, default=32, help="LoRA scale alpha (the update is alpha/rank B A)")
+    g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapters' input")
+    g.add_argument("--lora-mlp", action="store_true", help="adapters on the MLP too (otherwise query and value only)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default="data/e2e", help="E2E CSVs (downloaded when missing) or the LoRA repo's *.txt")
-    g.add_argument("--train-file")
-    g.add_argument("--valid-file")
-    g.add_argument("--test-file")
-    g.add_argument("--max-seq-len", type=int, default=512)
+    g.add_argument("--train-file", help="instead of --data-dir's training file")
+    g.add_argument("--valid-file", help="instead of --data-dir's validation file")
+    g.add_argument("--test-file", help="instead of --data-dir's test file")
+    g.add_argument("--max-seq-len", type=int, default=512, help="tokens per example at most")
     g.add_argument("--train-limit", type=int, default=0, help="use the first N training examples (0: all)")
-    g.add_argument("--valid-limit", type=int, default=0)
+    g.add_argument("--valid-limit", type=int, default=0, help="use the first N validation examples (0: all)")
     g.add_argument("--test-limit", type=int, default=0, help="decode the first N distinct test contexts (0: all)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=5)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--warmup-steps", type=int, default=500)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--label-smoothing", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=0.0, help="0: none")
+    g.add_argument("--epochs", type=int, default=5, help="the LoRA repository's 5")
+    g.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW, linear schedule)")
+    g.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="on the 2-D weights only")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="of the training loss")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: none)")
     g.add_argument("--eval-interval", type=int, default=2000,
                    help="validation loss every N steps, as the LoRA repository (0: once per epoch)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--beam", type=int, default=10)
-    g.add_argument("--length-penalty", type=float, default=0.8)
-    g.add_argument("--no-repeat-ngram", type=int, default=4)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--beam", type=int, default=10, help="beam size")
+    g.add_argument("--length-penalty", type=float, default=0.8, help="score / length^penalty")
+    g.add_argument("--no-repeat-ngram", type=int, default=4, help="ban repeating n-grams of this length (0: none)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens per output at most")
     g.add_argument("--decode-batch", type=int, default=10, help="contexts per beam-search batch")
     g.add_argument("--no-test", action="store_true", help="skip decoding and scoring")
     p.add_argument("--export", metavar="DIR", help="write the fine-tuned model (LoRA merged) as an HF GPT-2 checkpoint")
     p.add_argument("--table", nargs="+", metavar="OUT_DIR", help="print Table 1 from these runs' e2e_scores.json and exit")
-    training.add_bdia_args(p)
-    training.add_run_args(p, "out/e2e")
-    args = p.parse_args(argv)
-    training.check_args(p, args, at_least_1=("epochs", "batch_size", "beam", "max_new_tokens", "decode_batch", "max_seq_len"),
-                        at_least_0=("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit",
-                                    "no_repeat_ngram", "length_penalty", "eval_interval", "weight_decay", "grad_clip"),
-                        positive=("lr",), fractions=("dropout", "lora_dropout"))
-    if not 0 <= args.label_smoothing < 1:
-        p.error("--label-smoothing must be in [0, 1)")
+    p.add_training_flags(out_dir="out/e2e")
+    args = p.parse(argv, at_least_1=("epochs", "batch_size", "beam", "max_new_tokens", "decode_batch", "max_seq_len"),
+                   at_least_0=("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit",
+                               "no_repeat_ngram", "length_penalty", "eval_interval", "weight_decay", "grad_clip"),
+                   positive=("lr",), fractions=("dropout", "lora_dropout", "label_smoothing"))
     return args
 
 
@@ -130,10 +135,10 @@ def batches(examples, batch_size, generator=None):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(examples, batch, pad_id, device):
+def collate(examples, batch, device):
     """x (inputs) and y (next tokens; -1 on the context, so only the completion is scored)."""
     T = max(len(examples[i][0]) for i in batch) - 1
-    x = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    x = torch.full((len(batch), T), PAD_ID, dtype=torch.long)
     y = torch.full((len(batch), T), -1, dtype=torch.long)
     for row, i in enumerate(batch):
         ids, n_ctx = examples[i]
@@ -160,7 +165,7 @@ def build_model(args, device):
 
 def configure_optimizer(model, args):
     """AdamW (betas 0.9, 0.999, eps 1e-6) over the trainable parameters; no decay on biases and LayerNorms."""
-    return torch.optim.AdamW(training.decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
+    return torch.optim.AdamW(runlib.decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
 
 
 def trainable_state(model):
@@ -187,15 +192,16 @@ def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evalu
     the validation curve is logged (Fig. 3, 8); returns (loss since the last point, lr, seconds, tokens)."""
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps, t0, tokens, since = steps_per_epoch * args.epochs, time.perf_counter(), 0, []
-    epoch_batches = batches(examples, args.batch_size, training.generator(args.seed, epoch))
+    epoch_batches = batches(examples, args.batch_size, runlib.step_generator(args.seed, epoch))
     bar = tqdm(epoch_batches, desc=f"epoch {epoch}/{args.epochs}", dynamic_ncols=True)
     model.train()
     for i, batch in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
-        lr = training.linear_lr(step, total_steps, args.lr, args.warmup_steps)
-        training.set_lr(optimizer, lr)
-        x, y = collate(examples, batch, args.pad_id, model.transformer.wte.weight.device)
-        with training.autocast(x.device, args.amp):
+        lr = runlib.linear_lr(step, total_steps, args.lr, args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = collate(examples, batch, model.transformer.wte.weight.device)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
             loss = loss_on(train_model, x, y, args.label_smoothing)
         loss.backward()  # with LoRA the stack's input needs no grad: the reversible backward still runs
         if args.grad_clip:
@@ -207,7 +213,7 @@ def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evalu
         bar.set_postfix(loss=f"{since[-1]:.4f}", lr=f"{lr:.2e}")
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and i + 1 < len(epoch_batches):
             # a point within the epoch; `epoch` is fractional, so a resumed run drops it with its epoch
-            training.check_loss(sum(since) / len(since), f"epoch {epoch} (step {step + 1})", args.out_dir)
+            runlib.check_loss(sum(since) / len(since))  # NaN: stop before it is logged
             log.write(epoch=(step + 1) / steps_per_epoch, step=step + 1, train_loss=sum(since) / len(since),
                       val_loss=evaluate_now(), lr=lr, mode=mode_name(args))
             since = []
@@ -220,9 +226,9 @@ def validation_loss(model, examples, args):
     model.eval()
     total = tokens = 0
     for batch in batches(examples, args.batch_size):
-        x, y = collate(examples, batch, args.pad_id, model.transformer.wte.weight.device)
+        x, y = collate(examples, batch, model.transformer.wte.weight.device)
         n = int((y != -1).sum())
-        with training.autocast(x.device, args.amp):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
             total += loss_on(model, x, y, 0.0).item() * n
         tokens += n
     model.train()
@@ -249,7 +255,7 @@ def decode(model, tok, contexts, args, device):
     hypotheses = [None] * len(contexts)
     for group in tqdm(groups, desc="beam search", dynamic_ncols=True):
         idx = torch.tensor([encoded[i] for i in group], device=device)
-        with training.autocast(device, args.amp):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             outs, _ = gpt2.beam_search(model, idx, tok.eos_id, args.beam, args.max_new_tokens, args.length_penalty,
                                        args.no_repeat_ngram)
         for i, ids in zip(group, outs):
@@ -295,12 +301,14 @@ def format_table(results):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    with training.one_line_errors():
+    try:
+        args = parse_args(argv)
         if args.table:
-            print_table(args.table)
-        else:
-            run(args)
+            return print_table(args.table)
+        with runlib.folder_lock(args.out_dir):  # one run per folder
+            train(args)
+    except runlib.ERRORS as e:  # data, checkpoint, divergence, precision, out of memory, a failed write
+        runlib.exit_with(e, SCRIPT)
 
 
 def print_table(folders):
@@ -317,54 +325,45 @@ def print_table(folders):
     print(format_table(results))
 
 
-def run(args):
-    device = training.pick_device(args.device)
-    out = Path(args.out_dir)
-    training.seed_everything(args.seed)
+def train(args):
+    device, out = torch.device(args.device), Path(args.out_dir)
+    ckpt = runlib.read_checkpoint(out / "ckpt.pt") if args.resume else None  # before the data: fail fast
+    torch.manual_seed(args.seed)
     try:
         tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
     except ValueError as e:  # a vocabulary that is not JSON, or not UTF-8
         raise data.DataError(f"cannot read the tokenizer of {args.tokenizer or args.init_from} ({e})") from e
     if tok.eos_id is None:
         raise data.DataError("the tokenizer's vocabulary has no <|endoftext|> token")
-    args.pad_id = tok.eos_id  # padding is never scored
-    model = build_model(args, device)
+    model = build_model(args, device)  # BDIA enters here: gpt2.from_pretrained(..., bdia=args.bdia_config)
     if tok.vocab_size > model.model_args["vocab_size"]:
         raise data.DataError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.model_args['vocab_size']}")
     splits, train_ex, valid_ex = load_examples(args, tok, model.block_size)
     optimizer = configure_optimizer(model, args)
     start_epoch = 1
-    if args.resume:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
-        ckpt = training.load_checkpoint(out / "ckpt.pt")
-        with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
-            if missing := set(trainable_state(model)) ^ set(ckpt["model"]):  # strict=False below would not tell
-                raise training.foreign_checkpoint(out / "ckpt.pt", f"its trainable weights are not this model's, "
-                                                                   f"e.g. {sorted(missing)[0]}")
-            model.load_state_dict(ckpt["model"], strict=False)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            training.set_rng_state(ckpt["rng"])
-            start_epoch = ckpt["epoch"] + 1
-    train_model = training.compiled_model(model, args)
+    if ckpt is not None:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
+        runlib.restore(ckpt, model, optimizer)
+        start_epoch = ckpt["epoch"] + 1
+    train_model = runlib.compiled(model, args)
     # points within an epoch have a fractional epoch: those of the epoch run again are dropped
-    log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] <= start_epoch - 1)
+    log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] <= start_epoch - 1)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{mode_name(args)}: {training.count_params(model) / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trained), "
-          f"{len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, {device}")
+    print(f"{mode_name(args)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+          f"({n_train / 1e6:.3f}M trained), {len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, {device}")
 
     for epoch in range(start_epoch, args.epochs + 1):
-        # divergence or out of memory ends the run naming this epoch and the intact checkpoint before it
-        with training.failures(f"epoch {epoch}", out):
+        with runlib.at(f"epoch {epoch}", out):  # an error names this epoch and the intact checkpoint before it
             train_loss, lr, seconds, tokens = train_epoch(model, train_model, optimizer, train_ex, args, epoch, log,
                                                           lambda: validation_loss(model, valid_ex, args))
-            training.check_loss(train_loss, f"epoch {epoch}", out)  # before a diverged state is logged or saved
+            runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
             val_loss = validation_loss(model, valid_ex, args)
         steps = math.ceil(len(train_ex) / args.batch_size)
         log.write(epoch=epoch, step=epoch * steps, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=seconds,
-                  tokens_per_s=tokens / seconds, mode=mode_name(args), peak_memory_mb=training.peak_memory_mb(device))
+                  tokens_per_s=tokens / seconds, mode=mode_name(args), peak_memory_mb=runlib.peak_memory_mb(device))
         print(f"epoch {epoch}: train loss {train_loss:.4f} (label smoothing {args.label_smoothing}), "
               f"val loss {val_loss:.4f}, {seconds:.1f} s")
-        training.save_checkpoint(out / "ckpt.pt", model=trainable_state(model), optimizer=optimizer.state_dict(),
-                                 rng=training.rng_state(), epoch=epoch, args=training.plain_args(args))
+        runlib.save_checkpoint(out / "ckpt.pt", args, model=trainable_state(model), optimizer=optimizer.state_dict(),
+                             epoch=epoch)
     if args.export:
         gpt2.save_pretrained(model, args.export)
         print(f"exported to {args.export} (model.safetensors + config.json, Hugging Face GPT-2 layout)")

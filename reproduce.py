@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-import training
+import runlib
 
 ROOT = Path(__file__).resolve().parent  # the scripts, and the data/ their presets read, are here
 
@@ -447,7 +447,7 @@ def build_table(table, args, base):
 
 
 def main(argv=None):
-    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runlib.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", choices=TABLES)
     p.add_argument("--preset", choices=PRESETS, default="paper")
     p.add_argument("--seeds", type=int, default=3, help="runs per configuration, seeds 1..N (default 3, as the paper)")

@@ -8,6 +8,12 @@ Language modelling with GPT and BDIA-GPT in nanoGPT style (paper Appendix F).
     torchrun --nproc_per_node=2 train_gpt.py --dataset shakespeare_char --bdia       # DDP
     python train_gpt.py --out-dir out/gpt --sample 3                  # samples from a checkpoint
 
+The defaults are GPT-2 124M (12 x 768, 1024 tokens): too large for a CPU. A small run that
+finishes on a CPU in under a minute:
+
+    python train_gpt.py --text-file /usr/share/common-licenses/GPL-3 --n-layer 2 --n-head 2 --n-embd 64 \\
+        --block-size 64 --batch-size 8 --max-iters 50 --eval-interval 25 --eval-iters 5 --out-dir out/gpt-small
+
 A data directory holds nanoGPT-style train.bin / val.bin (uint16 token ids) and, for
 character vocabularies, meta.json or meta.pkl. OUT_DIR/log.jsonl gets a line per
 evaluation; OUT_DIR/ckpt.pt is written atomically after each; --resume continues exactly.
@@ -24,29 +30,28 @@ import torch.distributed
 from tqdm import tqdm
 
 import data
-import training
-from bdia import BDIAConfig
+import runlib
 from models import GPT
 
-# what a CUDA out-of-memory error suggests
-LOWER_MEMORY = "a smaller --batch-size (a larger --grad-accum keeps the batch), --bdia (activations rebuilt) or --amp"
+SCRIPT = Path(__file__).name
 
 # -----------------------------------------------------------------------------
 # Flags
 
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_bdia_args(p)
-    g = p.add_argument_group("model")
-    for name, default in (("--n-layer", 12), ("--n-head", 12), ("--n-embd", 768), ("--block-size", 1024)):
-        g.add_argument(name, type=int, default=default)
-    g.add_argument("--dropout", type=float, default=0.0)
+    p = runlib.ArgumentParser(prog=SCRIPT, description=__doc__)
+    g = p.add_argument_group("model (defaults: GPT-2 124M)")
+    g.add_argument("--n-layer", type=int, default=12, help="blocks")
+    g.add_argument("--n-head", type=int, default=12, help="attention heads")
+    g.add_argument("--n-embd", type=int, default=768, help="width of the residual stream")
+    g.add_argument("--block-size", type=int, default=1024, help="context length in tokens")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the blocks")
     g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False,
-                   help="biases in the Linear layers and LayerNorms (default: none, as nanoGPT's train.py)")
+                   help="biases in the Linear layers and LayerNorms (none, as nanoGPT's train.py)")
     g = p.add_argument_group("data")
     source = g.add_mutually_exclusive_group()
-    source.add_argument("--dataset", choices=["shakespeare_char"], default=None)
+    source.add_argument("--dataset", choices=["shakespeare_char"], default=None, help="download and prepare it")
     source.add_argument("--data-dir", default=None, help="a folder with train.bin, val.bin (and meta.json/meta.pkl)")
     source.add_argument("--text-file", default=None, help="train char-level on this text (90/10 split)")
     g.add_argument("--data-root", default="data", help="where --dataset is downloaded and prepared")
@@ -54,24 +59,24 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=12, help="sequences per process per micro-step")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step, summed over processes")
-    g.add_argument("--max-iters", type=int, default=5000)
-    g.add_argument("--lr", type=float, default=6e-4)
-    g.add_argument("--min-lr", type=float, default=6e-5)
-    g.add_argument("--warmup-iters", type=int, default=100)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="0 for none")
-    g.add_argument("--eval-interval", type=int, default=250)
-    g.add_argument("--eval-iters", type=int, default=50)
-    p.add_argument("--sample", type=int, default=0, metavar="N", help="print N samples from OUT_DIR/ckpt.pt and exit")
-    p.add_argument("--sample-tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
-    training.add_run_args(p, "out/gpt")
-    args = p.parse_args(argv)
-    training.check_args(p, args, at_least_1=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                                             "max_iters", "eval_interval", "eval_iters", "top_k"),
-                        at_least_0=("warmup_iters", "sample", "min_lr", "weight_decay", "grad_clip", "sample_tokens"),
-                        positive=("lr", "temperature"), fractions=("dropout",))
+    g.add_argument("--max-iters", type=int, default=5000, help="optimizer steps")
+    g.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--min-lr", type=float, default=6e-5, help="the cosine's floor")
+    g.add_argument("--warmup-iters", type=int, default=100, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="on the 2-D weights only")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: none)")
+    g.add_argument("--eval-interval", type=int, default=250, help="evaluate, log and checkpoint every N steps")
+    g.add_argument("--eval-iters", type=int, default=50, help="batches per split and evaluation")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample", type=int, default=0, metavar="N", help="print N samples from OUT_DIR/ckpt.pt and exit")
+    g.add_argument("--sample-tokens", type=int, default=300, help="tokens per sample")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens")
+    p.add_training_flags(out_dir="out/gpt")
+    args = p.parse(argv, at_least_1=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
+                                     "max_iters", "eval_interval", "eval_iters", "top_k"),
+                   at_least_0=("warmup_iters", "sample", "min_lr", "weight_decay", "grad_clip", "sample_tokens"),
+                   positive=("lr", "temperature"), fractions=("dropout",))
     if not args.sample and not (args.dataset or args.data_dir or args.text_file):
         p.error("give the data: --dataset shakespeare_char, --data-dir DIR or --text-file FILE")
     if not 0 < args.train_fraction <= 1:
@@ -117,7 +122,7 @@ def global_batch_slice(tokens, generator, args, dist, device):
 
 def configure_optimizer(model, args):
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only, as nanoGPT."""
-    return torch.optim.AdamW(training.decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(runlib.decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
 
 
 # -----------------------------------------------------------------------------
@@ -133,7 +138,7 @@ def train_step(train_model, model, optimizer, tokens, generator, args, dist, dev
         # DDP all-reduces the gradients on the last micro-step only
         sync = contextlib.nullcontext() if last or not dist.enabled else train_model.no_sync()
         with sync:
-            with training.autocast(device, args.amp):
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 _, loss = train_model(x, y)
             (loss / args.grad_accum).backward()  # BDIA: reversible blocks rebuild their inputs here (24)
         total_loss += loss.item() / args.grad_accum
@@ -159,7 +164,7 @@ def estimate_loss(model, splits, args, dist, device):
         total = torch.zeros((), device=device)
         for _ in range(args.eval_iters):
             x, y = global_batch_slice(tokens, generator, args, dist, device)
-            with training.autocast(device, args.amp):
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 total += model(x, y)[1].float()
         if dist.enabled:
             torch.distributed.all_reduce(total)
@@ -169,13 +174,15 @@ def estimate_loss(model, splits, args, dist, device):
 
 
 def sample(args, device):
-    path = Path(args.out_dir) / "ckpt.pt"
-    ckpt = training.load_checkpoint(path)
-    with training.restoring(path):
-        bdia = ckpt["args"]["bdia"]  # the BDIA model samples as it was evaluated: eq. (25) on the 2^-l grid
-        model = GPT(**ckpt["model_args"], bdia=BDIAConfig(**bdia) if bdia else None).to(device).eval()
-        model.load_state_dict(ckpt["model"])
-        itos = ckpt.get("itos")
+    """Print --sample samples of the checkpoint's model, built from its own flags."""
+    ckpt = runlib.read_checkpoint(Path(args.out_dir) / "ckpt.pt")
+    if ckpt.get("script") != SCRIPT:
+        raise runlib.CheckpointError(f"{args.out_dir}/ckpt.pt was written by {ckpt.get('script') or 'another program'}, "
+                                   f"not {SCRIPT}: it holds no GPT to sample from")
+    # the BDIA model samples as it was evaluated: eq. (25) on the 2^-l grid
+    model = GPT(**ckpt["model_args"], bdia=runlib.bdia_config(ckpt["args"])).to(device).eval()
+    model.load_state_dict(ckpt["model"])
+    itos = ckpt.get("itos")
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
     for i in range(args.sample):
         ids = model.generate(start, args.sample_tokens, args.temperature, args.top_k)[0, 1:].tolist()
@@ -184,23 +191,26 @@ def sample(args, device):
 
 
 # -----------------------------------------------------------------------------
-# main: build, resume, the iterations (evaluated, logged and checkpointed every eval_interval)
-
+# main: flags (with --resume the checkpoint's), data, model, the iterations (evaluated, logged
+# and checkpointed every --eval-interval)
 
 
 def main(argv=None):
-    with training.one_line_errors():
-        run(parse_args(argv))
+    try:
+        args = parse_args(argv)
+        if args.sample:
+            return sample(args, torch.device(args.device))
+        with runlib.folder_lock(args.out_dir):  # one run per folder (under torchrun: rank 0 holds it)
+            train(args)
+    except runlib.ERRORS as e:  # data, checkpoint, divergence, precision, out of memory, a failed write
+        runlib.exit_with(e, SCRIPT)
 
 
-def run(args):
-    dist = training.distributed(args.device)
-    device = training.pick_device(args.device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    if args.sample:
-        return sample(args, device)
+def train(args):
+    dist = runlib.distributed(args.device)
+    device = torch.device("cuda", dist.local_rank) if dist.enabled and args.device == "cuda" else torch.device(args.device)
     out, main_process = Path(args.out_dir), dist.rank == 0
+    ckpt = runlib.read_checkpoint(out / "ckpt.pt") if args.resume else None  # before the data: fail fast
     folder = data_folder(args, prepare=main_process)
     if dist.enabled:
         torch.distributed.barrier()  # rank 0 prepared any data first
@@ -212,66 +222,66 @@ def run(args):
 
     # The same initial weights on every process (DDP broadcasts rank 0's anyway), but dropout
     # masks and BDIA's gammas differ per process, as they would per sample on one process.
-    training.seed_everything(args.seed + dist.rank)
-    model = GPT(**model_args, bdia=args.bdia_config).to(device)
+    torch.manual_seed(args.seed + dist.rank)
+    model = GPT(**model_args, bdia=args.bdia_config).to(device)  # BDIA enters here: the blocks run eqs. (18)-(21)
     optimizer = configure_optimizer(model, args)
     start_iter = 0
-    if args.resume:
-        ckpt = training.load_checkpoint(out / "ckpt.pt")
-        with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            training.set_rng_state(ckpt["rng"][dist.rank])
-            start_iter = ckpt["iter"]
-    train_model = training.compiled_model(model, args)
+    if ckpt is not None:
+        runlib.restore(ckpt, model, optimizer, rank=dist.rank)
+        start_iter = ckpt["iter"]
+    train_model = runlib.compiled(model, args)
     if dist.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     log = None
     if main_process:  # lines after the checkpoint's iteration were written by a run killed before its next checkpoint
-        log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["iter"] <= start_iter)
-        print(f"{'BDIA-GPT' if args.bdia else 'GPT'}: {training.count_params(model) / 1e6:.2f}M parameters, "
-              f"{len(train_tokens)} training tokens, {dist.world_size} process(es) on {device}, "
+        log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["iter"] <= start_iter)
+        print(f"{'BDIA-GPT' if args.bdia else 'GPT'}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"parameters, {len(train_tokens)} training tokens, {dist.world_size} process(es) on {device}, "
               f"iterations {start_iter}..{args.max_iters}")
 
     tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * dist.world_size
     splits = {"train": train_tokens, "val": val_tokens}
-    bar = tqdm(range(start_iter, args.max_iters + 1), disable=not main_process, dynamic_ncols=True)
+    # the bar counts optimizer steps: it ends at max_iters/max_iters
+    bar = tqdm(total=args.max_iters, initial=start_iter, disable=not main_process, dynamic_ncols=True)
     t0, last_eval = time.perf_counter(), start_iter
-    for it in bar:
+    for it in range(start_iter, args.max_iters + 1):
         # a resumed run does not evaluate start_iter again: the log has it, and the weights are the same
         evaluate = (it % args.eval_interval == 0 or it == args.max_iters) and not (args.resume and it == start_iter)
         if evaluate:
             seconds = time.perf_counter() - t0
-            with training.failures(f"iteration {it}", out, LOWER_MEMORY):
+            bar.set_description(f"evaluating {args.eval_iters} batches")
+            with runlib.at(f"iteration {it}", out):  # an error names this iteration and the intact checkpoint
                 losses = estimate_loss(model, splits, args, dist, device)
-            # diverged since the last evaluation: stop before the state is logged or checkpointed
-            training.check_loss(losses["train"], f"iteration {it}", out)
+                runlib.check_loss(losses["train"])  # diverged since the last evaluation: stop before it is saved
+            bar.set_description("")
             rngs = [None] * dist.world_size  # every process's RNG goes into the one checkpoint
             if dist.enabled:
-                torch.distributed.all_gather_object(rngs, training.rng_state())
+                torch.distributed.all_gather_object(rngs, runlib.random_states())
             else:
-                rngs = [training.rng_state()]
+                rngs = [runlib.random_states()]
             if main_process:
                 log.write(iter=it, train_loss=losses["train"], val_loss=losses["val"], lr=optimizer.param_groups[0]["lr"],
                           seconds=seconds, tokens_per_s=tokens_per_iter * (it - last_eval) / seconds if it > last_eval else None,
-                          peak_memory_mb=training.peak_memory_mb(device))
+                          peak_memory_mb=runlib.peak_memory_mb(device))
                 bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if it > start_iter:
-                    training.save_checkpoint(out / "ckpt.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                             rng=rngs, iter=it, model_args=model_args, itos=meta["itos"] if meta else None,
-                                             args=training.plain_args(args))
+                    runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                         rng=rngs, iter=it, model_args=model_args, itos=meta["itos"] if meta else None)
             t0, last_eval = time.perf_counter(), it
         if it == args.max_iters:
             break
         # the learning rate follows from the iteration and the flags alone: a resumed run (maybe
         # with a lower --lr after a divergence) continues the same schedule
-        lr = training.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)
-        training.set_lr(optimizer, lr)
-        with training.failures(f"iteration {it}", out, LOWER_MEMORY):  # divergence, out of memory: one line
-            loss = train_step(train_model, model, optimizer, train_tokens, training.generator(args.seed, it), args, dist,
+        lr = runlib.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with runlib.at(f"iteration {it}", out):
+            loss = train_step(train_model, model, optimizer, train_tokens, runlib.step_generator(args.seed, it), args, dist,
                               device)
+        bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    bar.close()
     if dist.enabled:
         torch.distributed.barrier()  # no process tears the group down while another still uses it
         torch.distributed.destroy_process_group()

@@ -8,6 +8,12 @@ both the encoder and the decoder (paper 5.3, Fig. 5: validation loss per epoch).
     python train_translate.py --dataset gettext-fr --bdia         # offline: this machine's French .mo files
     python train_translate.py --translate "Open the file"         # translate with OUT_DIR/ckpt.pt
 
+A small run that finishes on a CPU in under a minute (offline, this machine's French
+gettext catalogues):
+
+    python train_translate.py --dataset gettext-fr --max-pairs 2000 --epochs 2 --dim 64 --heads 4 \\
+        --mlp-dim 128 --enc-layers 2 --dec-layers 2 --bleu-samples 100 --out-dir out/translate-small
+
 Defaults are those of the tutorial the paper used (debuggercafe, "Language Translation using
 PyTorch Transformer": width 192, 6 heads, MLP 192, dropout 0.1, Adam 1e-4, batch 192, an
 output Linear with bias), with the paper's 6 + 6 blocks. Writes OUT_DIR/log.jsonl (one line
@@ -15,7 +21,6 @@ per epoch: train_loss, val_loss, val_bleu, ...) and OUT_DIR/ckpt.pt (atomic, aft
 epoch; --resume continues exactly).
 """
 
-import argparse
 import re
 import time
 from collections import Counter
@@ -26,11 +31,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import training
-from bdia import BDIAConfig
+import runlib
 from metrics import corpus_bleu
 from models import Seq2Seq
 
+SCRIPT = Path(__file__).name
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
 SPECIALS = (UNK, PAD, BOS, EOS)  # ids 0, 1, 2, 3
 UNK_ID, PAD_ID, BOS_ID, EOS_ID = range(4)
@@ -40,46 +45,47 @@ UNK_ID, PAD_ID, BOS_ID, EOS_ID = range(4)
 
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runlib.ArgumentParser(prog=SCRIPT, description=__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="pair file: English<TAB>French per line (eng-fra.txt), or a .csv (Kaggle eng_-french.csv)")
     g.add_argument("--dataset", choices=["eng-fra", "gettext-fr"], help="eng-fra: download the PyTorch tutorial's "
-                   "eng-fra.txt to --data-dir; gettext-fr: the French gettext catalogues in --locale-dir")
-    g.add_argument("--data-dir", default="data", help="where --dataset eng-fra is stored (default data)")
-    g.add_argument("--locale-dir", default="/usr/share/locale/fr/LC_MESSAGES")
+                   "eng-fra.txt to --data-dir; gettext-fr: the French gettext catalogues in --locale-dir (offline)")
+    g.add_argument("--data-dir", default="data", help="where --dataset eng-fra is stored")
+    g.add_argument("--locale-dir", default="/usr/share/locale/fr/LC_MESSAGES", help="--dataset gettext-fr's catalogues")
     g.add_argument("--max-pairs", type=int, default=0, help="use N pairs drawn with the split's fixed seed (0: all)")
-    g.add_argument("--val-fraction", type=float, default=0.1)
+    g.add_argument("--val-fraction", type=float, default=0.1, help="share of the pairs held out for validation")
     g.add_argument("--min-freq", type=int, default=1, help="rarer tokens become <unk>")
     g.add_argument("--max-tokens", type=int, default=40, help="drop pairs with a longer side")
     g.add_argument("--keep-case", action="store_true", help="do not lowercase")
     g = p.add_argument_group("model (defaults: the tutorial the paper used, with 6 + 6 blocks)")
-    for name, default in (("--dim", 192), ("--heads", 6), ("--mlp-dim", 192), ("--enc-layers", 6), ("--dec-layers", 6)):
-        g.add_argument(name, type=int, default=default)
-    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--dim", type=int, default=192, help="width of the residual stream")
+    g.add_argument("--heads", type=int, default=6, help="attention heads")
+    g.add_argument("--mlp-dim", type=int, default=192, help="hidden width of the MLP")
+    g.add_argument("--enc-layers", type=int, default=6, help="encoder blocks")
+    g.add_argument("--dec-layers", type=int, default=6, help="decoder blocks")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     g.add_argument("--tie", action="store_true", help="tie the output projection to the target embedding "
-                   "(default: a separate Linear with bias, as the tutorial's generator)")
+                   "(otherwise a separate Linear with bias, as the tutorial's generator)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=50, help="default 50, as the tutorial")
-    g.add_argument("--batch-size", type=int, default=192, help="default 192, as the tutorial")
-    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--epochs", type=int, default=50, help="the tutorial's 50")
+    g.add_argument("--batch-size", type=int, default=192, help="the tutorial's 192")
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate (Adam)")
     g.add_argument("--cosine", action="store_true", help="warmup then cosine decay instead of a constant lr")
     g.add_argument("--warmup", type=int, default=0, help="warm-up steps (with --cosine)")
     g.add_argument("--min-lr", type=float, default=0.0, help="the cosine's floor (with --cosine)")
-    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (default 0: none, "
-                   "as the tutorial)")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: none, as the "
+                   "tutorial)")
     g.add_argument("--bleu-every", type=int, default=1, help="BLEU every N epochs and at the end (0: never)")
     g.add_argument("--bleu-samples", type=int, default=1000, help="validation pairs decoded for BLEU")
     g = p.add_argument_group("translation")
     g.add_argument("--translate", metavar="TEXT", help="translate TEXT with the checkpoint and exit")
-    g.add_argument("--checkpoint", help="default OUT_DIR/ckpt.pt")
+    g.add_argument("--checkpoint", help="the checkpoint --translate uses (default OUT_DIR/ckpt.pt)")
     g.add_argument("--beam", type=int, default=4, help="beam size (1: greedy)")
-    training.add_bdia_args(p)
-    training.add_run_args(p, "out/translate")
-    args = p.parse_args(argv)
-    training.check_args(p, args, at_least_1=("epochs", "batch_size", "max_tokens", "min_freq", "beam", "dim", "heads",
-                                             "mlp_dim", "enc_layers", "dec_layers"),
-                        at_least_0=("max_pairs", "warmup", "bleu_every", "bleu_samples", "min_lr", "grad_clip"),
-                        positive=("lr",), fractions=("dropout",))
+    p.add_training_flags(out_dir="out/translate")
+    args = p.parse(argv, at_least_1=("epochs", "batch_size", "max_tokens", "min_freq", "beam", "dim", "heads",
+                                     "mlp_dim", "enc_layers", "dec_layers"),
+                   at_least_0=("max_pairs", "warmup", "bleu_every", "bleu_samples", "min_lr", "grad_clip"),
+                   positive=("lr",), fractions=("dropout",))
     if args.translate is not None:
         return args
     if args.data and args.dataset:
@@ -215,12 +221,13 @@ def train_epoch(model, optimizer, examples, args, epoch, step, total_steps, devi
     model.train()  # dropout on; with --bdia both stacks draw their gammas
     loss_sum, lr = 0.0, args.lr
     # length-bucketed batches waste little on padding; their order comes from (seed, epoch)
-    batches = length_batches(examples, args.batch_size, training.generator(args.seed, epoch))
+    batches = length_batches(examples, args.batch_size, runlib.step_generator(args.seed, epoch))
     for batch in tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False):
-        lr = training.cosine_lr(step, total_steps, args.lr, args.warmup, args.min_lr) if args.cosine else args.lr
-        training.set_lr(optimizer, lr)
+        lr = runlib.cosine_lr(step, total_steps, args.lr, args.warmup, args.min_lr) if args.cosine else args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         src, tgt = collate(examples, batch, device)
-        with training.autocast(device, args.amp):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             loss = loss_of(model, src, tgt)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # BDIA: the encoder memory's gradient is summed over all decoder blocks
@@ -241,7 +248,7 @@ def validation_loss(model, examples, batch_size, device, amp):
     total = tokens = 0
     for batch in length_batches(examples, batch_size):
         src, tgt = collate(examples, batch, device)
-        with training.autocast(device, amp):
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             n = int((tgt[:, 1:] != PAD_ID).sum())
             total += loss_of(model, src, tgt).item() * n
         tokens += n
@@ -254,9 +261,9 @@ def validation_bleu(model, examples, tgt_vocab, batch_size, device, amp, limit):
     model.eval()
     examples = examples[:limit]
     hyps, refs = [], []
-    for batch in length_batches(examples, batch_size):
+    for batch in tqdm(length_batches(examples, batch_size), desc="BLEU: greedy decoding", leave=False):
         src, tgt = collate(examples, batch, device)
-        with training.autocast(device, amp):
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             out = greedy(model, src, max_new=min(tgt.shape[1] + 10, model.pos.shape[0] - 1))
         hyps += [words(tgt_vocab.decode(row)) for row in out.tolist()]
         refs += [words(tgt_vocab.decode(row)) for row in tgt.tolist()]
@@ -315,93 +322,91 @@ def beam_search(model, src, beam=4, max_new=64, length_penalty=1.0):
 
 def translate(args):
     """Print the beam-search (greedy for --beam 1) translation of --translate."""
-    device = training.pick_device(args.device)
+    device = torch.device(args.device)
     path = Path(args.checkpoint or Path(args.out_dir) / "ckpt.pt")
-    ckpt = training.load_checkpoint(path)
-    with training.restoring(path):  # a checkpoint of another script: a clear error
-        src_vocab, tgt_vocab = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
-        bdia = ckpt["args"]["bdia"]
-        model = Seq2Seq(**ckpt["model_args"], bdia=BDIAConfig(**bdia) if bdia else None).to(device).eval()
-        model.load_state_dict(ckpt["model"])
-        max_tokens = ckpt["model_args"]["max_len"] - 2
+    ckpt = runlib.read_checkpoint(path)
+    if ckpt.get("script") != SCRIPT:
+        raise runlib.CheckpointError(f"{path} was written by {ckpt.get('script') or 'another program'}, not {SCRIPT}: "
+                                   "it holds no translation model")
+    src_vocab, tgt_vocab = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
+    model = Seq2Seq(**ckpt["model_args"], bdia=runlib.bdia_config(ckpt["args"])).to(device).eval()
+    model.load_state_dict(ckpt["model"])
+    max_tokens = ckpt["model_args"]["max_len"] - 2
     tokens = tokenize(args.translate, ckpt["lowercase"])[:max_tokens]
     src = torch.tensor([src_vocab.encode(tokens) + [EOS_ID]], device=device)
     if args.beam == 1:
         ids = greedy(model, src, max_new=max_tokens + 1)[0].tolist()
     else:
         ids = beam_search(model, src, beam=args.beam, max_new=max_tokens + 1)
-    print(detokenize(tgt_vocab.decode(ids)))
+    print(detokenize(tgt_vocab.decode(ids)) or "(the model translates this as nothing: it ends at once)")
 
 
 # -----------------------------------------------------------------------------
-# main: build, resume, the epochs (each logged and checkpointed)
+# main: flags (with --resume the checkpoint's), data, model, the epochs (each logged and checkpointed)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    with training.one_line_errors():
-        return translate(args) if args.translate is not None else run(args)
+    try:
+        args = parse_args(argv)
+        if args.translate is not None:
+            return translate(args)
+        with runlib.folder_lock(args.out_dir):  # one run per folder
+            return train(args)
+    except runlib.ERRORS as e:  # data, checkpoint, divergence, precision, out of memory, a failed write
+        runlib.exit_with(e, SCRIPT)
 
 
-def run(args):
-    device = training.pick_device(args.device)
-    out = Path(args.out_dir)
-    training.seed_everything(args.seed)
+def train(args):
+    device, out = torch.device(args.device), Path(args.out_dir)
+    ckpt = runlib.read_checkpoint(out / "ckpt.pt") if args.resume else None  # before the data: fail fast
+    torch.manual_seed(args.seed)
+    print(f"reading the pairs of {args.data or args.dataset} ...", flush=True)
     pairs = data.load_pairs(args.data, args.dataset, args.data_dir, args.locale_dir)
     train_pairs, val_pairs = data.split_pairs(pairs, args.val_fraction, args.max_pairs)
-    ckpt = training.load_checkpoint(out / "ckpt.pt") if args.resume else None
-    if ckpt is not None:  # the vocabularies and model shape of the run it continues (another script's: an error)
-        with training.restoring(out / "ckpt.pt"):
-            src_vocab, tgt_vocab, lowercase = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"]), ckpt["lowercase"]
-            margs = ckpt["model_args"]
+    if ckpt is not None:  # the vocabularies of the run it continues
+        src_vocab, tgt_vocab, lowercase = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"]), ckpt["lowercase"]
     else:
         lowercase = not args.keep_case
         src_vocab = Vocab.build((tokenize(e, lowercase) for e, _ in train_pairs), args.min_freq)
         tgt_vocab = Vocab.build((tokenize(f, lowercase) for _, f in train_pairs), args.min_freq)
-        margs = model_args(args, src_vocab, tgt_vocab)
-    max_tokens = margs["max_len"] - 2
-    train_ex = encode_pairs(train_pairs, src_vocab, tgt_vocab, lowercase, max_tokens)
-    val_ex = encode_pairs(val_pairs, src_vocab, tgt_vocab, lowercase, max_tokens)
+    margs = model_args(args, src_vocab, tgt_vocab)
+    train_ex = encode_pairs(train_pairs, src_vocab, tgt_vocab, lowercase, args.max_tokens)
+    val_ex = encode_pairs(val_pairs, src_vocab, tgt_vocab, lowercase, args.max_tokens)
     if not train_ex or not val_ex:
         raise data.DataError(f"{len(train_ex)} training and {len(val_ex)} validation pairs of at most "
-                             f"{max_tokens} tokens: need at least one of each (more data or a larger --max-tokens)")
+                             f"{args.max_tokens} tokens: need at least one of each (more data or a larger --max-tokens)")
 
     model = Seq2Seq(**margs, bdia=args.bdia_config).to(device)  # BDIA in both the encoder and the decoder
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-9)  # the tutorial's
     start_epoch, step = 1, 0
     if ckpt is not None:
-        with training.restoring(out / "ckpt.pt"):
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            training.set_rng_state(ckpt["rng"])
-            start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-    train_model = training.compiled_model(model, args)
-    log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
+        runlib.restore(ckpt, model, optimizer)
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+    train_model = runlib.compiled(model, args)
+    log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     total_steps = args.epochs * len(length_batches(train_ex, args.batch_size))
     mode = "plain" if args.bdia_config is None else f"bdia{'' if args.bdia_config.reversible else '-stored'}"
     print(f"{len(train_ex)} training / {len(val_ex)} validation pairs, vocab {len(src_vocab)} en / "
-          f"{len(tgt_vocab)} fr, {training.count_params(model) / 1e6:.2f}M parameters, {mode}, {device}")
+          f"{len(tgt_vocab)} fr, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {mode}, {device}")
 
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
-        # divergence or out of memory ends the run naming this epoch and the intact checkpoint before it
-        with training.failures(f"epoch {epoch}", out):
+        with runlib.at(f"epoch {epoch}", out):  # an error names this epoch and the intact checkpoint before it
             train_loss, lr, step = train_epoch(train_model, optimizer, train_ex, args, epoch, step, total_steps, device)
-            training.check_loss(train_loss, f"epoch {epoch}", out)  # before a diverged state is logged or saved
+            runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
             fields = dict(epoch=epoch, step=step, train_loss=train_loss,
                           val_loss=validation_loss(model, val_ex, args.batch_size, device, args.amp))
             if args.bleu_every and (epoch % args.bleu_every == 0 or epoch == args.epochs):
                 fields["val_bleu"] = validation_bleu(model, val_ex, tgt_vocab, args.batch_size, device, args.amp,
                                                      args.bleu_samples)
         fields.update(lr=lr, seconds=round(time.time() - t0, 2), mode=mode,
-                      peak_memory_mb=round(training.peak_memory_mb(device), 1))
+                      peak_memory_mb=round(runlib.peak_memory_mb(device), 1))
         log.write(**fields)  # Fig. 5 plots these: train and validation loss per epoch
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
         # the vocabularies travel with the weights: --translate and --resume need exactly these
-        training.save_checkpoint(out / "ckpt.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                 rng=training.rng_state(), epoch=epoch, step=step, model_args=margs,
-                                 lowercase=lowercase, src_vocab=src_vocab.itos, tgt_vocab=tgt_vocab.itos,
-                                 args=training.plain_args(args))
+        runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             epoch=epoch, step=step, model_args=margs, lowercase=lowercase, src_vocab=src_vocab.itos,
+                             tgt_vocab=tgt_vocab.itos)
     return model
 
 

@@ -6,13 +6,18 @@ Image classification with ViT, BDIA-ViT and RevViT (paper 5.2: Tables 2-5, Fig. 
     python train_vit.py --model revvit               # RevViT
     python train_vit.py --bdia --dataset cifar100 --eval-gammas -0.5 -0.25 0 0.25 0.5
 
+A small run that finishes on a CPU in under a minute (Fashion-MNIST, offline when Debian's
+dataset-fashion-mnist is installed):
+
+    python train_vit.py --bdia --dataset fashion-mnist --limit-train 1000 --limit-val 500 --epochs 2 \\
+        --depth 2 --dim 64 --heads 4 --mlp-dim 128 --out-dir out/vit-small
+
 The setup is the paper's, which defers to kentaroy47/vision-transformers-cifar10: RandAugment
 (N=2, M=14) before random crop and flip, SET-Adam (lr 1e-4), batch 128, cosine schedule,
 400 epochs, dropout 0.1. Each epoch appends a line to OUT_DIR/log.jsonl and writes
 OUT_DIR/ckpt.pt atomically; --resume continues an interrupted run exactly where it stopped.
 """
 
-import argparse
 import json
 import time
 from collections import namedtuple
@@ -24,59 +29,55 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-import training
+import runlib
 from bdia import BDIAConfig
 from models import RevViT, ViT
 from randaugment import rand_augment
 
-# what a CUDA out-of-memory error suggests
-LOWER_MEMORY = "a smaller --batch-size (or --eval-batch-size), --bdia (activations rebuilt, not stored) or --amp"
+SCRIPT = Path(__file__).name
 
 # -----------------------------------------------------------------------------
 # Flags
 
 
 def parse_args(argv=None):
-    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_bdia_args(p)
-    p.add_argument("--model", choices=["vit", "revvit"], default="vit")
+    p = runlib.ArgumentParser(prog=SCRIPT, description=__doc__)
+    p.add_argument("--model", choices=["vit", "revvit"], default="vit", help="revvit: the reversible baseline")
     p.add_argument("--no-rev-backprop", action="store_true", help="RevViT: store activations instead")
-    p.add_argument("--dataset", choices=["cifar10", "cifar100", "fashion-mnist"], default="cifar10")
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "fashion-mnist"], default="cifar10",
+                   help="fashion-mnist is read offline from Debian's dataset-fashion-mnist when installed")
+    p.add_argument("--data-dir", default="data", help="where the data set is (or is downloaded to)")
     p.add_argument("--limit-train", type=int, default=0, help="train on the first N training images (0: all)")
     p.add_argument("--limit-val", type=int, default=0, help="evaluate on the first N test images (0: all)")
     p.add_argument("--no-randaug", dest="randaug", action="store_false",
-                   help="no RandAugment before crop and flip (the reference applies it by default)")
+                   help="no RandAugment before crop and flip (the reference applies it)")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no augmentation at all: no RandAugment, crop or flip (to reach overfitting on few images)")
-    p.add_argument("--randaug-n", type=int, default=2, help="RandAugment: operations per image (default 2)")
-    p.add_argument("--randaug-m", type=int, default=14, help="RandAugment: magnitude 0..30 (default 14)")
-    p.add_argument("--epochs", type=int, default=400, help="default 400, as in the paper")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (default 0: none, "
-                   "as the reference)")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "set-adam"], default="set-adam")
+    p.add_argument("--randaug-n", type=int, default=2, help="RandAugment: operations per image")
+    p.add_argument("--randaug-m", type=int, default=14, help="RandAugment: magnitude 0..30")
+    p.add_argument("--epochs", type=int, default=400, help="the paper's 400")
+    p.add_argument("--batch-size", type=int, default=128, help="training images per step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the cosine schedule")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: none, as the "
+                   "reference)")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "set-adam"], default="set-adam", help="the paper's SET-Adam")
     g = p.add_argument_group("model (defaults: the paper's ViT)")
-    for name, default in (("--depth", 6), ("--dim", 512), ("--heads", 8), ("--mlp-dim", 512), ("--patch", 4)):
-        g.add_argument(name, type=int, default=default)
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--emb-dropout", type=float, default=0.1)
-    p.add_argument("--eval-gammas", nargs="+", default=None, metavar="G",
+    g.add_argument("--depth", type=int, default=6, help="blocks")
+    g.add_argument("--dim", type=int, default=512, help="width of the residual stream")
+    g.add_argument("--heads", type=int, default=8, help="attention heads")
+    g.add_argument("--mlp-dim", type=int, default=512, help="hidden width of the MLP")
+    g.add_argument("--patch", type=int, default=4, help="patch size in pixels (divides 32)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
+    g.add_argument("--emb-dropout", type=float, default=0.1, help="dropout after the patch embedding")
+    p.add_argument("--eval-gammas", nargs="+", type=float, default=None, metavar="G",
                    help="after training, validation accuracy with each constant gamma (paper Fig. 1)")
-    p.add_argument("--eval-batch-size", type=int, default=1000)
-    training.add_run_args(p, "out/vit")
-    args = p.parse_args(argv)
-    training.check_args(p, args, at_least_1=("epochs", "batch_size", "depth", "dim", "heads", "mlp_dim", "patch",
-                                             "eval_batch_size"),
-                        at_least_0=("limit_train", "limit_val", "randaug_n", "weight_decay", "grad_clip"), positive=("lr",),
-                        fractions=("dropout", "emb_dropout"))
-    if args.eval_gammas:
-        try:
-            args.eval_gammas = training.number_list(args.eval_gammas)
-        except argparse.ArgumentTypeError as e:
-            p.error(f"--eval-gammas: {e}")
+    p.add_argument("--eval-batch-size", type=int, default=1000, help="images per evaluation batch")
+    p.add_training_flags(out_dir="out/vit")
+    args = p.parse(argv, at_least_1=("epochs", "batch_size", "depth", "dim", "heads", "mlp_dim", "patch",
+                                     "eval_batch_size"),
+                   at_least_0=("limit_train", "limit_val", "randaug_n", "weight_decay", "grad_clip"), positive=("lr",),
+                   fractions=("dropout", "emb_dropout"))
     if args.model == "revvit" and (args.bdia or args.eval_gammas):
         p.error("--bdia and --eval-gammas apply to --model vit; RevViT is the reversible baseline without BDIA")
     if args.dim % args.heads:
@@ -205,7 +206,7 @@ def train_epoch(model, optimizer, images, args, epoch):
     so a resumed run sees the same batches. Returns (mean loss, accuracy)."""
     model.train()  # dropout on; with --bdia the blocks draw a gamma per sample and block (eq. 21)
     device = images.mean.device
-    generator = training.generator(args.seed, epoch)  # the order, then every crop, flip and RandAugment op
+    generator = runlib.step_generator(args.seed, epoch)  # the order, then every crop, flip and RandAugment op
     order = torch.randperm(len(images.train_x), generator=generator)
     # Sums stay on the device: reading them every step would sync the host with a GPU.
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -215,7 +216,7 @@ def train_epoch(model, optimizer, images, args, epoch):
         idx = order[start: start + args.batch_size]
         x = normalize(augment(images.train_x[idx].to(device, non_blocking=True), args, generator), images.mean, images.std)
         y = images.train_y[idx].to(device, non_blocking=True)
-        with training.autocast(device, args.amp):  # the blocks run in bf16; BDIA's residual stream stays float32
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # the blocks run in bf16; BDIA's residual stream stays float32
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -244,7 +245,7 @@ def evaluate(model, images, args):
     for start in range(0, len(images.val_x), args.eval_batch_size):
         x = normalize(images.val_x[start: start + args.eval_batch_size].to(images.mean.device), images.mean, images.std)
         y = images.val_y[start: start + args.eval_batch_size].to(images.mean.device)
-        with training.autocast(images.mean.device, args.amp):
+        with torch.autocast(images.mean.device.type, torch.bfloat16, enabled=args.amp):
             logits = model(x).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
@@ -265,47 +266,47 @@ def gamma_sweep(model, images, args):
 
 
 # -----------------------------------------------------------------------------
-# main: build, resume, the epochs (each logged and checkpointed), the gamma sweep
-
+# main: flags (with --resume the checkpoint's), data, model, the epochs (each logged and
+# checkpointed), the gamma sweep
 
 
 def main(argv=None):
-    with training.one_line_errors():
-        run(parse_args(argv))
+    try:
+        args = parse_args(argv)
+        with runlib.folder_lock(args.out_dir):  # one run per folder
+            train(args)
+    except runlib.ERRORS as e:  # data, checkpoint, divergence, precision, out of memory, a failed write
+        runlib.exit_with(e, SCRIPT)
 
 
-def run(args):
-    device = training.pick_device(args.device)
-    out = Path(args.out_dir)
+def train(args):
+    device, out = torch.device(args.device), Path(args.out_dir)
+    ckpt = runlib.read_checkpoint(out / "ckpt.pt") if args.resume else None  # before the data: fail fast
+    print(f"loading {args.dataset} from {args.data_dir} ...", flush=True)
     images = load_images(args, device)
-    training.seed_everything(args.seed)  # initial weights; each epoch then draws from its own generator
+    torch.manual_seed(args.seed)  # initial weights; each epoch then draws from its own generator
     model = build_model(args, images.train_x.shape[1], data.CLASSES[args.dataset]).to(device)
     optimizer = make_optimizer(args.optimizer, model, args.lr, args.weight_decay)
     start_epoch, best_acc = 1, 0.0
-    if args.resume:
-        ckpt = training.load_checkpoint(out / "ckpt.pt")
-        with training.restoring(out / "ckpt.pt"):  # another model's or script's checkpoint: a clear error
-            if ckpt["args"]["optimizer"] != args.optimizer:  # its state would not fit this optimizer's step
-                raise training.foreign_checkpoint(out / "ckpt.pt", f"--optimizer {ckpt['args']['optimizer']}")
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            training.set_rng_state(ckpt["rng"])  # the dropout masks and gammas continue where they were
-            start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
-    train_model = training.compiled_model(model, args)  # `model` keeps the plain state_dict's names
-    log = training.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
+    if ckpt is not None:
+        runlib.restore(ckpt, model, optimizer)
+        start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
+    train_model = runlib.compiled(model, args)  # `model` keeps the plain state_dict's names
+    log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
-    print(f"{mode}: {training.count_params(model) / 1e6:.2f}M parameters, {len(images.train_x)} training images, "
-          f"{args.dataset}, {device}, epochs {start_epoch}..{args.epochs}")
+    print(f"{mode}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(images.train_x)} "
+          f"training images, {args.dataset}, {device}, epochs {start_epoch}..{args.epochs}")
 
     epoch_seconds, val_acc = [], None
     for epoch in range(start_epoch, args.epochs + 1):
-        # divergence or out of memory ends the run naming this epoch and the intact checkpoint before it
-        with training.failures(f"epoch {epoch}", out, LOWER_MEMORY):
+        # an error names this epoch and the intact checkpoint before it
+        with runlib.at(f"epoch {epoch}", out):
             # from the flags, not the checkpoint: a run resumed with a lower --lr uses it
-            training.set_lr(optimizer, training.cosine_lr(epoch - 1, args.epochs, args.lr))  # cosine over epochs
+            for group in optimizer.param_groups:
+                group["lr"] = runlib.cosine_lr(epoch - 1, args.epochs, args.lr)  # cosine over epochs
             t0 = time.perf_counter()
             train_loss, train_acc = train_epoch(train_model, optimizer, images, args, epoch)
-            training.check_loss(train_loss, f"epoch {epoch}", out)  # before a diverged state is logged or saved
+            runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
             epoch_seconds.append(time.perf_counter() - t0)
             val_loss, val_acc = evaluate(train_model, images, args)
         best_acc = max(best_acc, val_acc)
@@ -313,11 +314,11 @@ def run(args):
         # previous checkpoint, and --resume drops the log lines written after it
         log.write(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
                   lr=optimizer.param_groups[0]["lr"], epoch_seconds=epoch_seconds[-1],
-                  peak_memory_mb=training.peak_memory_mb(device))
+                  peak_memory_mb=runlib.peak_memory_mb(device))
         print(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, val loss {val_loss:.4f} "
               f"acc {val_acc:.4f}, {epoch_seconds[-1]:.1f}s")
-        training.save_checkpoint(out / "ckpt.pt", model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                 rng=training.rng_state(), epoch=epoch, best_acc=best_acc, args=training.plain_args(args))
+        runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             epoch=epoch, best_acc=best_acc)
 
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
         sweep = gamma_sweep(model, images, args)
@@ -329,7 +330,7 @@ def run(args):
         print(f"checkpoint already at epoch {args.epochs}")
     else:
         print(f"best val acc {best_acc:.4f}, final val acc {val_acc:.4f}, peak memory "
-              f"{training.peak_memory_mb(device):.0f} MB, {np.mean(epoch_seconds):.1f} s/epoch")
+              f"{runlib.peak_memory_mb(device):.0f} MB, {np.mean(epoch_seconds):.1f} s/epoch")
 
 
 if __name__ == "__main__":

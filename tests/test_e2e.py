@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 import finetune_e2e  # noqa: E402
 import data  # noqa: E402
 import gpt2  # noqa: E402
-import training  # noqa: E402
+import runlib  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from gpt2 import LoRALinear, add_lora, banned_tokens, set_lora_merged  # noqa: E402
 from models import GPT  # noqa: E402
@@ -415,7 +415,7 @@ def test_validation_curve_every_eval_interval_steps_and_resume_keeps_it(checkpoi
     with pytest.raises(KeyboardInterrupt):
         finetune(checkpoint, e2e_dir, tmp_path / "split", *flags)
     monkeypatch.undo()
-    assert [r["step"] for r in training.JsonlLog(tmp_path / "split" / "log.jsonl", resume=True).read()] == [4, 6, 8]
+    assert [r["step"] for r in runlib.JsonlLog(tmp_path / "split" / "log.jsonl", resume=True).read()] == [4, 6, 8]
     split = finetune(checkpoint, e2e_dir, tmp_path / "split", *flags, "--resume")  # epoch 2 again, from its start
     assert [(r["step"], r["val_loss"]) for r in split] == [(r["step"], r["val_loss"]) for r in whole]
 
@@ -434,7 +434,7 @@ def test_outputs_are_in_the_e2e_challenges_measure_scores_format(checkpoint, e2e
 
 def test_loss_is_label_smoothed_on_completion_tokens_only_and_lr_is_linear():
     # a context of 2 tokens and a completion of 2 (the last is eos): only positions 1 and 2 are scored
-    x, y = finetune_e2e.collate([([7, 8, 9, 3], 2)], [0], pad_id=3, device="cpu")
+    x, y = finetune_e2e.collate([([7, 8, 9, 3], 2)], [0], device="cpu")
     assert x.tolist() == [[7, 8, 9]] and y.tolist() == [[-1, 9, 3]]
 
     class Uniform(torch.nn.Module):  # logits 0 everywhere but 2 at token 9: p(9) = e^2 / (e^2 + 9)
@@ -448,7 +448,7 @@ def test_loss_is_label_smoothed_on_completion_tokens_only_and_lr_is_linear():
     eps = 0.1  # smoothed target: (1 - eps) on the label plus eps / 10 on every token
     expected = [-(1 - eps) * lp - eps * mean_logp for lp in (logp9, logp_other)]
     assert finetune_e2e.loss_on(Uniform(), x, y, eps).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
-    assert [training.linear_lr(s, 10, 1.0, warmup=4) for s in (0, 3, 4, 7, 10)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+    assert [runlib.linear_lr(s, 10, 1.0, warmup=4) for s in (0, 3, 4, 7, 10)] == [0.25, 1.0, 1.0, 0.5, 0.0]
 
 
 def test_lora_repo_line_format_and_mr_conversion(tmp_path):
@@ -461,7 +461,7 @@ def test_lora_repo_line_format_and_mr_conversion(tmp_path):
         data.read_e2e_pairs(tmp_path / "bad.txt")
     tok = gpt2.GPT2Tokenizer(tiny_vocab(), MERGES)
     examples = [finetune_e2e.encode_example(tok, "name : A", "the cat", 64)]
-    x, y = finetune_e2e.collate(examples, [0], tok.eos_id, "cpu")
+    x, y = finetune_e2e.collate(examples, [0], "cpu")
     ids, n_ctx = examples[0]
     assert ids[n_ctx - 1] == ids[-1] == tok.eos_id and x[0].tolist() == ids[:-1]
     assert y[0].tolist() == [-1] * (n_ctx - 1) + ids[n_ctx:]  # loss on the completion (and its eos) only

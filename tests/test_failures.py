@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bdia  # noqa: E402
-import bench  # noqa: E402
 import finetune_e2e  # noqa: E402
 import gpt2  # noqa: E402
 import plot  # noqa: E402
@@ -162,9 +161,14 @@ def garbage(path):
 # -----------------------------------------------------------------------------
 # The catalogue: (script, flags, what the line says, damage done first to the copies)
 
-DIVERGED = ["training diverged", "lower --lr or set --grad-clip", "is intact: continue with --resume and a lower --lr"]
-FOREIGN = ["was written by another script, model or flags", "give the flags of the run that wrote it",
-           "another --out-dir"]
+DIVERGED = ["training diverged", "is intact: continue with --resume and a lower --lr"]
+NAN = ["training diverged (the training loss is nan): lower --lr or set --grad-clip", *DIVERGED]
+REFUSED = ["differs from the run in", "which --resume continues as it was run:", "--resume (a new run needs another --out-dir)"]
+
+
+def written_by(script, reader):
+    return [f"was written by {script}, not {reader}"]
+
 
 def in_out(name, damage):
     return lambda p: damage(p["out"] / name)
@@ -176,6 +180,15 @@ def in_data(name, damage):
 
 def checkpoint_of(script):
     return lambda p: shutil.copy(p[script], p["out"] / "ckpt.pt")
+
+
+def bdia_run(script):
+    """Replace the plain run in OUT by a BDIA run of the same flags: --resume keeps BDIA or not."""
+    def run(p):
+        shutil.rmtree(p["out"])
+        SCRIPTS[script].main(fill([*FLAGS[script], *FIRST[script], "--bdia"], p))
+
+    return run
 
 
 BINS = ["--data-dir", "{out}/data"]  # train_gpt: the .bin files the run prepared from its text
@@ -197,16 +210,18 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
     "vit: truncated checkpoint": ("vit", ["--resume"], ["cannot read checkpoint", "truncated"],
                                   in_out("ckpt.pt", truncate)),
     "vit: garbage checkpoint": ("vit", ["--resume"], ["cannot read checkpoint"], in_out("ckpt.pt", garbage)),
-    "vit: checkpoint of a narrower ViT": ("vit", ["--resume", "--dim", "32"], [*FOREIGN, "size mismatch"], None),
-    "vit: ViT checkpoint resumed as --model revvit": ("vit", ["--resume", "--model", "revvit"], FOREIGN, None),
+    "vit: checkpoint of a narrower ViT": ("vit", ["--resume", "--dim", "32"],
+                                          [*REFUSED, "--dim 32 differs", "train_vit.py --data-dir", "--dim 16"], None),
+    "vit: ViT checkpoint resumed as --model revvit": ("vit", ["--resume", "--model", "revvit"],
+                                                      [*REFUSED, "--model revvit differs"], None),
     "vit: SET-Adam checkpoint resumed with --optimizer adam": ("vit", ["--resume", "--optimizer", "adam"],
-                                                             [*FOREIGN, "(--optimizer set-adam)"], None),
-    "vit: checkpoint of train_gpt": ("vit", ["--resume"], FOREIGN, checkpoint_of("gpt")),
+                                                             [*REFUSED, "--optimizer adam differs"], None),
+    "vit: checkpoint of train_gpt": ("vit", ["--resume"], written_by("train_gpt.py", "train_vit.py"), checkpoint_of("gpt")),
     "vit: --out-dir is a file": ("vit", ["--out-dir", "{file}"], ["is a file"], None),
     "vit: diverging --lr": ("vit", ["--bdia", "--resume", "--epochs", "2", "--lr", "1e4"],
-                            ["epoch 2: training diverged (BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED], None),
+                            ["epoch 2: BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED], bdia_run("vit")),
     "vit: diverging --lr, plain (NaN loss)": ("vit", ["--resume", "--epochs", "2", "--lr", "1e4"],
-                                              ["epoch 2: training diverged (the training loss is nan)", *DIVERGED], None),
+                                              ["epoch 2: " + NAN[0], *NAN], None),
     # train_gpt.py
     "gpt: --bits 30": ("gpt", [*BINS, "--bdia", "--bits", "30"], ["use --bits 20 or less"], None),
     "gpt: --max-iters 0": ("gpt", [*BINS, "--max-iters", "0"], ["--max-iters must be at least 1"], None),
@@ -219,9 +234,12 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
     "gpt: garbage train.bin": ("gpt", BINS, ["train.bin holds token id", "corrupt"], in_out("data/train.bin", garbage)),
     "gpt: garbage meta.json": ("gpt", BINS, ["cannot read", "meta.json"], in_out("data/meta.json", garbage)),
     "gpt: truncated checkpoint": ("gpt", [*BINS, "--resume"], ["cannot read checkpoint"], in_out("ckpt.pt", truncate)),
-    "gpt: checkpoint of another width": ("gpt", [*BINS, "--resume", "--n-embd", "16"], FOREIGN, None),
-    "gpt: checkpoint of train_vit": ("gpt", [*BINS, "--resume"], FOREIGN, checkpoint_of("vit")),
-    "gpt: --sample from train_vit's checkpoint": ("gpt", ["--sample", "1"], FOREIGN, checkpoint_of("vit")),
+    "gpt: checkpoint of another width": ("gpt", [*BINS, "--resume", "--n-embd", "16"], [*REFUSED, "--n-embd 16 differs"],
+                                         None),
+    "gpt: checkpoint of train_vit": ("gpt", [*BINS, "--resume"], written_by("train_vit.py", "train_gpt.py"),
+                                     checkpoint_of("vit")),
+    "gpt: --sample from train_vit's checkpoint": ("gpt", ["--sample", "1"], written_by("train_vit.py", "train_gpt.py"),
+                                                  checkpoint_of("vit")),
     "gpt: --out-dir is a file": ("gpt", [*BINS, "--out-dir", "{file}"], ["is a file"], None),
     "gpt: diverging --lr": ("gpt", [*BINS, "--resume", "--max-iters", "20", "--lr", "1e4"],
                             ["iteration 20: training diverged (the training loss is nan)", "(iteration 10) is intact",
@@ -234,13 +252,14 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
     "translate: binary pairs file": ("translate", [], ["not a UTF-8 text file"], in_data("pairs.txt", garbage)),
     "translate: truncated checkpoint": ("translate", ["--resume"], ["cannot read checkpoint"],
                                         in_out("ckpt.pt", truncate)),
-    "translate: checkpoint of train_vit": ("translate", ["--resume"], FOREIGN, checkpoint_of("vit")),
+    "translate: checkpoint of train_vit": ("translate", ["--resume"], written_by("train_vit.py", "train_translate.py"),
+                                           checkpoint_of("vit")),
     "translate: --translate with train_gpt's checkpoint": ("translate", ["--translate", "red cat", "--checkpoint", "{gpt}"],
-                                                           FOREIGN, None),
+                                                           written_by("train_gpt.py", "train_translate.py"), None),
     "translate: --out-dir is a file": ("translate", ["--out-dir", "{file}"], ["is a file"], None),
     "translate: diverging --lr": ("translate", ["--bdia", "--resume", "--epochs", "2", "--lr", "1e6"],
-                                  ["epoch 2: training diverged (BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED],
-                                  None),
+                                  ["epoch 2: BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED],
+                                  bdia_run("translate")),
     # finetune_e2e.py
     "e2e: reversible gamma 0": ("e2e", ["--bdia", "--gammas", "-0.5", "0", "0.5"], ["reversible training (the default) cannot use gamma 0", "--no-reversible"],
                                 None),
@@ -252,16 +271,17 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
     "e2e: truncated model.safetensors": ("e2e", [], ["model.safetensors", "truncated"],
                                          in_data("gpt2/model.safetensors", truncate)),
     "e2e: truncated checkpoint": ("e2e", ["--resume"], ["cannot read checkpoint"], in_out("ckpt.pt", truncate)),
-    "e2e: FT checkpoint resumed with LoRA": ("e2e", ["--resume", "--lora-rank", "2"], [*FOREIGN, "trainable weights"],
+    "e2e: FT checkpoint resumed with LoRA": ("e2e", ["--resume", "--lora-rank", "2"], [*REFUSED, "--lora-rank 2 differs"],
                                              None),
-    "e2e: checkpoint of train_vit": ("e2e", ["--resume"], [*FOREIGN, "trainable weights"], checkpoint_of("vit")),
+    "e2e: checkpoint of train_vit": ("e2e", ["--resume"], written_by("train_vit.py", "finetune_e2e.py"),
+                                     checkpoint_of("vit")),
     "e2e: --table of a non-JSON file": ("e2e", ["--table", "{out}"], ["is not an e2e_scores.json"],
                                         in_out("e2e_scores.json", garbage)),
     "e2e: --out-dir is a file": ("e2e", ["--out-dir", "{file}"], ["is a file"], None),
     "e2e: diverging --lr": ("e2e", ["--bdia", "--resume", "--epochs", "2", "--lr", "1e4"],
-                            ["epoch 2: training diverged (BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED], None),
+                            ["epoch 2: BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED], bdia_run("e2e")),
     "e2e: diverging --lr, plain (NaN loss)": ("e2e", ["--resume", "--epochs", "2", "--lr", "1e4"],
-                                              ["epoch 2: training diverged (the training loss is nan)", *DIVERGED], None),
+                                              ["epoch 2: " + NAN[0], *NAN], None),
 }
 
 
@@ -282,10 +302,11 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_run_intact(case, places, ca
 
 def test_vit_divergence_names_the_intact_checkpoint_and_resume_with_the_normal_lr_finishes(places, capsys):
     found = places("vit")
-    flags = fill([*FLAGS["vit"], "--bdia", "--resume", "--epochs", "2"], found)
+    bdia_run("vit")(found)
+    flags = fill([*FLAGS["vit"], "--resume", "--epochs", "2"], found)  # BDIA, from the checkpoint's flags
     before = saved(found["out"])
     line = fails(train_vit.main, [*flags, "--lr", "1e4"], capsys)
-    assert line.startswith("error: epoch 2: training diverged")
+    assert line.startswith("train_vit.py: error: epoch 2: BDIA: |x| reached") and "training diverged" in line
     assert f"{found['out'] / 'ckpt.pt'} (epoch 1) is intact: continue with --resume and a lower --lr" in line
     assert saved(found["out"]) == before
     train_vit.main(flags)  # the normal --lr
@@ -299,7 +320,7 @@ def test_gpt_divergence_names_the_intact_checkpoint_and_resume_with_the_normal_l
     flags = fill([*FLAGS["gpt"], *BINS, "--resume", "--max-iters", "20"], found)
     before = saved(found["out"])
     line = fails(train_gpt.main, [*flags, "--lr", "1e4"], capsys)
-    assert line.startswith("error: iteration 20: training diverged") and "(iteration 10) is intact" in line
+    assert line.startswith("train_gpt.py: error: iteration 20: training diverged") and "(iteration 10) is intact" in line
     assert saved(found["out"]) == before
     train_gpt.main(flags)
     log = [json.loads(line) for line in (found["out"] / "log.jsonl").read_text().splitlines()]
@@ -313,7 +334,7 @@ def test_the_error_starts_a_line_of_its_own_after_a_progress_bar(places, capsys,
     with pytest.raises(SystemExit):
         train_gpt.main(fill([*FLAGS["gpt"], *BINS, "--resume", "--max-iters", "20", "--lr", "1e4"], found))
     err = capsys.readouterr().err
-    assert "it/s" in err and err.split("\n")[-2].startswith("error: iteration 20: training diverged")
+    assert "it/s" in err and err.split("\n")[-2].startswith("train_gpt.py: error: iteration 20: training diverged")
 
 
 def test_divergence_before_any_checkpoint_says_none_was_written(places, capsys):
@@ -342,8 +363,8 @@ def test_cuda_out_of_memory_names_the_flags_that_lower_memory(script, places, ca
     monkeypatch.setattr(SCRIPTS[script], TRAINING_STEP[script], out_of_memory)
     before = saved(found["out"])
     fails(SCRIPTS[script].main, fill([*FLAGS[script], "--resume", *NEXT[script]], found), capsys,
-          f"error: {WHERE[script]}: CUDA out of memory (Tried to allocate 2.00 GiB): use a smaller --batch-size",
-          "--bdia", "--amp", "is intact: continue with --resume and those flags")
+          f"{SCRIPTS[script].SCRIPT}: error: {WHERE[script]}: CUDA out of memory (Tried to allocate 2.00 GiB): use a "
+          "smaller --batch-size", "--bdia", "--amp", "is intact: continue with --resume and a smaller --batch-size or --amp")
     assert saved(found["out"]) == before
 
 
@@ -352,9 +373,10 @@ def test_bits_beyond_the_measured_range_say_fewer_bits(places, capsys, monkeypat
         bdia.check_magnitudes([torch.tensor(100.0)], torch.zeros(1), 20)  # the engine's own error
 
     found = places("vit")
+    bdia_run("vit")(found)
     monkeypatch.setattr(train_vit, "train_epoch", too_large)
-    argv = fill([*FLAGS["vit"], "--bdia", "--bits", "20", "--resume", "--epochs", "2"], found)
-    fails(train_vit.main, argv, capsys, "error: epoch 2: BDIA: |x| reached 100", "Use fewer bits",
+    argv = fill([*FLAGS["vit"], "--bits", "20", "--resume", "--epochs", "2"], found)  # --bits may change on --resume
+    fails(train_vit.main, argv, capsys, "train_vit.py: error: epoch 2: BDIA: |x| reached 100", "Use fewer bits",
           "(epoch 1) is intact: continue with --resume and a smaller --bits")
 
 
@@ -374,6 +396,8 @@ def test_bits_beyond_the_measured_range_say_fewer_bits(places, capsys, monkeypat
     (["--family", "resnet"], "invalid choice: 'resnet'"),
 ])
 def test_bench_bad_flags(flags, expected, capsys, monkeypatch):
+    import bench
+
     def bench_main(argv):
         monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
         bench.main()
@@ -382,12 +406,16 @@ def test_bench_bad_flags(flags, expected, capsys, monkeypatch):
 
 
 def test_bench_cuda_without_a_gpu(capsys, monkeypatch):
+    import bench
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cuda"])
     fails(lambda argv: bench.main(), [], capsys, "torch sees no CUDA device")
 
 
 def test_bench_a_failed_memory_run_is_one_line(capsys, monkeypatch):
+    import bench
+
     failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback (most recent call last):\n  ...\n"
                                                                   "RuntimeError: not enough memory")
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: failed)
@@ -396,7 +424,7 @@ def test_bench_a_failed_memory_run_is_one_line(capsys, monkeypatch):
         bench.main()
     err = capsys.readouterr().err  # the depths bar, closed, then the one error line
     assert e.value.code == 2 and "Traceback" not in err, err
-    assert err.split("\n")[-2].startswith("error: the memory run of plain at depth 1 failed (RuntimeError: not "
+    assert err.split("\n")[-2].startswith("bench.py: error: the memory run of plain at depth 1 failed (RuntimeError: not "
                                            "enough memory)") and "--no-memory" in err
 
 

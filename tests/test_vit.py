@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import training  # noqa: E402
+import runlib  # noqa: E402
 import train_vit  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import RevViT, ViT  # noqa: E402
@@ -81,11 +81,11 @@ def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
 
 
 def test_a_run_killed_between_log_and_checkpoint_logs_each_epoch_once(tmp_path, cifar_dir, monkeypatch, kill_after):
-    kill_after(training, "save_checkpoint", 1)  # killed while saving epoch 2, after its log line
+    kill_after(runlib, "save_checkpoint", 1)  # killed while saving epoch 2, after its log line
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, cifar_dir, "--epochs", "3", out="b")
     monkeypatch.undo()
-    assert [r["epoch"] for r in training.JsonlLog(tmp_path / "b" / "log.jsonl", resume=True).read()] == [1, 2]
+    assert [r["epoch"] for r in runlib.JsonlLog(tmp_path / "b" / "log.jsonl", resume=True).read()] == [1, 2]
     resumed = run(tmp_path, cifar_dir, "--epochs", "3", "--resume", out="b")  # from the checkpoint of epoch 1
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
 

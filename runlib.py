@@ -1,0 +1,471 @@
+"""
+What the four training scripts share about a run, so that each script reads top to bottom as
+its story (flags, data, model, optimizer, loop, evaluation, checkpoint):
+
+    flags      ArgumentParser: the BDIA and run flags, their checks, --help with defaults,
+               --resume with the checkpoint's own flags (checked before any data is read)
+    folder     one run per --out-dir (a lock), checkpoints that survive a kill and resume
+               exactly (every RNG state in them), the JSON-lines log
+    errors     what a user can act on as one line and exit code 2 (exit_with)
+    schedules  the learning-rate schedules, weight-decay groups, torchrun (DDP)
+"""
+
+import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import random
+import re
+import shlex
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed
+
+import bdia_fused
+from bdia import BDIAConfig, BDIAError, DivergedError, PrecisionError, exact_limit, mantissa_bits
+from data import DataError, atomic_write
+
+# what a CUDA out-of-memory error suggests, in every script
+LOWER_MEMORY = "a smaller --batch-size, --bdia (activations rebuilt, not stored) or --amp"
+
+# Flags a resumed run may change: how long it runs, where and how fast, the recovery a failure
+# line suggests (--lr, --grad-clip, --bits, --batch-size, --amp), what it evaluates and logs, and
+# where its files are (they may have moved). Anything else is the run itself: model, data set,
+# BDIA, optimizer, schedule shape and seed come from the checkpoint.
+MAY_CHANGE_ON_RESUME = {
+    "resume", "out_dir", "device", "compile", "amp", "epochs", "max_iters", "lr", "grad_clip", "bits",
+    "batch_size", "grad_accum", "eval_interval", "eval_iters", "eval_batch_size", "eval_gammas", "bleu_every",
+    "bleu_samples", "no_test", "test_limit", "export", "decode_batch",
+    "data_dir", "data_root", "text_file", "data", "locale_dir", "cache_dir", "init_from", "tokenizer",
+    "train_file", "valid_file", "test_file",
+}
+
+# -----------------------------------------------------------------------------
+# Flags
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every default."""
+
+
+class Numbers(argparse.Action):
+    """--gammas -0.5 0.5 (nargs="+"), or with commas: --gammas=-0.5,0.5. A tuple of floats."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            numbers = tuple(float(v) for item in values for v in item.split(",") if v)
+        except ValueError:
+            raise argparse.ArgumentError(self, f"expected numbers, space- or comma-separated, such as -0.5 0.5; "
+                                               f"got {' '.join(values)!r}")
+        setattr(namespace, self.dest, numbers)
+
+
+def parse_bits(text):
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer l (quantization 2^-l) or 'none', got {text!r}")
+
+
+def bdia_config(flags):
+    """The BDIAConfig of a run's flags (args, or the dict a checkpoint holds); None without --bdia.
+    Configuration errors are BDIAConfig's ValueErrors."""
+    get = flags.get if isinstance(flags, dict) else lambda name: getattr(flags, name)
+    if not get("bdia"):
+        return None
+    return BDIAConfig(get("gammas"), get("bits"), not get("no_reversible"), get("eval_gamma"))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit code 2) without the usage block, and
+    whose --help shows the defaults. The training scripts add the shared flags with
+    add_training_flags and parse with parse(), which checks them and handles --resume."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def add_training_flags(self, out_dir):
+        g = self.add_argument_group("BDIA")
+        g.add_argument("--bdia", action="store_true", help="train with BDIA (otherwise the plain model)")
+        g.add_argument("--gammas", nargs="+", action=Numbers, default=(-0.5, 0.5), metavar="G",
+                       help="values gamma_k is drawn from")
+        g.add_argument("--bits", type=parse_bits, default=9, help="quantization level l (2^-l), or 'none'")
+        g.add_argument("--no-reversible", action="store_true", help="store activations instead of rebuilding them (eq. 24)")
+        g.add_argument("--eval-gamma", type=float, default=0.0, help="constant gamma at inference (0: the standard model)")
+        g = self.add_argument_group("run")
+        g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+        g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the blocks (the residual stream stays float32)")
+        g.add_argument("--compile", action="store_true", help="torch.compile the model; with reversible --bdia, "
+                       "BDIA's arithmetic instead (bdia_fused)")
+        g.add_argument("--seed", type=int, default=1337, help="initial weights, data order, dropout and gammas")
+        g.add_argument("--out-dir", default=out_dir, help="log.jsonl and ckpt.pt; one run at a time")
+        g.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt with its own flags; flags "
+                       "given beside it may change only the run's length, device, speed, evaluation, file places, "
+                       "--lr, --grad-clip and --bits")
+
+    def parse(self, argv=None, at_least_1=(), at_least_0=(), positive=(), fractions=()):
+        """Parse and check the flags. With --resume the flags are the checkpoint's, except those
+        given that may change (MAY_CHANGE_ON_RESUME); another given difference is refused. Sets
+        args.script (this script) and args.bdia_config; resolves --device auto."""
+        args = self.parse_args(argv)
+        if args.resume:
+            self.resume_flags(args, argv)
+        rules = ((at_least_1, lambda v: v >= 1, "must be at least 1"), (at_least_0, lambda v: v >= 0, "must not be negative"),
+                 (positive, lambda v: v > 0, "must be positive"), (fractions, lambda v: 0 <= v < 1, "must be in [0, 1)"))
+        for names, ok, rule in rules:
+            for name in names:
+                if not ok(getattr(args, name)):  # NaN fails every rule
+                    self.error(f"--{name.replace('_', '-')} {rule}, got {getattr(args, name)}")
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            self.error(f"--out-dir {args.out_dir} is a file; give a folder for the logs and checkpoints")
+        try:
+            args.bdia_config = bdia_config(args)
+        except ValueError as e:  # BDIAConfig's advice, in these flags
+            self.error(str(e).replace("BDIAConfig: ", "").replace("reversible=False", "--no-reversible")
+                       .replace("reversible=True", "reversible training (the default)").replace("bits=None", "--bits none")
+                       .replace("set bits", "set --bits"))
+        if args.bdia and args.bits is not None and exact_limit(torch.float32, args.bits) <= 1:  # the scripts' streams
+            self.error(f"--bits {args.bits}: a float32 residual stream holds the 2^-l grid exactly only for "
+                       f"|x| < 2^(23 - l) <= 1, which a normalised stream exceeds; use --bits "
+                       f"{mantissa_bits(torch.float32) - 3} or less (the paper uses 9)")
+        if args.compile and args.bdia_config is not None and args.bdia_config.reversible:
+            # torch.compile cannot hold the reversible Function's state across forward and
+            # backward in a whole-model graph: --compile compiles BDIA's arithmetic instead
+            args.bdia_config = bdia_fused.fuse(args.bdia_config)
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cuda" and not torch.cuda.is_available():
+            self.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        args.script = self.prog
+        return args
+
+    def resume_flags(self, args, argv):
+        """Replace args by the flags of OUT_DIR/ckpt.pt but for those given that may change."""
+        path = Path(args.out_dir) / "ckpt.pt"
+        saved = read_checkpoint(path, mmap=True)  # its flags, not its weights
+        if saved.get("script") != self.prog:
+            wrote = f"{saved['script']}" if saved.get("script") else "an older version of these scripts or another program"
+            raise CheckpointError(f"{path} was written by {wrote}, not {self.prog}: resume it with that script, "
+                                  f"or start a new run in another --out-dir")
+        flags = saved["args"]
+        given = self.given_flags(argv)
+        differ = [name for name in given if name not in MAY_CHANGE_ON_RESUME and name in flags
+                  and as_saved(getattr(args, name)) != as_saved(flags[name])]
+        if differ:
+            said = ", ".join(f"--{n.replace('_', '-')} {as_saved(getattr(args, n))}" for n in differ)
+            self.error(f"{said} differs from the run in {path}, which --resume continues as it was run: "
+                       f"{self.command_line(flags, args.out_dir)} (a new run needs another --out-dir)")
+        for name, value in flags.items():
+            if name not in given and hasattr(args, name):
+                setattr(args, name, tuple(value) if isinstance(value, list) else value)
+
+    def given_flags(self, argv):
+        """The names of the flags given in argv (not left at their defaults)."""
+        unset = object()
+        names = {a.dest for a in self._actions if a.dest != "help"}
+        parsed = self.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
+        return {name for name in names if getattr(parsed, name) is not unset}
+
+    def command_line(self, flags, out_dir):
+        """The command that continues the run of `flags`: its flags that are not defaults."""
+        words = [self.prog]
+        for a in self._actions:
+            if not a.option_strings or a.dest not in flags or a.dest in ("resume", "out_dir", "help"):
+                continue
+            value, option = flags[a.dest], a.option_strings[-1]
+            if as_saved(value) == as_saved(a.default):
+                continue
+            if isinstance(a, argparse.BooleanOptionalAction):
+                words.append(option if value else option.replace("--", "--no-", 1))
+            elif a.nargs == 0:  # store_true, store_false
+                words.append(option)
+            elif isinstance(value, (list, tuple)):
+                words += [option, *map(str, value)]
+            else:
+                words += [option, "none" if value is None else str(value)]
+        return shlex.join([*words, "--out-dir", str(out_dir), "--resume"])
+
+
+def compiled(model, args):
+    """torch.compile(model) with --compile, but for reversible BDIA, whose arithmetic parse()
+    compiled instead (a whole-model graph cannot hold the reversible Function's state)."""
+    fused = args.bdia_config is not None and args.bdia_config.reversible
+    return torch.compile(model) if args.compile and not fused else model
+
+
+def as_saved(value):
+    """A flag's value as a checkpoint holds it (tuples load as lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+# -----------------------------------------------------------------------------
+# One run per folder
+
+
+class FolderInUse(Exception):
+    """Another live process holds the --out-dir."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold OUT_DIR/run.lock for the run: a second run on the folder stops at once (FolderInUse,
+    naming the holder's process id). The lock is an flock, which the OS releases when the holder
+    dies, so a run that was killed does not block --resume. Under torchrun rank 0 holds it."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = Path(folder) / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FolderInUse(f"{folder} is in use by a running process ({f.read().strip() or 'process id unknown'}): "
+                              "wait for it to end or stop it, or use another --out-dir") from None
+        f.truncate(0)
+        f.write(f"process {os.getpid()}\n")
+        f.flush()
+        yield
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, random states, logs
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, cannot be read or written, or belongs to another run."""
+
+
+def save_checkpoint(path, args, **state):
+    """torch.save of the run's state, its flags and every RNG state, atomically: a run killed
+    (or a disk filled) while saving keeps its previous checkpoint. Written through a Python file,
+    so that a full disk or a denied write is an OSError (torch's own writer raises a RuntimeError)."""
+    flags = {k: as_saved(v) for k, v in vars(args).items() if k not in ("script", "bdia_config")}
+    state = dict(script=args.script, args=flags, **{"rng": random_states(), **state})
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror or e}): {continue_from(Path(path).parent, 'the same flags')} "
+                              "once there is space (or permission)") from e
+
+
+def read_checkpoint(path, mmap=False):
+    """Load a checkpoint safely (weights_only=True: no code runs on load) into host memory:
+    load_state_dict copies the weights to the model's device, and the optimizers' step
+    counters stay on the host (on a GPU each step would read them back, a sync per tensor).
+    mmap: read what is used only (the flags, not the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: run without --resume to start a new run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if isinstance(ckpt, dict) and "args" in ckpt:
+            return ckpt
+        detail = "no flags in it"
+    except Exception as e:  # torch.load's errors are of many types; none is more than "unreadable"
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"cannot read checkpoint {path} ({detail}): it is truncated, corrupt or not a "
+                          "checkpoint of these scripts; delete it or start a new --out-dir")
+
+
+def restore(ckpt, model, optimizer, rank=None):
+    """Continue the run of `ckpt` (read_checkpoint's): the model's weights (or, of a model that
+    trains only some, those it trains), the optimizer's state and the RNG states (of process
+    `rank` under torchrun), so that the dropout masks and gammas continue where they were."""
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        state = model.state_dict(keep_vars=True)
+        loaded = {state[name].data_ptr() for name in ckpt["model"] if name in state}  # tied weights: loaded once
+        lacking = [name for name in missing if state[name].requires_grad and state[name].data_ptr() not in loaded]
+        if unexpected or lacking:
+            raise KeyError((unexpected or lacking)[0])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as e:  # torch's load_state_dict errors
+        detail = str(e).strip().splitlines()
+        raise CheckpointError(f"the checkpoint's state does not fit the model and optimizer its flags build "
+                              f"({detail[-1].strip() if detail else type(e).__name__}): it is damaged or of another "
+                              "version of this script; start a new run in another --out-dir") from e
+    restore_random_states(ckpt["rng"] if rank is None else ckpt["rng"][rank])
+
+
+def random_states():
+    """Every RNG a run draws from, in a form torch.load(weights_only=True) accepts."""
+    version, keys, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(keys), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_random_states(state):
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_generator(seed, step):
+    """The generator of one epoch's (or iteration's) data order and augmentation: seeded by
+    (seed, step) alone, so a resumed run draws exactly what the uninterrupted run drew."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class JsonlLog:
+    """Appends one JSON object per line to `path` (OUT/log.jsonl). On --resume the lines
+    written after the checkpoint the run continues from are dropped (keep), so a run killed
+    between its log line and its checkpoint does not log that epoch twice."""
+
+    def __init__(self, path, resume=False, keep=None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+        if resume and keep is not None:
+            lines = "".join(json.dumps(r) + "\n" for r in self.read() if keep(r))
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(lines))
+
+    def write(self, **fields):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+    def read(self):
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def peak_memory_mb(device):
+    """Peak memory so far: allocated CUDA memory, or on CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -----------------------------------------------------------------------------
+# Errors: what a user can act on is one line and exit code 2
+
+
+ERRORS = (DataError, CheckpointError, FolderInUse, BDIAError, torch.cuda.OutOfMemoryError, OSError)
+
+
+@contextlib.contextmanager
+def at(where, out_dir):
+    """Name the epoch (or iteration) `where` in the line of an error raised inside, and the
+    folder whose checkpoint (from before `where`, so intact) the run continues from."""
+    try:
+        yield
+    except Exception as e:
+        e.where, e.out_dir = getattr(e, "where", where), getattr(e, "out_dir", out_dir)
+        raise
+
+
+def check_loss(loss):
+    """A NaN or infinite training loss ends the run before it is logged or checkpointed."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"training diverged (the training loss is {loss}): lower --lr or set --grad-clip")
+
+
+def exit_with(e, script):
+    """One of ERRORS as one line on stderr, `script: error: ...` as argparse's, and exit code 2.
+    Training that failed names where, what to change and the checkpoint to continue from. A
+    progress bar that the failure left open is closed first, so that the line starts a line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    message = str(e)
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        tried = re.search(r"Tried to allocate [\d.]+ \w+", message)  # the rest of torch's message is advice
+        message = f"CUDA out of memory{f' ({tried.group(0)})' if tried else ''}: use {LOWER_MEMORY}"
+    elif isinstance(e, OSError) and e.strerror:
+        message = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if hasattr(e, "where"):
+        change = {DivergedError: "a lower --lr", PrecisionError: "a smaller --bits",
+                  torch.cuda.OutOfMemoryError: "a smaller --batch-size or --amp"}.get(type(e), "the same flags")
+        message = f"{e.where}: {message}; {continue_from(e.out_dir, change)}"
+    print(f"{script}: error: " + " ".join(message.split()), file=sys.stderr)
+    raise SystemExit(2)
+
+
+def continue_from(out_dir, change):
+    """Where a failed run goes on: from the last checkpoint in out_dir (written atomically,
+    so intact), with --resume and `change`; or anew with `change` when none was written."""
+    path = Path(out_dir) / "ckpt.pt"
+    try:  # mmap: the epoch is read without reading the weights
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        at_step = f"epoch {ckpt['epoch']}" if "epoch" in ckpt else f"iteration {ckpt['iter']}"
+    except FileNotFoundError:
+        return f"no checkpoint was written yet: run again with {change}"
+    except Exception:
+        return f"{path} cannot be read: run again, without --resume, with {change}"
+    return f"{path} ({at_step}) is intact: continue with --resume and {change}"
+
+
+# -----------------------------------------------------------------------------
+# Optimizer groups, learning rate and torchrun
+
+
+def decay_groups(model, weight_decay):
+    """The trainable parameters as optimizer groups: weight decay on the 2-D weights (matmuls,
+    embeddings) only, none on biases and LayerNorm gains (as nanoGPT and the LoRA repository)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def cosine_lr(step, total_steps, lr, warmup=0, min_lr=0.0):
+    """Linear warmup for `warmup` steps, then cosine decay from lr to min_lr at total_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def linear_lr(step, total_steps, lr, warmup=0):
+    """Linear warmup for `warmup` steps, then linear decay to 0 at total_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+Dist = namedtuple("Dist", "rank world_size local_rank enabled")
+
+
+def distributed(device=None):
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a single
+    process when not launched by torchrun. `device`: a torch.device or --device value."""
+    if "RANK" not in os.environ:
+        return Dist(0, 1, 0, False)
+    cuda = torch.cuda.is_available() if device in (None, "auto") else torch.device(device).type == "cuda"
+    backend = "nccl" if cuda else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, True)

@@ -1,0 +1,239 @@
+"""Tests of what the training scripts share (runlib.py): flags, --resume's flags, the folder
+lock, checkpoints (atomic, every RNG state, a full disk), the log, schedules."""
+
+import errno
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import finetune_e2e  # noqa: E402
+import bdia_fused  # noqa: E402
+import runlib  # noqa: E402
+import train_gpt  # noqa: E402
+import train_translate  # noqa: E402
+import train_vit  # noqa: E402
+from bdia import BDIAConfig  # noqa: E402
+
+SCRIPTS = (train_vit, train_gpt, train_translate, finetune_e2e)
+
+
+def parser():
+    p = runlib.ArgumentParser(prog="test.py")
+    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_training_flags(out_dir="out")
+    return p
+
+
+def parse(argv):
+    return parser().parse(argv, at_least_1=("width", "epochs"))
+
+
+def test_bdia_flags_build_the_config():
+    assert parse([]).bdia_config is None
+    assert parse(["--bdia", "--compile"]).bdia_config == bdia_fused.fuse(BDIAConfig())  # --compile: BDIA's arithmetic
+    assert parse(["--bdia", "--compile", "--no-reversible"]).bdia_config == BDIAConfig(reversible=False)
+    assert parse(["--bdia", "--gammas", "-0.25", "0.25", "--bits", "5"]).bdia_config == BDIAConfig((-0.25, 0.25), 5)
+    config = parse(["--bdia", "--bits", "none", "--no-reversible", "--gammas=-0.5,0,0.5"]).bdia_config  # commas too
+    assert config == BDIAConfig((-0.5, 0.0, 0.5), None, False, 0.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bdia", "--gammas", "0.3,-0.3"], "2^-m"),
+    (["--bdia", "--bits", "none"], "needs quantization"),
+    (["--bits", "nine"], "integer"),
+    (["--gammas", "a,b"], "comma-separated"),
+    (["--bdia", "--bits", "30"], "use --bits 20 or less"),
+    (["--width", "0"], "--width must be at least 1, got 0"),
+])
+def test_bad_flags_exit_with_code_2_and_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("test.py: error: ") and err.count("\n") == 1 and message in err
+
+
+# -----------------------------------------------------------------------------
+# --resume: the checkpoint's flags
+
+
+def checkpoint_of(tmp_path, argv):
+    args = parse([*argv, "--out-dir", str(tmp_path)])
+    runlib.save_checkpoint(tmp_path / "ckpt.pt", args, epoch=1)
+    return args
+
+
+def test_resume_takes_the_checkpoints_flags_and_the_ones_that_may_change(tmp_path):
+    checkpoint_of(tmp_path, ["--width", "16", "--bdia", "--gammas", "-0.25", "0.25", "--epochs", "2"])
+    args = parse(["--resume", "--out-dir", str(tmp_path), "--epochs", "5"])
+    assert (args.width, args.epochs, args.bdia_config) == (16, 5, BDIAConfig((-0.25, 0.25)))
+    assert parse(["--resume", "--out-dir", str(tmp_path), "--width", "16"]).epochs == 2  # the same value is no change
+
+
+def test_resume_refuses_another_flag_and_prints_the_runs_command_line(tmp_path, capsys):
+    checkpoint_of(tmp_path, ["--width", "16", "--bdia", "--gammas", "-0.25", "0.25", "--bits", "none",
+                             "--no-reversible"])
+    with pytest.raises(SystemExit) as e:
+        parse(["--resume", "--out-dir", str(tmp_path), "--width", "32"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--width 32 differs from the run in" in err
+    command = err.split("continues as it was run: ")[1].split(" (a new run")[0]
+    argv = shlex.split(command)
+    assert argv[0] == "test.py" and argv[-1] == "--resume"
+    assert vars(parse(argv[1:])) == vars(parse(["--resume", "--out-dir", str(tmp_path)]))  # the line resumes as it is
+    assert parse(argv[1:-1]).bdia_config == BDIAConfig((-0.25, 0.25), None, False)  # and holds the run's flags
+
+
+def test_a_checkpoint_of_another_script_names_it(tmp_path):
+    checkpoint_of(tmp_path, [])
+    p = runlib.ArgumentParser(prog="other.py")
+    p.add_training_flags(out_dir="out")
+    with pytest.raises(runlib.CheckpointError, match=r"was written by test.py, not other.py"):
+        p.parse(["--resume", "--out-dir", str(tmp_path)])
+
+
+# -----------------------------------------------------------------------------
+# One run per folder
+
+
+HOLD = "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); " \
+       "f.write('process 4242'); f.flush(); print('held', flush=True); time.sleep(60)"
+
+
+def test_a_live_run_holds_the_folder_and_a_killed_one_does_not(tmp_path):
+    (tmp_path / "out").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out" / "run.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(runlib.FolderInUse, match=r"out is in use by a running process \(process 4242\)"):
+            with runlib.folder_lock(tmp_path / "out"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with runlib.folder_lock(tmp_path / "out"):  # the OS dropped the killed holder's lock
+        assert (tmp_path / "out" / "run.lock").read_text() == f"process {os.getpid()}\n"
+        with pytest.raises(runlib.FolderInUse):  # and this process now holds it
+            with runlib.folder_lock(tmp_path / "out"):
+                pass
+
+
+def test_a_second_run_on_a_held_folder_is_one_line_exit_2(tmp_path, capsys):
+    with runlib.folder_lock(tmp_path):
+        with pytest.raises(SystemExit) as e:
+            train_gpt.main(["--text-file", "missing.txt", "--out-dir", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (f"train_gpt.py: error: {tmp_path} is in use by a running process (process "
+                                         f"{os.getpid()}): wait for it to end or stop it, or use another --out-dir\n")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_is_atomic_and_loads_safely(tmp_path, monkeypatch):
+    args = parse(["--out-dir", str(tmp_path)])
+    runlib.save_checkpoint(tmp_path / "ckpt.pt", args, step=1, w=torch.ones(3))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runlib.save_checkpoint(tmp_path / "ckpt.pt", args, step=2, w=torch.zeros(3))
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == [tmp_path / "ckpt.pt"]  # no partial file left behind
+    assert runlib.read_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_torch_save_into_a_python_file_on_a_full_disk_raises_oserror():
+    """Why save_checkpoint writes through a Python file: torch's own writer raises RuntimeError."""
+    with pytest.raises(OSError) as e:
+        with open("/dev/full", "wb") as f:
+            torch.save({"w": torch.zeros(1000)}, f)
+    assert e.value.errno == errno.ENOSPC
+
+
+def test_a_full_disk_while_saving_is_one_line_and_resume_works_once_there_is_space(tmp_path, text_file, capsys,
+                                                                                    monkeypatch):
+    flags = ["--text-file", str(text_file), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+             "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "5", "--device", "cpu", "--out-dir",
+             str(tmp_path)]
+    train_gpt.main([*flags, "--max-iters", "5"])
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):  # half of it written, then the disk is full
+        real_save(obj, f, *a, **k)
+        f.truncate(f.tell() // 2)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main([*flags, "--max-iters", "10", "--resume"])
+    err = capsys.readouterr().err.split("\n")[-2]  # after the progress bar, closed
+    assert e.value.code == 2 and err.startswith(f"train_gpt.py: error: cannot write {tmp_path / 'ckpt.pt'} (No space left on device): "
+                          f"{tmp_path / 'ckpt.pt'} (iteration 5) is intact: continue with --resume"), err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and sorted(p.name for p in tmp_path.glob("ckpt*")) == ["ckpt.pt"]
+    monkeypatch.undo()  # space again
+    train_gpt.main([*flags, "--max-iters", "10", "--resume"])
+    assert runlib.read_checkpoint(tmp_path / "ckpt.pt")["iter"] == 10
+
+
+def test_checkpoint_errors_say_what_to_do(tmp_path):
+    with pytest.raises(runlib.CheckpointError, match="without --resume"):
+        runlib.read_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(runlib.CheckpointError, match="cannot read checkpoint"):
+        runlib.read_checkpoint(tmp_path / "bad.pt")
+
+
+def test_random_states_round_trip_through_a_checkpoint(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    runlib.save_checkpoint(tmp_path / "c.pt", parse([]))
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    runlib.restore_random_states(runlib.read_checkpoint(tmp_path / "c.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_jsonl_log_appends_and_resumes(tmp_path):
+    log = runlib.JsonlLog(tmp_path / "log.jsonl")
+    log.write(epoch=1, loss=0.5)
+    runlib.JsonlLog(tmp_path / "log.jsonl", resume=True).write(epoch=2, loss=0.25)
+    assert [r["epoch"] for r in log.read()] == [1, 2]
+    assert runlib.JsonlLog(tmp_path / "log.jsonl").read() == []  # a fresh run starts a new log
+
+
+def test_cosine_lr_warms_up_then_decays_to_min_lr():
+    lrs = [runlib.cosine_lr(s, 100, 1.0, warmup=10, min_lr=0.1) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(type(lr) is float for lr in lrs)  # numpy scalars would not load with weights_only=True
+
+
+# -----------------------------------------------------------------------------
+# --help
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.SCRIPT)
+def test_help_shows_the_defaults_and_a_small_command_that_parses(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: 1337)" in text and "(default: 9)" in text  # --seed, --bits
+    small = text.split("under a minute")[1].split("\n\n")[1]  # the indented command after that sentence
+    argv = shlex.split(small.replace("\\\n", " "))
+    assert argv[:2] == ["python", script.SCRIPT]
+    script.parse_args(argv[2:])  # its flags are this script's
