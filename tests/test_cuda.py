@@ -16,10 +16,12 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bdia import BDIAConfig, run_blocks  # noqa: E402
+import bdia_fused  # noqa: E402
+from bdia import BDIAConfig, BDIAStack, run_blocks  # noqa: E402
 from models import Block, RevViT, ViT  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -157,15 +159,111 @@ def test_revvit_reversible_gradients_match_stored_activations_on_cuda():
 
 @pytest.mark.parametrize("kernel", ["flash", "efficient-fp32"])
 def test_fused_path_rebuilds_every_activation_bit_for_bit_on_cuda(kernel):
-    """BDIAConfig(fused=True) on CUDA (Triton kernels): still exact, and close to the eager
+    """bdia_fused.fuse(config) on CUDA (Triton kernels): still exact, and close to the eager
     gradients (the compiled mixed term may round some elements otherwise than eager code)."""
     blocks = gpt_stack(4, dropout=0.1)
     record_inputs(blocks)
     x = torch.randn(4, 128, 256, device="cuda", requires_grad=True)
-    out_f, grads_f = step(blocks, x, BDIAConfig(fused=True), kernel)
+    out_f, grads_f = step(blocks, x, bdia_fused.fuse(BDIAConfig()), kernel)
     for k, block in enumerate(blocks):
         assert torch.equal(block.calls[1], block.calls[0]), f"x_{k} was not rebuilt exactly ({kernel}, fused)"
     out_e, grads_e = step(blocks, x, BDIAConfig(), kernel)
     assert (out_f - out_e).abs().max() <= 4 * 2.0**-9
     for a, b in zip(grads_f, grads_e):
         assert rel_err(a, b) < 1e-2
+
+
+# ----------------------------------------------------------------------------- blocks this project did not write
+#
+# Forward only (no residual method), random draws the engine cannot see by name: F.dropout with
+# its rate in `p`, SDPA's dropout_p, stochastic depth by torch.rand on the CUDA generator. They
+# are replayed by observation (the CUDA generator's seed and offset saved before each block);
+# a recomputation with other masks would give other gradients, block 0's included, or fail the
+# x_0 check.
+
+
+class ForeignBlock(nn.Module):
+    """Self-attention with SDPA's dropout_p = p, an MLP with F.dropout(p), stochastic depth
+    (drop_prob, torch.rand on x's device); returns (x, None) like a Hugging Face block."""
+
+    def __init__(self, dim=256, heads=4, p=0.1, drop_prob=0.2):
+        super().__init__()
+        self.heads, self.p, self.drop_prob = heads, p, drop_prob
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def drop_path(self, y):
+        if not self.training:
+            return y
+        keep = (torch.rand(y.shape[0], 1, 1, device=y.device) >= self.drop_prob).to(y.dtype)
+        return y * keep / (1 - self.drop_prob)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0, is_causal=True)
+        x = x + self.drop_path(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        mlp = self.fc2(F.dropout(F.gelu(self.fc1(self.ln_2(x))), self.p, self.training))
+        return x + self.drop_path(mlp), None
+
+
+def foreign_stack(depth, seed=0):
+    torch.manual_seed(seed)
+    return nn.ModuleList(ForeignBlock() for _ in range(depth)).cuda().train()
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("depth", [1, 2, 8])
+def test_unseen_random_draws_are_replayed_on_cuda(kernel, depth):
+    blocks = foreign_stack(depth)
+    x = torch.randn(4, 128, 256, device="cuda", requires_grad=True)
+    out_r, grads_r = step(blocks, x, BDIAConfig(), kernel, seed=6)
+    out_s, grads_s = step(blocks, x, BDIAConfig(reversible=False), kernel, seed=6)
+    assert torch.equal(out_r, out_s)
+    for a, b in zip(grads_r, grads_s):  # x, then every parameter, block 0's included
+        assert rel_err(a, b) < tolerance(kernel)
+
+
+def test_foreign_blocks_leave_the_cuda_rng_as_stored_mode_does():
+    x = torch.randn(2, 64, 256, device="cuda", requires_grad=True)
+    after = []
+    for reversible in (True, False):
+        step(foreign_stack(3), x, BDIAConfig(reversible=reversible), "efficient-fp32", seed=9)
+        after.append((torch.rand(4), torch.rand(4, device="cuda")))
+    assert torch.equal(after[0][0], after[1][0]) and torch.equal(after[0][1], after[1][1])
+
+
+@pytest.mark.parametrize("kernel", ["efficient-fp32", "math-fp32"])
+def test_foreign_blocks_at_inference_are_the_plain_stack_on_cuda(kernel):
+    blocks = foreign_stack(6).eval()
+    x = torch.randn(2, 64, 256, device="cuda")
+    with torch.no_grad(), sdpa_kernel(KERNELS[kernel][0]):
+        plain = x
+        for block in blocks:
+            plain = block(plain)[0]
+        assert torch.equal(run_blocks(blocks, x, BDIAConfig(bits=None, reversible=False)), plain)
+
+
+def test_bdia_stack_trains_reversibly_on_cuda():
+    """A model that calls its blocks as one nn.Sequential, converted with BDIAStack: same keys,
+    the reversible step equals the stored-activation one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 256), nn.Sequential(*(ForeignBlock() for _ in range(4))), nn.Linear(256, 10))
+    model = model.cuda().train()
+    keys = list(model.state_dict())
+    model[1] = BDIAStack(model[1], BDIAConfig())
+    assert list(model.state_dict()) == keys
+    x, y = torch.randn(4, 32, 16, device="cuda"), torch.arange(4, device="cuda")
+    results = []
+    for config in (BDIAConfig(), BDIAConfig(reversible=False)):
+        model[1].config = config
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        loss = F.cross_entropy(model(x).mean(dim=1), y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_r, grads_r), (loss_s, grads_s) = results
+    assert torch.equal(loss_r, loss_s)
+    for a, b in zip(grads_r, grads_s):
+        assert rel_err(a, b) < 1e-5
