@@ -152,7 +152,7 @@ def model_args_from_config(config):
         raise DataError(f"activation {activation!r} is not supported (gelu_new or gelu)")
     return dict(vocab_size=config["vocab_size"], block_size=config.get("n_positions", config.get("n_ctx", 1024)),
                 n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
-                gelu="none" if activation == "gelu" else "tanh")
+                gelu="exact" if activation == "gelu" else "tanh")
 
 
 def load_gpt2(name_or_path, cache_dir=DEFAULT_CACHE):
@@ -191,7 +191,7 @@ def save_gpt2(state, model_args, directory):
     """Write GPT's state dict as a Hugging Face GPT-2 checkpoint: model.safetensors + config.json."""
     directory = Path(directory)
     config = hf_config(model_args["n_layer"], model_args["n_head"], model_args["n_embd"], model_args["vocab_size"],
-                       model_args["block_size"], model_args.get("gelu", "none"))
+                       model_args["block_size"], model_args.get("gelu", "exact"))
     write_safetensors(directory / "model.safetensors", to_hf_state_dict(state), {"format": "pt"})
     write_chunks(directory / "config.json", [json.dumps(config, indent=2).encode()])
     return directory

@@ -65,18 +65,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Feed-forward network: Linear, GELU, dropout (hidden_dropout), Linear, dropout.
     The ViT drops out the hidden layer too (lucidrains' FeedForward); GPT does not (nanoGPT).
-    gelu="tanh" is GPT-2's gelu_new."""
+    gelu: "exact" (erf, as nn.GELU) or "tanh" (its tanh approximation: GPT-2's gelu_new)."""
 
-    def __init__(self, dim, hidden, dropout=0.0, gelu="none", hidden_dropout=0.0, bias=True):
+    def __init__(self, dim, hidden, dropout=0.0, gelu="exact", hidden_dropout=0.0, bias=True):
         super().__init__()
         self.c_fc = nn.Linear(dim, hidden, bias=bias)
         self.hidden_dropout = nn.Dropout(hidden_dropout)
         self.c_proj = nn.Linear(hidden, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
-        self.gelu = gelu
+        self.approximate = {"exact": "none", "tanh": "tanh"}[gelu]  # F.gelu's name for each
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.hidden_dropout(F.gelu(self.c_fc(x), approximate=self.gelu))))
+        return self.dropout(self.c_proj(self.hidden_dropout(F.gelu(self.c_fc(x), approximate=self.approximate))))
 
 
 class Block(nn.Module):
@@ -85,15 +85,17 @@ class Block(nn.Module):
     residual(x) = f(x) + g(x + f(x)), eq. (4), f = attention, g = MLP. A decoder block
     (cross=True) adds cross-attention c to `memory`: f becomes a + c(x + a).
     Context (as run_blocks passes it): memory, self_mask, memory_mask.
-    bias: biases in every Linear and LayerNorm (nanoGPT's flag). vit: lucidrains' ViT block,
-    as the paper's ViT: no query/key/value bias, no dropout on attention probabilities,
-    dropout on the MLP's hidden layer (otherwise nanoGPT's layout).
+    bias: biases in every Linear and LayerNorm (nanoGPT's flag). layout: "gpt" (nanoGPT's
+    block) or "vit" (lucidrains' ViT block, as the paper's ViT: no query/key/value bias, no
+    dropout on attention probabilities, dropout on the MLP's hidden layer).
     """
 
-    def __init__(self, dim, heads, mlp_dim, dropout=0.0, bias=True, causal=False, cross=False, gelu="none",
-                 vit=False):
+    def __init__(self, dim, heads, mlp_dim, dropout=0.0, bias=True, causal=False, cross=False, gelu="exact",
+                 layout="gpt"):
         super().__init__()
-        attn_dropout, hidden_dropout, qkv_bias = (0.0, dropout, False) if vit else (None, 0.0, None)
+        if layout not in ("gpt", "vit"):
+            raise ValueError(f"Block: layout must be 'gpt' or 'vit', got {layout!r}")
+        attn_dropout, hidden_dropout, qkv_bias = (0.0, dropout, False) if layout == "vit" else (None, 0.0, None)
         self.ln_1 = nn.LayerNorm(dim, bias=bias)
         self.attn = Attention(dim, heads, dropout, bias, causal, attn_dropout, qkv_bias)
         if cross:
@@ -147,7 +149,7 @@ class ViT(nn.Module):
         super().__init__()
         self.bdia = bdia
         self.embedding = PatchEmbedding(image_size, patch, channels, dim, emb_dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, vit=True) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, layout="vit") for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -202,11 +204,11 @@ def run_rev_blocks(blocks, x1, x2, reversible):
         for block in blocks:
             x1, x2 = block(x1, x2)
         return x1, x2
-    tops = {}  # block index -> its output pair, as rebuilt during backward
+    outputs = {}  # block index -> its output pair; backward rebuilds each block's from the next one's
     for k, block in enumerate(blocks):
         params = [p for p in block.parameters() if p.requires_grad]
-        x1, x2 = ReversibleRevBlock.apply(tops, block, k, x1, x2, *params)
-    tops[len(blocks) - 1] = (x1.detach(), x2.detach())
+        x1, x2 = ReversibleRevBlock.apply(outputs, block, k, x1, x2, *params)
+    outputs[len(blocks) - 1] = (x1.detach(), x2.detach())
     return x1, x2
 
 
@@ -216,11 +218,11 @@ class ReversibleRevBlock(torch.autograd.Function):
     RNG states saved in forward (the global RNG is restored afterwards, never re-seeded)."""
 
     @staticmethod
-    def forward(ctx, tops, block, k, x1, x2, *params):
-        ctx.tops, ctx.block, ctx.k = tops, block, k
-        ctx.rng_f = rng_state(x1.device)
+    def forward(ctx, outputs, block, k, x1, x2, *params):
+        ctx.outputs, ctx.block, ctx.k = outputs, block, k
+        ctx.rng_f = device_rng_state(x1.device)
         y1 = x1 + block.F(x2)
-        ctx.rng_g = rng_state(x1.device)
+        ctx.rng_g = device_rng_state(x1.device)
         y2 = x2 + block.G(y1)
         ctx.autocast = torch.is_autocast_enabled(x1.device.type), torch.get_autocast_dtype(x1.device.type)
         return y1, y2
@@ -228,15 +230,15 @@ class ReversibleRevBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_y1, g_y2):
         block, params = ctx.block, [p for p in ctx.block.parameters() if p.requires_grad]
-        y1, y2 = ctx.tops.pop(ctx.k)
+        y1, y2 = ctx.outputs.pop(ctx.k)
         device = y1.device
         enabled, dtype = ctx.autocast
         with torch.random.fork_rng([device] if device.type == "cuda" else []), torch.enable_grad(), \
                 torch.autocast(device.type, dtype=dtype, enabled=enabled):
             y1 = y1.detach().requires_grad_()
-            set_rng_state(ctx.rng_g, device)
+            set_device_rng_state(ctx.rng_g, device)
             g_out = block.G(y1).to(y1.dtype)
-            set_rng_state(ctx.rng_f, device)
+            set_device_rng_state(ctx.rng_f, device)
             x2 = (y2 - g_out.detach()).requires_grad_()
             f_out = block.F(x2).to(y1.dtype)
         g_grads = torch.autograd.grad(g_out, [y1, *params], g_y2, allow_unused=True)
@@ -244,16 +246,17 @@ class ReversibleRevBlock(torch.autograd.Function):
         f_grads = torch.autograd.grad(f_out, [x2, *params], g_x1, allow_unused=True)
         g_x2 = g_y2 + f_grads[0]
         if ctx.k > 0:
-            ctx.tops[ctx.k - 1] = ((y1 - f_out).detach(), x2.detach())  # X1 = Y1 - F(X2)
+            ctx.outputs[ctx.k - 1] = ((y1 - f_out).detach(), x2.detach())  # X1 = Y1 - F(X2)
         param_grads = [add_grads(a, b) for a, b in zip(g_grads[1:], f_grads[1:])]
         return (None, None, None, g_x1, g_x2, *param_grads)
 
 
-def rng_state(device):
+def device_rng_state(device):
+    """The RNG states F or G draws its dropout masks from: the CPU's, and the GPU's on CUDA."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def set_rng_state(state, device):
+def set_device_rng_state(state, device):
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -344,7 +347,7 @@ class GPT(nn.Module):
     Parameter names follow GPT-2's (transformer.wte/wpe/h.N/ln_f)."""
 
     def __init__(self, vocab_size, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True, bdia=None,
-                 gelu="none"):
+                 gelu="exact"):
         super().__init__()
         self.block_size, self.bdia = block_size, bdia
         self.model_args = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
