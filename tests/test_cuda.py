@@ -221,8 +221,12 @@ def test_unseen_random_draws_are_replayed_on_cuda(kernel, depth):
     out_r, grads_r = step(blocks, x, BDIAConfig(), kernel, seed=6)
     out_s, grads_s = step(blocks, x, BDIAConfig(reversible=False), kernel, seed=6)
     assert torch.equal(out_r, out_s)
+    # Under bf16 the two backwards' last-bit differences flip bf16 roundings at the entry of each
+    # block's autocast region, and these add up over the blocks (about 2^-8 per 4 blocks, seen on
+    # an H200: 0.0047 relative at depth 8 where the float32 kernels agree to 1e-5).
+    allowed = tolerance(kernel) * (1 if KERNELS[kernel][1] is None else max(1, depth / 4))
     for a, b in zip(grads_r, grads_s):  # x, then every parameter, block 0's included
-        assert rel_err(a, b) < tolerance(kernel)
+        assert rel_err(a, b) < allowed
 
 
 def test_foreign_blocks_leave_the_cuda_rng_as_stored_mode_does():
