@@ -225,7 +225,7 @@ def validation_loss(model, examples, args):
     """Mean cross-entropy per completion token (no label smoothing; gamma 0: the plain model)."""
     model.eval()
     total = tokens = 0
-    for batch in batches(examples, args.batch_size):
+    for batch in tqdm(batches(examples, args.batch_size), desc="validation loss", leave=False, dynamic_ncols=True):
         x, y = collate(examples, batch, model.transformer.wte.weight.device)
         n = int((y != -1).sum())
         with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):

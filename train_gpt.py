@@ -12,7 +12,7 @@ The defaults are GPT-2 124M (12 x 768, 1024 tokens): too large for a CPU. A smal
 finishes on a CPU in under a minute:
 
     python train_gpt.py --text-file /usr/share/common-licenses/GPL-3 --n-layer 2 --n-head 2 --n-embd 64 \\
-        --block-size 64 --batch-size 8 --max-iters 50 --eval-interval 25 --eval-iters 5 --out-dir out/gpt-small
+        --block-size 64 --batch-size 8 --max-iters 200 --eval-interval 100 --eval-iters 5 --out-dir out/gpt-small
 
 A data directory holds nanoGPT-style train.bin / val.bin (uint16 token ids) and, for
 character vocabularies, meta.json or meta.pkl. OUT_DIR/log.jsonl gets a line per
@@ -211,6 +211,8 @@ def train(args):
     device = torch.device("cuda", dist.local_rank) if dist.enabled and args.device == "cuda" else torch.device(args.device)
     out, main_process = Path(args.out_dir), dist.rank == 0
     ckpt = runlib.read_checkpoint(out / "ckpt.pt") if args.resume else None  # before the data: fail fast
+    if main_process:
+        print(f"preparing the data of {args.text_file or args.dataset or args.data_dir} ...", flush=True)
     folder = data_folder(args, prepare=main_process)
     if dist.enabled:
         torch.distributed.barrier()  # rank 0 prepared any data first

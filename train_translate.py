@@ -12,7 +12,7 @@ A small run that finishes on a CPU in under a minute (offline, this machine's Fr
 gettext catalogues):
 
     python train_translate.py --dataset gettext-fr --max-pairs 2000 --epochs 2 --dim 64 --heads 4 \\
-        --mlp-dim 128 --enc-layers 2 --dec-layers 2 --bleu-samples 100 --out-dir out/translate-small
+        --mlp-dim 128 --enc-layers 2 --dec-layers 2 --bleu-samples 20 --out-dir out/translate-small
 
 Defaults are those of the tutorial the paper used (debuggercafe, "Language Translation using
 PyTorch Transformer": width 192, 6 heads, MLP 192, dropout 0.1, Adam 1e-4, batch 192, an

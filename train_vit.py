@@ -242,7 +242,7 @@ def evaluate(model, images, args):
     ViT here (eq. 25, gamma = E[gamma] = 0), up to the 2^-l rounding of each block's output."""
     model.eval()
     total_loss, correct = 0.0, 0
-    for start in range(0, len(images.val_x), args.eval_batch_size):
+    for start in tqdm(range(0, len(images.val_x), args.eval_batch_size), desc="evaluating", leave=False, dynamic_ncols=True):
         x = normalize(images.val_x[start: start + args.eval_batch_size].to(images.mean.device), images.mean, images.std)
         y = images.val_y[start: start + args.eval_batch_size].to(images.mean.device)
         with torch.autocast(images.mean.device.type, torch.bfloat16, enabled=args.amp):

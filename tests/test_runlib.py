@@ -8,7 +8,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -227,13 +226,26 @@ def test_cosine_lr_warms_up_then_decays_to_min_lr():
 # --help
 
 
+def small_command(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    text = capsys.readouterr().out
+    return shlex.split(text.split("under a minute")[1].split("\n\n")[1].replace("\\\n", " "))
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.SCRIPT)
 def test_help_shows_the_defaults_and_a_small_command_that_parses(script, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
-    text = capsys.readouterr().out
-    assert "(default: 1337)" in text and "(default: 9)" in text  # --seed, --bits
-    small = text.split("under a minute")[1].split("\n\n")[1]  # the indented command after that sentence
-    argv = shlex.split(small.replace("\\\n", " "))
+    assert "(default: 1337)" in capsys.readouterr().out  # --seed's default, in the shared group
+    argv = small_command(script, capsys)
     assert argv[:2] == ["python", script.SCRIPT]
     script.parse_args(argv[2:])  # its flags are this script's
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.SCRIPT)
+def test_the_readme_gives_the_same_small_command(script, capsys):
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = readme.split("in under a minute; these are they")[1].split("```")[1]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").strip().splitlines()]
+    assert small_command(script, capsys) in commands
