@@ -41,7 +41,7 @@ import torch.utils.checkpoint
 
 import bdia
 import bdia_fused
-import training
+import runlib
 from bdia import BDIAConfig, run_blocks, side_bits
 from models import Block, RevBlock, run_rev_blocks
 
@@ -58,7 +58,8 @@ def build_stack(args, mode, depth):
     torch.manual_seed(0)
     if mode == "revvit":
         return nn.ModuleList(RevBlock(dim, heads, mlp, args.dropout) for _ in range(depth))
-    return nn.ModuleList(Block(dim, heads, mlp, args.dropout, causal=causal, vit=not causal) for _ in range(depth))
+    return nn.ModuleList(Block(dim, heads, mlp, args.dropout, causal=causal, layout="gpt" if causal else "vit")
+                         for _ in range(depth))
 
 
 def family(args):
@@ -198,6 +199,10 @@ def measure_memory(args, mode, depth):
     return (rss_kb("VmHWM") - before) * 1024
 
 
+class MemoryRunFailed(Exception):
+    """A memory measurement's own process failed; the message says why and what to try."""
+
+
 def memory_in_fresh_process(args, mode, depth):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     argv = [sys.executable, os.path.abspath(__file__), "--measure-memory", mode, str(depth)]
@@ -205,7 +210,7 @@ def memory_in_fresh_process(args, mode, depth):
     out = subprocess.run(argv, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no message"])[-1]
-        raise training.TrainingFailed(f"the memory run of {mode} at depth {depth} failed ({last}); try a smaller "
+        raise MemoryRunFailed(f"the memory run of {mode} at depth {depth} failed ({last}); try a smaller "
                                       "--batch-size or --depths, or --no-memory")
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -243,7 +248,7 @@ def side_info_bytes(args, depth):
 
 
 def main():
-    p = training.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runlib.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="vit")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(ALL_MODES)} "
                    "(revvit: vit family)")
@@ -289,7 +294,7 @@ def main():
         p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: no such folder")
-    with training.one_line_errors():  # a failed memory run, CUDA out of memory: one line, exit 2
+    try:  # a failed memory run, CUDA out of memory: one line, exit 2
         if args.measure_memory:
             mode, depth = args.measure_memory
             print(measure_memory(args, mode, int(depth)))
@@ -301,7 +306,8 @@ def main():
                               f, indent=2)
         else:
             run(args, depths)
-
+    except (MemoryRunFailed, *runlib.ERRORS) as e:
+        runlib.exit_with(e, "bench.py")
 
 def run(args, depths):
     from tqdm import tqdm
