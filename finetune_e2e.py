@@ -327,7 +327,7 @@ def print_table(folders):
 
 def train(args):
     device, out = torch.device(args.device), Path(args.out_dir)
-    ckpt = runlib.read_checkpoint(out / "ckpt.pt") if args.resume else None  # before the data: fail fast
+    ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
     torch.manual_seed(args.seed)
     try:
         tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)

@@ -153,12 +153,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def resume_flags(self, args, argv):
         """Replace args by the flags of OUT_DIR/ckpt.pt but for those given that may change."""
         path = Path(args.out_dir) / "ckpt.pt"
-        saved = read_checkpoint(path, mmap=True)  # its flags, not its weights
-        if saved.get("script") != self.prog:
-            wrote = f"{saved['script']}" if saved.get("script") else "an older version of these scripts or another program"
-            raise CheckpointError(f"{path} was written by {wrote}, not {self.prog}: resume it with that script, "
-                                  f"or start a new run in another --out-dir")
-        flags = saved["args"]
+        flags = read_checkpoint(path, self.prog, mmap=True)["args"]  # its flags, not its weights
         given = self.given_flags(argv)
         differ = [name for name in given if name not in MAY_CHANGE_ON_RESUME and name in flags
                   and as_saved(getattr(args, name)) != as_saved(flags[name])]
@@ -266,23 +261,27 @@ def save_checkpoint(path, args, **state):
                               "once there is space (or permission)") from e
 
 
-def read_checkpoint(path, mmap=False):
-    """Load a checkpoint safely (weights_only=True: no code runs on load) into host memory:
-    load_state_dict copies the weights to the model's device, and the optimizers' step
-    counters stay on the host (on a GPU each step would read them back, a sync per tensor).
-    mmap: read what is used only (the flags, not the weights)."""
+def read_checkpoint(path, script, mmap=False):
+    """The checkpoint `script` wrote at `path`, loaded safely (weights_only=True: no code runs on
+    load) into host memory: load_state_dict copies the weights to the model's device, and the
+    optimizers' step counters stay on the host (on a GPU each step would read them back, a sync
+    per tensor). mmap: read what is used only (the flags, not the weights)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: run without --resume to start a new run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        if isinstance(ckpt, dict) and "args" in ckpt:
-            return ckpt
-        detail = "no flags in it"
+        detail = None if isinstance(ckpt, dict) and "args" in ckpt else "no flags in it"
     except Exception as e:  # torch.load's errors are of many types; none is more than "unreadable"
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"cannot read checkpoint {path} ({detail}): it is truncated, corrupt or not a "
-                          "checkpoint of these scripts; delete it or start a new --out-dir")
+    if detail:
+        raise CheckpointError(f"cannot read checkpoint {path} ({detail}): it is truncated, corrupt or not a "
+                              "checkpoint of these scripts; delete it or start a new --out-dir")
+    if ckpt.get("script") != script:
+        wrote = ckpt.get("script") or "an older version of these scripts or another program"
+        raise CheckpointError(f"{path} was written by {wrote}, not {script}: use that script, or another --out-dir "
+                              "for a new run")
+    return ckpt
 
 
 def restore(ckpt, model, optimizer, rank=None):

@@ -175,10 +175,7 @@ def estimate_loss(model, splits, args, dist, device):
 
 def sample(args, device):
     """Print --sample samples of the checkpoint's model, built from its own flags."""
-    ckpt = runlib.read_checkpoint(Path(args.out_dir) / "ckpt.pt")
-    if ckpt.get("script") != SCRIPT:
-        raise runlib.CheckpointError(f"{args.out_dir}/ckpt.pt was written by {ckpt.get('script') or 'another program'}, "
-                                   f"not {SCRIPT}: it holds no GPT to sample from")
+    ckpt = runlib.read_checkpoint(Path(args.out_dir) / "ckpt.pt", SCRIPT)
     # the BDIA model samples as it was evaluated: eq. (25) on the 2^-l grid
     model = GPT(**ckpt["model_args"], bdia=runlib.bdia_config(ckpt["args"])).to(device).eval()
     model.load_state_dict(ckpt["model"])
@@ -210,7 +207,7 @@ def train(args):
     dist = runlib.distributed(args.device)
     device = torch.device("cuda", dist.local_rank) if dist.enabled and args.device == "cuda" else torch.device(args.device)
     out, main_process = Path(args.out_dir), dist.rank == 0
-    ckpt = runlib.read_checkpoint(out / "ckpt.pt") if args.resume else None  # before the data: fail fast
+    ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
     if main_process:
         print(f"preparing the data of {args.text_file or args.dataset or args.data_dir} ...", flush=True)
     folder = data_folder(args, prepare=main_process)

@@ -324,10 +324,7 @@ def translate(args):
     """Print the beam-search (greedy for --beam 1) translation of --translate."""
     device = torch.device(args.device)
     path = Path(args.checkpoint or Path(args.out_dir) / "ckpt.pt")
-    ckpt = runlib.read_checkpoint(path)
-    if ckpt.get("script") != SCRIPT:
-        raise runlib.CheckpointError(f"{path} was written by {ckpt.get('script') or 'another program'}, not {SCRIPT}: "
-                                   "it holds no translation model")
+    ckpt = runlib.read_checkpoint(path, SCRIPT)
     src_vocab, tgt_vocab = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
     model = Seq2Seq(**ckpt["model_args"], bdia=runlib.bdia_config(ckpt["args"])).to(device).eval()
     model.load_state_dict(ckpt["model"])
@@ -358,7 +355,7 @@ def main(argv=None):
 
 def train(args):
     device, out = torch.device(args.device), Path(args.out_dir)
-    ckpt = runlib.read_checkpoint(out / "ckpt.pt") if args.resume else None  # before the data: fail fast
+    ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
     torch.manual_seed(args.seed)
     print(f"reading the pairs of {args.data or args.dataset} ...", flush=True)
     pairs = data.load_pairs(args.data, args.dataset, args.data_dir, args.locale_dir)

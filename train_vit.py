@@ -281,7 +281,7 @@ def main(argv=None):
 
 def train(args):
     device, out = torch.device(args.device), Path(args.out_dir)
-    ckpt = runlib.read_checkpoint(out / "ckpt.pt") if args.resume else None  # before the data: fail fast
+    ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
     print(f"loading {args.dataset} from {args.data_dir} ...", flush=True)
     images = load_images(args, device)
     torch.manual_seed(args.seed)  # initial weights; each epoch then draws from its own generator

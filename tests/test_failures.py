@@ -206,6 +206,8 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
                                   in_data("cifar-10-batches-py/data_batch_1", truncate)),
     "vit: garbage data batch": ("vit", [], ["cannot read", "data_batch_2"],
                                 in_data("cifar-10-batches-py/data_batch_2", garbage)),
+    "vit: --resume reads the checkpoint before the data": ("vit", ["--resume", "--data-dir", "{tmp}/nowhere"],
+                                                           ["cannot read checkpoint"], in_out("ckpt.pt", truncate)),
     "vit: --resume without a checkpoint": ("vit", ["--resume", "--out-dir", "{tmp}/new"], ["without --resume"], None),
     "vit: truncated checkpoint": ("vit", ["--resume"], ["cannot read checkpoint", "truncated"],
                                   in_out("ckpt.pt", truncate)),

@@ -51,6 +51,12 @@ def test_reversible_gradients_match_stored_and_eval_is_the_plain_gpt():
     assert torch.equal(model(idx)[0], plain)
 
 
+def test_the_progress_bar_counts_optimizer_steps_to_max_iters(tmp_path, text_file, capsys):
+    run(tmp_path, "--text-file", str(text_file), "--max-iters", "6", "--eval-interval", "3")
+    bar = capsys.readouterr().err
+    assert "6/6 [" in bar and "/7 [" not in bar
+
+
 @pytest.mark.parametrize("flags", [[], ["--bdia"], ["--bdia", "--no-reversible", "--bias"]])
 def test_training_on_a_text_file_learns(tmp_path, text_file, flags):
     rows = run(tmp_path, "--text-file", str(text_file), "--max-iters", "60", "--eval-interval", "30", *flags)

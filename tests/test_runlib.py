@@ -152,7 +152,7 @@ def test_checkpoint_is_atomic_and_loads_safely(tmp_path, monkeypatch):
         runlib.save_checkpoint(tmp_path / "ckpt.pt", args, step=2, w=torch.zeros(3))
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == [tmp_path / "ckpt.pt"]  # no partial file left behind
-    assert runlib.read_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
+    assert runlib.read_checkpoint(tmp_path / "ckpt.pt", "test.py")["step"] == 1
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
@@ -187,22 +187,22 @@ def test_a_full_disk_while_saving_is_one_line_and_resume_works_once_there_is_spa
     assert (tmp_path / "ckpt.pt").read_bytes() == before and sorted(p.name for p in tmp_path.glob("ckpt*")) == ["ckpt.pt"]
     monkeypatch.undo()  # space again
     train_gpt.main([*flags, "--max-iters", "10", "--resume"])
-    assert runlib.read_checkpoint(tmp_path / "ckpt.pt")["iter"] == 10
+    assert runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"] == 10
 
 
 def test_checkpoint_errors_say_what_to_do(tmp_path):
     with pytest.raises(runlib.CheckpointError, match="without --resume"):
-        runlib.read_checkpoint(tmp_path / "missing.pt")
+        runlib.read_checkpoint(tmp_path / "missing.pt", "test.py")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(runlib.CheckpointError, match="cannot read checkpoint"):
-        runlib.read_checkpoint(tmp_path / "bad.pt")
+        runlib.read_checkpoint(tmp_path / "bad.pt", "test.py")
 
 
 def test_random_states_round_trip_through_a_checkpoint(tmp_path):
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
     runlib.save_checkpoint(tmp_path / "c.pt", parse([]))
     first = (random.random(), np.random.rand(), torch.rand(1).item())
-    runlib.restore_random_states(runlib.read_checkpoint(tmp_path / "c.pt")["rng"])
+    runlib.restore_random_states(runlib.read_checkpoint(tmp_path / "c.pt", "test.py")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import train_translate as tt  # noqa: E402
 import runlib  # noqa: E402
+import train_translate as tt  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import Seq2Seq  # noqa: E402
 
@@ -358,7 +358,7 @@ def test_resume_continues_exactly(tmp_path, bdia):
     for ra, rb in zip(log_a, log_b):
         assert ra["train_loss"] == rb["train_loss"] and ra["val_loss"] == rb["val_loss"]
         assert 0 <= ra["val_bleu"] <= 100
-    ckpt = runlib.read_checkpoint(tmp_path / "b" / "ckpt.pt")
+    ckpt = runlib.read_checkpoint(tmp_path / "b" / "ckpt.pt", "train_translate.py")
     assert ckpt["epoch"] == 2 and ckpt["args"]["bdia"] == bool(bdia)
 
 
@@ -370,6 +370,15 @@ def test_translate_prints_from_a_checkpoint(tmp_path, capsys):
         run_script("--translate", "red cat.", "--beam", beam, "--out-dir", tmp_path / "o", "--device", "cpu")
         line = capsys.readouterr().out
         assert line.endswith("\n") and "<" not in line  # specials never printed
+
+
+def test_translate_says_so_when_the_model_outputs_nothing(tmp_path, capsys, monkeypatch):
+    data = write_corpus(tmp_path / "pairs.txt")
+    run_script("--data", data, "--epochs", 1, "--out-dir", tmp_path / "o", *TINY)
+    monkeypatch.setattr(tt, "beam_search", lambda *args, **kwargs: [])  # <eos> first
+    capsys.readouterr()
+    run_script("--translate", "red cat.", "--out-dir", tmp_path / "o", "--device", "cpu")
+    assert capsys.readouterr().out == "(the model translates this as nothing: it ends at once)\n"
 
 
 @pytest.mark.parametrize(
