@@ -51,7 +51,13 @@ MAY_CHANGE_ON_RESUME = {
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's layout and shows every default."""
+    """--help keeps the docstring's layout and shows the defaults (not those of on/off switches
+    or of flags that are unset by default)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Numbers(argparse.Action):
@@ -161,8 +167,8 @@ class ArgumentParser(argparse.ArgumentParser):
             said = ", ".join(f"--{n.replace('_', '-')} {as_saved(getattr(args, n))}" for n in differ)
             self.error(f"{said} differs from the run in {path}, which --resume continues as it was run: "
                        f"{self.command_line(flags, args.out_dir)} (a new run needs another --out-dir)")
-        for name, value in flags.items():
-            if name not in given and hasattr(args, name):
+        for name, value in flags.items():  # but where the checkpoint is and the machine it runs on are this run's
+            if name not in given and hasattr(args, name) and name not in ("out_dir", "resume", "device"):
                 setattr(args, name, tuple(value) if isinstance(value, list) else value)
 
     def given_flags(self, argv):
@@ -176,9 +182,9 @@ class ArgumentParser(argparse.ArgumentParser):
         """The command that continues the run of `flags`: its flags that are not defaults."""
         words = [self.prog]
         for a in self._actions:
-            if not a.option_strings or a.dest not in flags or a.dest in ("resume", "out_dir", "help"):
+            if not a.option_strings or a.dest not in flags or a.dest in ("resume", "out_dir", "device", "help"):
                 continue
-            value, option = flags[a.dest], a.option_strings[-1]
+            value, option = flags[a.dest], a.option_strings[0]
             if as_saved(value) == as_saved(a.default):
                 continue
             if isinstance(a, argparse.BooleanOptionalAction):

@@ -42,10 +42,11 @@ SCRIPT = Path(__file__).name
 def parse_args(argv=None):
     p = runlib.ArgumentParser(prog=SCRIPT, description=__doc__)
     g = p.add_argument_group("model (defaults: GPT-2 124M)")
-    g.add_argument("--n-layer", type=int, default=12, help="blocks")
-    g.add_argument("--n-head", type=int, default=12, help="attention heads")
-    g.add_argument("--n-embd", type=int, default=768, help="width of the residual stream")
-    g.add_argument("--block-size", type=int, default=1024, help="context length in tokens")
+    for name, default, meaning in (("--n-layer", 12, "blocks"),
+                                   ("--n-head", 12, "attention heads"),
+                                   ("--n-embd", 768, "width of the residual stream"),
+                                   ("--block-size", 1024, "context length in tokens")):
+        g.add_argument(name, type=int, default=default, help=meaning)
     g.add_argument("--dropout", type=float, default=0.0, help="dropout in the blocks")
     g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False,
                    help="biases in the Linear layers and LayerNorms (none, as nanoGPT's train.py)")

@@ -58,11 +58,12 @@ def parse_args(argv=None):
     g.add_argument("--max-tokens", type=int, default=40, help="drop pairs with a longer side")
     g.add_argument("--keep-case", action="store_true", help="do not lowercase")
     g = p.add_argument_group("model (defaults: the tutorial the paper used, with 6 + 6 blocks)")
-    g.add_argument("--dim", type=int, default=192, help="width of the residual stream")
-    g.add_argument("--heads", type=int, default=6, help="attention heads")
-    g.add_argument("--mlp-dim", type=int, default=192, help="hidden width of the MLP")
-    g.add_argument("--enc-layers", type=int, default=6, help="encoder blocks")
-    g.add_argument("--dec-layers", type=int, default=6, help="decoder blocks")
+    for name, default, meaning in (("--dim", 192, "width of the residual stream"),
+                                   ("--heads", 6, "attention heads"),
+                                   ("--mlp-dim", 192, "hidden width of the MLP"),
+                                   ("--enc-layers", 6, "encoder blocks"),
+                                   ("--dec-layers", 6, "decoder blocks")):
+        g.add_argument(name, type=int, default=default, help=meaning)
     g.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     g.add_argument("--tie", action="store_true", help="tie the output projection to the target embedding "
                    "(otherwise a separate Linear with bias, as the tutorial's generator)")

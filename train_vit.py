@@ -63,11 +63,12 @@ def parse_args(argv=None):
                    "reference)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "set-adam"], default="set-adam", help="the paper's SET-Adam")
     g = p.add_argument_group("model (defaults: the paper's ViT)")
-    g.add_argument("--depth", type=int, default=6, help="blocks")
-    g.add_argument("--dim", type=int, default=512, help="width of the residual stream")
-    g.add_argument("--heads", type=int, default=8, help="attention heads")
-    g.add_argument("--mlp-dim", type=int, default=512, help="hidden width of the MLP")
-    g.add_argument("--patch", type=int, default=4, help="patch size in pixels (divides 32)")
+    for name, default, meaning in (("--depth", 6, "blocks"),
+                                   ("--dim", 512, "width of the residual stream"),
+                                   ("--heads", 8, "attention heads"),
+                                   ("--mlp-dim", 512, "hidden width of the MLP"),
+                                   ("--patch", 4, "patch size in pixels (divides 32)")):
+        g.add_argument(name, type=int, default=default, help=meaning)
     g.add_argument("--dropout", type=float, default=0.1, help="dropout in the blocks")
     g.add_argument("--emb-dropout", type=float, default=0.1, help="dropout after the patch embedding")
     p.add_argument("--eval-gammas", nargs="+", type=float, default=None, metavar="G",

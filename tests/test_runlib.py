@@ -1,6 +1,7 @@
 """Tests of what the training scripts share (runlib.py): flags, --resume's flags, the folder
 lock, checkpoints (atomic, every RNG state, a full disk), the log, schedules."""
 
+import argparse
 import errno
 import os
 import random
@@ -29,6 +30,8 @@ def parser():
     p = runlib.ArgumentParser(prog="test.py")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_training_flags(out_dir="out")
     return p
 
@@ -80,7 +83,7 @@ def test_resume_takes_the_checkpoints_flags_and_the_ones_that_may_change(tmp_pat
 
 def test_resume_refuses_another_flag_and_prints_the_runs_command_line(tmp_path, capsys):
     checkpoint_of(tmp_path, ["--width", "16", "--bdia", "--gammas", "-0.25", "0.25", "--bits", "none",
-                             "--no-reversible"])
+                             "--no-reversible", "--no-bias", "--no-augment", "--device", "cpu"])
     with pytest.raises(SystemExit) as e:
         parse(["--resume", "--out-dir", str(tmp_path), "--width", "32"])
     err = capsys.readouterr().err
@@ -89,7 +92,8 @@ def test_resume_refuses_another_flag_and_prints_the_runs_command_line(tmp_path, 
     argv = shlex.split(command)
     assert argv[0] == "test.py" and argv[-1] == "--resume"
     assert vars(parse(argv[1:])) == vars(parse(["--resume", "--out-dir", str(tmp_path)]))  # the line resumes as it is
-    assert parse(argv[1:-1]).bdia_config == BDIAConfig((-0.25, 0.25), None, False)  # and holds the run's flags
+    new_run = parse(argv[1:-1])  # without --resume: the run's own flags
+    assert new_run.bdia_config == BDIAConfig((-0.25, 0.25), None, False) and not new_run.bias and not new_run.augment
 
 
 def test_a_checkpoint_of_another_script_names_it(tmp_path):
