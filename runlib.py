@@ -137,10 +137,9 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(f"--out-dir {args.out_dir} is a file; give a folder for the logs and checkpoints")
         try:
             args.bdia_config = bdia_config(args)
-        except ValueError as e:  # BDIAConfig's advice, in these flags
-            self.error(str(e).replace("BDIAConfig: ", "").replace("reversible=False", "--no-reversible")
-                       .replace("reversible=True", "reversible training (the default)").replace("bits=None", "--bits none")
-                       .replace("set bits", "set --bits"))
+        except ValueError as e:  # BDIAConfig's own words, and how its names read as flags
+            self.error(f"{e} (as flags: gammas is --gammas, bits --bits, bits=None --bits none, reversible=True the "
+                       "default, reversible=False --no-reversible)")
         if args.bdia and args.bits is not None and exact_limit(torch.float32, args.bits) <= 1:  # the scripts' streams
             self.error(f"--bits {args.bits}: a float32 residual stream holds the 2^-l grid exactly only for "
                        f"|x| < 2^(23 - l) <= 1, which a normalised stream exceeds; use --bits "
