@@ -18,7 +18,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        sys.exit("error: plot.py needs matplotlib: pip install matplotlib")
+        sys.exit("plot.py: error: plot.py needs matplotlib: pip install matplotlib")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
@@ -29,23 +29,23 @@ def read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        sys.exit(f"error: {path} is not a JSON file ({e})")
+        sys.exit(f"plot.py: error: {path} is not a JSON file ({e})")
 
 
 def read_jsonl(path):
     try:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {path} is not a log.jsonl of this project's scripts ({e})")
+        sys.exit(f"plot.py: error: {path} is not a log.jsonl of this project's scripts ({e})")
     if not rows or not all(isinstance(r, dict) for r in rows):
-        sys.exit(f"error: {path} holds no log lines (JSON objects, one per line)")
+        sys.exit(f"plot.py: error: {path} holds no log lines (JSON objects, one per line)")
     return rows
 
 
 def labels_for(paths, labels):
     names = labels.split(",") if labels else [Path(p).parent.name or str(p) for p in paths]
     if len(names) != len(paths):
-        sys.exit(f"error: {len(paths)} files but {len(names)} labels")
+        sys.exit(f"plot.py: error: {len(paths)} files but {len(names)} labels")
     return names
 
 
@@ -54,7 +54,7 @@ def x_values(rows, x):
     wall-clock minutes of training so far (the sum of the lines' epoch_seconds or seconds)."""
     if x == "time":
         if not all("epoch_seconds" in r or "seconds" in r for r in rows):
-            sys.exit("error: --x time needs a log with epoch_seconds or seconds on every line")
+            sys.exit("plot.py: error: --x time needs a log with epoch_seconds or seconds on every line")
         elapsed, out = 0.0, []
         for r in rows:
             elapsed += r.get("epoch_seconds", r.get("seconds")) or 0.0
@@ -62,7 +62,7 @@ def x_values(rows, x):
         return out
     key = x if x != "auto" else next((k for k in ("epoch", "iter", "step") if rows and k in rows[0]), "epoch")
     if any(key not in r for r in rows):
-        sys.exit(f"error: --x {key}: not every log line has {key!r}")
+        sys.exit(f"plot.py: error: --x {key}: not every log line has {key!r}")
     return [r[key] for r in rows]
 
 
@@ -164,7 +164,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def main(argv=None):
     """Every error a user can act on is one line on stderr and exit code 2: the helpers above
-    end with sys.exit("error: ..."), which this turns into code 2."""
+    end with sys.exit("plot.py: error: ..."), which this turns into code 2."""
     try:
         draw(argv)
     except SystemExit as e:
@@ -175,7 +175,7 @@ def main(argv=None):
 
 
 def draw(argv):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("figure", choices=FIGURES)
     p.add_argument("files", nargs="*", help="log.jsonl, gamma_sweep.json or bench JSON files")
     p.add_argument("--labels", default=None, help="comma-separated legend names, one per file")
@@ -196,7 +196,7 @@ def draw(argv):
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # JSON of another shape
         if not args.files:
             raise
-        sys.exit(f"error: {args.figure} needs {INPUTS[args.figure]}; {', '.join(args.files)} "
+        sys.exit(f"plot.py: error: {args.figure} needs {INPUTS[args.figure]}; {', '.join(args.files)} "
                  f"{'holds' if len(args.files) == 1 else 'hold'} something else ({type(e).__name__}: {e})")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -206,7 +206,7 @@ def draw(argv):
     try:
         fig.savefig(output, dpi=100)
     except (OSError, ValueError) as e:  # no such folder; a suffix matplotlib cannot write
-        sys.exit(f"error: cannot write {output} ({e})")
+        sys.exit(f"plot.py: error: cannot write {output} ({e})")
     print(f"wrote {output}")
 
 
