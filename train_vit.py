@@ -286,7 +286,7 @@ def train(args):
     print(f"loading {args.dataset} from {args.data_dir} ...", flush=True)
     images = load_images(args, device)
     torch.manual_seed(args.seed)  # initial weights; each epoch then draws from its own generator
-    model = build_model(args, images.train_x.shape[1], data.CLASSES[args.dataset]).to(device)
+    model = build_model(args, images.train_x.shape[1], data.CLASSES[args.dataset]).to(device)  # BDIA enters here
     optimizer = make_optimizer(args.optimizer, model, args.lr, args.weight_decay)
     start_epoch, best_acc = 1, 0.0
     if ckpt is not None:
