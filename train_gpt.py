@@ -239,6 +239,9 @@ def train(args):
         print(f"{'BDIA-GPT' if args.bdia else 'GPT'}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"parameters, {len(train_tokens)} training tokens, {dist.world_size} process(es) on {device}, "
               f"iterations {start_iter}..{args.max_iters}")
+        if device.type == "cpu" and sum(p.numel() for p in model.parameters()) > 20e6:
+            print("note: a model this size takes seconds per step on a CPU, and each evaluation "
+                  f"({args.eval_iters} batches per split) minutes; --help gives a small command for a CPU")
 
     tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * dist.world_size
     splits = {"train": train_tokens, "val": val_tokens}
