@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -253,3 +254,24 @@ def test_the_readme_gives_the_same_small_command(script, capsys):
     block = readme.split("in under a minute; these are they")[1].split("```")[1]
     commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").strip().splitlines()]
     assert small_command(script, capsys) in commands
+
+
+def test_a_killed_run_leaves_its_lock_and_resume_continues(tmp_path, text_file):
+    flags = ["--text-file", str(text_file), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+             "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "2", "--device", "cpu", "--out-dir",
+             str(tmp_path)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.Popen([sys.executable, os.path.join(root, "train_gpt.py"), *flags, "--max-iters", "100000"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ckpt.pt").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "ckpt.pt").is_file()
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    assert (tmp_path / "run.lock").read_text() == f"process {run.pid}\n"  # the killed run's lock file is still there
+    killed_at = runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"]
+    train_gpt.main(["--out-dir", str(tmp_path), "--resume", "--max-iters", str(killed_at + 2)])  # not blocked
+    assert runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"] == killed_at + 2
