@@ -16,8 +16,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import finetune_e2e  # noqa: E402
 import bdia_fused  # noqa: E402
+import finetune_e2e  # noqa: E402
 import runlib  # noqa: E402
 import train_gpt  # noqa: E402
 import train_translate  # noqa: E402
