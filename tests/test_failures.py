@@ -1,8 +1,9 @@
 """Failures a user can act on (issue 14). Every bad input a user plausibly gives a script ends
-it with exit code 2 and one line on stderr, never a traceback, and leaves an existing
-checkpoint and log byte for byte as they were. Training that diverges or runs out of memory
-names the epoch (iteration), the cause, what to change and the intact checkpoint to continue
-from; --resume from it with a lower --lr then works.
+it with exit code 2 and one line on stderr that begins `NAME.py: error:` (as argparse's), never
+a traceback, and leaves an existing checkpoint and log byte for byte as they were. Training
+that diverges or runs out of memory names the epoch (iteration), the cause, what to change and
+the intact checkpoint to continue from; --resume from it with a lower --lr then works. --resume
+with a flag that would make it another run is refused with the checkpoint's command line.
 
 Each script's catalogue runs against a copy of a finished tiny run: OUT (its ckpt.pt and
 log.jsonl) and DATA (its data). Flags may name {out}, {data}, {tmp}, {file} (a regular
