@@ -467,7 +467,7 @@ def block_backward(ctx, g_next):
     g_x, g_params, g_leaves = grads[0], grads[1 : 1 + len(params)], iter(grads[1 + len(params) :])
     g_x = torch.zeros_like(g_next) if g_x is None else g_x
     if k == 0:  # (19): x_1 = x_0 + Q_l[h_0(x_0)]
-        g_x, g_prev = g_x.add_(g_next), None
+        g_x, g_prev = g_x + g_next, None  # not in place: g_x may be g_h = g_next itself
     else:  # (21)
         g_x, g_prev = tape.arithmetic.grad_inputs(g_x, g_next, g)
     g_tensors = [next(g_leaves) if need else None for need in needs_grad]
