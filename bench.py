@@ -12,10 +12,11 @@ user would choose between:
                 (the paper's reversible baseline; vit family only)
 
 Memory is measured per mode and depth in a fresh process: on CUDA max_memory_allocated
-over one step, on CPU the peak-RSS rise of one step (MALLOC_MMAP_THRESHOLD_=65536, so
-freed tensors leave RSS). Both are measured after a warm-up step, so parameters,
+over one forward and backward, on CPU the peak-RSS rise over them (MALLOC_MMAP_THRESHOLD_=65536,
+so freed tensors leave RSS). Both are measured after a warm-up step, so parameters,
 gradients and optimizer state are already allocated and the rise is the activations
-(plus transient workspace). Time: warm-up, then the modes interleaved, medians.
+(plus transient workspace); the optimizer's step is left out, since its temporaries, as
+large as the parameters, would set the peak of a small batch in every mode alike. Time: warm-up, then the modes interleaved, medians.
 
 --kernels counts, instead, what each mode adds per block and training step beyond the
 block's own computation, on any device: operations (aten ops on a CPU, kernels on CUDA) per
@@ -81,19 +82,23 @@ def forward(mode, blocks, x):
 
 
 def make_step(args, mode, depth, device):
+    """One training step of a fresh stack, and its forward and backward alone."""
     blocks = build_stack(args, mode, depth).to(device).train()
     _, _, _, tokens, _ = family(args)
     x = torch.randn(args.batch_size, tokens, family(args)[0], device=device)
     optimizer = torch.optim.AdamW(blocks.parameters(), lr=1e-4)
 
-    def step():
+    def forward_backward():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss = forward(mode, blocks, x).float().square().mean()
         loss.backward()
+
+    def step():
+        forward_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated between steps
 
-    return step
+    return step, forward_backward
 
 
 def sync(device):
@@ -118,7 +123,7 @@ def operations(args, mode, depth, device):
     """Operations of one training step: top-level aten ops (not views) on a CPU, kernels on CUDA."""
     if device.type == "cpu":  # kineto, the profiler's backend, logs each start and stop ("USDT: ...") and, in a
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # CUDA build without a GPU, an error; 6 is above its levels
-    step = make_step(args, mode, depth, device)
+    step, _ = make_step(args, mode, depth, device)
     step()  # warm-up (and, for bdia-fused, compilation)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
@@ -182,20 +187,23 @@ def rss_kb(field):
 
 
 def measure_memory(args, mode, depth):
-    """Bytes one training step allocates beyond what the step before left in place."""
+    """Bytes one training step's forward and backward allocate beyond what the step before
+    left in place (parameters, gradients, optimizer state): the activations."""
     device = torch.device(args.device)
-    step = make_step(args, mode, depth, device)
+    step, forward_backward = make_step(args, mode, depth, device)
     step()  # warm-up: gradients and optimizer state now exist
     sync(device)
+    # Forward and backward only: AdamW's step allocates temporaries as large as the
+    # parameters, which would otherwise set the peak of a small batch in every mode alike.
     if device.type == "cuda":
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step()
+        forward_backward()
         return torch.cuda.max_memory_allocated() - before
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
     before = rss_kb("VmRSS")
-    step()
+    forward_backward()
     return (rss_kb("VmHWM") - before) * 1024
 
 
@@ -220,7 +228,7 @@ def memory_in_fresh_process(args, mode, depth):
 
 
 def measure_times(args, depth, device):
-    steps = {mode: make_step(args, mode, depth, device) for mode in args.modes}
+    steps = {mode: make_step(args, mode, depth, device)[0] for mode in args.modes}
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -345,7 +353,7 @@ def print_table(args, results):
     dim, heads, mlp, tokens, _ = family(args)
     print(f"\n{args.family} stack: width {dim}, {heads} heads, MLP {mlp}, {tokens} tokens, batch {args.batch_size}, "
           f"dropout {args.dropout}, {device_name(torch.device(args.device))}")
-    print("act. MB: what a training step allocates beyond the parameters, gradients and optimizer state (state MB)")
+    print("act. MB: what a training step's forward and backward allocate beyond the parameters, gradients and optimizer state (state MB)")
     print(f"{'mode':>11} {'depth':>5} {'state MB':>9} {'act. MB':>9} {'x plain':>8} {'step ms':>9} {'x plain':>8} "
           f"{'side MB':>8} {'side %':>7}")
 
