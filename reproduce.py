@@ -284,7 +284,7 @@ def prepare_text(folder):
     """The license texts as one file: the offline corpus of appf (train_gpt.py keeps the last 10 %
     for validation: most of the MPL-2.0)."""
     if missing := [str(p) for p in LICENSES if not p.is_file()]:
-        sys.exit(f"error: {', '.join(missing)} not found; on Debian the license texts come with base-files")
+        sys.exit(f"reproduce.py: error: {', '.join(missing)} not found; on Debian the license texts come with base-files")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "licenses.txt").write_text("".join(p.read_text(encoding="utf-8") for p in LICENSES))
 
@@ -462,7 +462,14 @@ def main(argv=None):
         p.error("--seeds and --jobs must be at least 1")
     table = with_flags(TABLES[args.table](args.preset), shlex.split(args.flags))
     base = Path(args.runs_dir).resolve() / (f"{args.table}-{args.preset}" + folder_tag(args.flags))
-    ok = True if args.table_only else run_all(table, args, base)
+    if args.table_only or args.dry_run:
+        ok = True if args.table_only else run_all(table, args, base)
+    else:
+        try:
+            with runlib.folder_lock(base, "--runs-dir"):  # one reproduce per table folder
+                ok = run_all(table, args, base)
+        except runlib.FolderInUse as e:
+            runlib.exit_with(e, "reproduce.py")
     if args.dry_run:
         return
     markdown, records = build_table(table, args, base)
@@ -472,7 +479,7 @@ def main(argv=None):
                                                      cells=records), indent=1))
     print("\n" + markdown)
     if not ok:
-        sys.exit("error: some runs failed (see their stdout.txt); the table shows the others")
+        sys.exit("reproduce.py: error: some runs failed (see their stdout.txt); the table shows the others")
 
 
 if __name__ == "__main__":

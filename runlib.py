@@ -218,10 +218,11 @@ class FolderInUse(Exception):
 
 
 @contextlib.contextmanager
-def folder_lock(folder):
-    """Hold OUT_DIR/run.lock for the run: a second run on the folder stops at once (FolderInUse,
-    naming the holder's process id). The lock is an flock, which the OS releases when the holder
-    dies, so a run that was killed does not block --resume. Under torchrun rank 0 holds it."""
+def folder_lock(folder, flag="--out-dir"):
+    """Hold FOLDER/run.lock for the run: a second run on the folder stops at once (FolderInUse,
+    naming the holder's process id, and `flag` as the way to another folder). The lock is an
+    flock, which the OS releases when the holder dies, so a run that was killed does not block
+    --resume. Under torchrun rank 0 holds it."""
     if os.environ.get("RANK", "0") != "0":
         yield
         return
@@ -233,7 +234,7 @@ def folder_lock(folder):
         except BlockingIOError:
             f.seek(0)
             raise FolderInUse(f"{folder} is in use by a running process ({f.read().strip() or 'process id unknown'}): "
-                              "wait for it to end or stop it, or use another --out-dir") from None
+                              f"wait for it to end or stop it, or use another {flag}") from None
         f.truncate(0)
         f.write(f"process {os.getpid()}\n")
         f.flush()

@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reproduce  # noqa: E402
+import runlib  # noqa: E402
 
 
 @pytest.fixture
@@ -147,3 +148,18 @@ def test_paper_numbers_only_beside_the_papers_setup_and_time_as_a_median(tmp_pat
     reproduce.main(["table2", "--preset", "paper", "--runs-dir", str(runs), "--table-only", "--flags=--dim 64"])
     table = (runs / "table2-paper+dim-64" / "table.md").read_text().split("\n\n")[1]
     assert "82.00 +- 1.00" in table and "paper" not in table  # nothing beside a run of another model size
+
+
+def test_a_second_reproduce_on_a_table_folder_a_live_one_holds_is_one_line_exit_2(tmp_path, capsys):
+    """Two reproduce.py on one table would start the same runs twice: the second stops at once,
+    naming the folder and the process that holds it; the runs' own folders are left alone."""
+    base = tmp_path / "runs" / "appf-cpu"
+    with runlib.folder_lock(base, "--runs-dir"):
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(["appf", "--preset", "cpu", "--seeds", "1", "--runs-dir", str(tmp_path / "runs")])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "start" not in out and not (base / "GPT2").exists()
+    assert err == (f"reproduce.py: error: {base} is in use by a running process (process {os.getpid()}): wait for "
+                   "it to end or stop it, or use another --runs-dir\n")
+    reproduce.main(["appf", "--preset", "cpu", "--seeds", "1", "--runs-dir", str(tmp_path / "runs"), "--dry-run"])
+    assert capsys.readouterr().out.count("python ") == 2  # a dry run only reads, and the lock is free again
