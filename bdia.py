@@ -315,10 +315,17 @@ class BDIAStack(nn.Sequential):
         else:
             super().__init__(*blocks)
         self.config = config
-        self.training = blocks.training if isinstance(blocks, nn.Module) else self.training  # as the model it joins
+        if isinstance(blocks, nn.Module):
+            self.training = blocks.training  # as the model it joins
 
     def forward(self, x, *context, **kwargs):
         return run_blocks(self, x, self.config, *context, **kwargs)
+
+    def __getitem__(self, index):  # a slice is a BDIAStack of the same config and mode
+        item = super().__getitem__(index)
+        if isinstance(item, BDIAStack):
+            item.config, item.training = self.config, self.training
+        return item
 
     def extra_repr(self):
         return f"config={self.config}"

@@ -434,7 +434,7 @@ def build_table(table, args, base):
         rows += [row] if row not in rows else []
         columns += [column] if column not in columns else []
     extra = f" with {args.flags}" if args.flags else ""
-    times = ", time per epoch the median over epochs and seeds" if any(c[3] == "epoch_time" for c in table.cells) else ""
+    times = ", time per epoch the median of the seeds' median epochs" if any(c[3] == "epoch_time" for c in table.cells) else ""
     lines = [f"{table.title}. Preset {args.preset}{extra}, {args.seeds} seed(s) per cell, mean +- std at the end of "
              f"training (the best evaluation in brackets){times}; runs in {os.path.relpath(base)}.", ""]
     lines.append("| | " + " | ".join(columns) + " |")

@@ -41,7 +41,8 @@ LOWER_MEMORY = "a smaller --batch-size, --bdia (activations rebuilt, not stored)
 MAY_CHANGE_ON_RESUME = {
     "resume", "out_dir", "device", "compile", "amp", "epochs", "max_iters", "lr", "grad_clip", "bits",
     "batch_size", "grad_accum", "eval_interval", "eval_iters", "eval_batch_size", "eval_gammas", "bleu_every",
-    "bleu_samples", "no_test", "test_limit", "export", "decode_batch",
+    "bleu_samples", "no_test", "test_limit", "export", "decode_batch", "beam", "length_penalty", "no_repeat_ngram",
+    "max_new_tokens",
     "data_dir", "data_root", "text_file", "data", "locale_dir", "cache_dir", "init_from", "tokenizer",
     "train_file", "valid_file", "test_file",
 }
@@ -117,8 +118,8 @@ class ArgumentParser(argparse.ArgumentParser):
         g.add_argument("--seed", type=int, default=1337, help="initial weights, data order, dropout and gammas")
         g.add_argument("--out-dir", default=out_dir, help="log.jsonl and ckpt.pt; one run at a time")
         g.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt with its own flags; flags "
-                       "given beside it may change only the run's length, device, speed, evaluation, file places, "
-                       "--lr, --grad-clip and --bits")
+                       "given beside it may change only the run's length, device and speed (--batch-size, --grad-accum, "
+                       "--amp, --compile), evaluation and decoding, file places, --lr, --grad-clip and --bits")
 
     def parse(self, argv=None, at_least_1=(), at_least_0=(), positive=(), fractions=()):
         """Parse and check the flags. With --resume the flags are the checkpoint's, except those

@@ -500,6 +500,9 @@ def test_bdia_stack_keeps_the_state_dict_and_is_the_plain_stack_at_inference():
     model.blocks.config = None
     assert torch.equal(model(x), plain_out)
     assert isinstance(model.blocks[1:], bdia.BDIAStack) and len(model.blocks[1:]) == 3
+    model.blocks.config = BDIAConfig(bits=None, reversible=False)
+    tail = model.blocks[1:]  # a slice keeps the stack's config and its eval mode
+    assert tail.config is model.blocks.config and not tail.training
     pretrained = SequentialModel(seed=1).state_dict()
     model.load_state_dict(pretrained)  # pretrained weights load as they are
     assert torch.equal(model(x), SequentialModel(seed=1).eval()(x))

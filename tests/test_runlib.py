@@ -275,3 +275,17 @@ def test_a_killed_run_leaves_its_lock_and_resume_continues(tmp_path, text_file):
     killed_at = runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"]
     train_gpt.main(["--out-dir", str(tmp_path), "--resume", "--max-iters", str(killed_at + 2)])  # not blocked
     assert runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"] == killed_at + 2
+
+
+def test_finetune_e2e_resumes_with_other_decoding_flags(tmp_path):
+    """The README's promise: a resumed fine-tuning run may decode differently (beam, length
+    penalty, n-gram ban, output length)."""
+    import finetune_e2e
+
+    args = finetune_e2e.parse_args(["--out-dir", str(tmp_path), "--lora-rank", "4"])
+    runlib.save_checkpoint(tmp_path / "ckpt.pt", args, epoch=1)
+    decoding = ["--beam", "2", "--length-penalty", "1.0", "--no-repeat-ngram", "0", "--max-new-tokens", "32",
+                "--decode-batch", "4"]
+    resumed = finetune_e2e.parse_args(["--out-dir", str(tmp_path), "--resume", *decoding])
+    assert (resumed.beam, resumed.length_penalty, resumed.no_repeat_ngram, resumed.max_new_tokens, resumed.lora_rank) == \
+        (2, 1.0, 0, 32, 4)
