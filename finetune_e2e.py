@@ -359,7 +359,8 @@ def train(args):
             val_loss = validation_loss(model, valid_ex, args)
         steps = math.ceil(len(train_ex) / args.batch_size)
         log.write(epoch=epoch, step=epoch * steps, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=seconds,
-                  tokens_per_s=tokens / seconds, mode=mode_name(args), peak_memory_mb=runlib.peak_memory_mb(device))
+                  tokens_per_s=tokens / seconds, mode=mode_name(args), peak_memory_mb=runlib.peak_memory_mb(device),
+                  device=device.type)
         print(f"epoch {epoch}: train loss {train_loss:.4f} (label smoothing {args.label_smoothing}), "
               f"val loss {val_loss:.4f}, {seconds:.1f} s")
         runlib.save_checkpoint(out / "ckpt.pt", args, model=trainable_state(model), optimizer=optimizer.state_dict(),

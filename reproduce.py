@@ -39,8 +39,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import runlib
 
 ROOT = Path(__file__).resolve().parent  # the scripts, and the data/ their presets read, are here
@@ -397,10 +395,11 @@ def folder_tag(flags):
     return "".join(("+" if flag.startswith("-") else "-") + w for flag, w in zip(shlex.split(flags), words))
 
 
-def on_gpu(flags):
-    """Whether a run trained on a GPU: --device cuda, or auto where CUDA is (the logs do not say)."""
-    device = flag_value(flags, "--device", "auto")
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+def on_gpu(flags, folders):
+    """Whether the runs trained on a GPU, as their logs say (older logs: as --device says; with
+    neither, not known, and their memory is left out)."""
+    logged = {rows[0].get("device") for rows in map(read_log, folders) if rows} - {None}
+    return "cuda" in logged if logged else flag_value(flags, "--device", "auto") == "cuda"
 
 
 def build_table(table, args, base):
@@ -418,10 +417,11 @@ def build_table(table, args, base):
         return text
 
     for row, column, key, name, paper in table.cells:
-        if name == "peak_memory" and on_gpu(table.runs[key][1]):
+        seeds = [run_folder(table, key, base) / f"seed{s}" for s in range(1, args.seeds + 1)]
+        if name == "peak_memory" and on_gpu(table.runs[key][1], seeds):
             hidden.append("peak memory: CUDA's max_memory_allocated during training")
         elif name == "peak_memory":
-            hidden.append("peak memory: left out for CPU runs (the process's RSS is mostly data and evaluation "
+            hidden.append("peak memory: left out for CPU runs and runs whose device the logs do not say (on a CPU the process's RSS is mostly data and evaluation "
                           "batches and compares nothing); `python bench.py` measures the activation memory of each mode")
             continue
         paper = paper if comparable or paper is None else hidden.append(

@@ -266,7 +266,7 @@ def train(args):
             if main_process:
                 log.write(iter=it, train_loss=losses["train"], val_loss=losses["val"], lr=optimizer.param_groups[0]["lr"],
                           seconds=seconds, tokens_per_s=tokens_per_iter * (it - last_eval) / seconds if it > last_eval else None,
-                          peak_memory_mb=runlib.peak_memory_mb(device))
+                          peak_memory_mb=runlib.peak_memory_mb(device), device=device.type)
                 bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if it > start_iter:
                     runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),

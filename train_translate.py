@@ -398,7 +398,7 @@ def train(args):
                 fields["val_bleu"] = validation_bleu(model, val_ex, tgt_vocab, args.batch_size, device, args.amp,
                                                      args.bleu_samples)
         fields.update(lr=lr, seconds=round(time.time() - t0, 2), mode=mode,
-                      peak_memory_mb=round(runlib.peak_memory_mb(device), 1))
+                      peak_memory_mb=round(runlib.peak_memory_mb(device), 1), device=device.type)
         log.write(**fields)  # Fig. 5 plots these: train and validation loss per epoch
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
         # the vocabularies travel with the weights: --translate and --resume need exactly these

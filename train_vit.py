@@ -315,7 +315,7 @@ def train(args):
         # previous checkpoint, and --resume drops the log lines written after it
         log.write(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
                   lr=optimizer.param_groups[0]["lr"], epoch_seconds=epoch_seconds[-1],
-                  peak_memory_mb=runlib.peak_memory_mb(device))
+                  peak_memory_mb=runlib.peak_memory_mb(device), device=device.type)
         print(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, val loss {val_loss:.4f} "
               f"acc {val_acc:.4f}, {epoch_seconds[-1]:.1f}s")
         runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),
