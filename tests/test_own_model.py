@@ -178,3 +178,18 @@ def test_recipe_3_a_hugging_face_model_whose_forward_loops_over_its_layers(name,
     config = {}
     loss = lambda m: F.cross_entropy(logits(m, ids, config["bdia"]).flatten(0, 1), ids.flatten())  # noqa: E731
     assert_trains_reversibly_as_stored(model, loss, lambda c: config.update(bdia=c))
+
+
+def test_the_readme_recipes_are_the_code_these_tests_run():
+    """Each code line of the README's recipes (imports aside) is a line of this file, comments
+    included, up to spacing: an edit to a recipe that is not made here fails."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        section = f.read().split("## BDIA in your own model")[1].split("\n## ")[0]
+    with open(os.path.abspath(__file__)) as f:
+        here = {" ".join(line.split()) for line in f}
+    recipes = [block.split("```")[0] for block in section.split("```python")[1:]]
+    assert len(recipes) == 3
+    lines = [" ".join(line.split()) for recipe in recipes for line in recipe.splitlines()]
+    missing = [line for line in lines if line and not line.startswith(("from ", "import ")) and line not in here]
+    assert not missing, f"README recipe lines not run by these tests: {missing}"
