@@ -215,7 +215,7 @@ def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evalu
             # a point within the epoch; `epoch` is fractional, so a resumed run drops it with its epoch
             runlib.check_loss(sum(since) / len(since))  # NaN: stop before it is logged
             log.write(epoch=(step + 1) / steps_per_epoch, step=step + 1, train_loss=sum(since) / len(since),
-                      val_loss=evaluate_now(), lr=lr, mode=mode_name(args))
+                      val_loss=evaluate_now(), lr=lr, mode=mode_name(args), device=x.device.type)
             since = []
     return sum(since) / len(since), lr, time.perf_counter() - t0, tokens
 

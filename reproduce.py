@@ -421,8 +421,9 @@ def build_table(table, args, base):
         if name == "peak_memory" and on_gpu(table.runs[key][1], seeds):
             hidden.append("peak memory: CUDA's max_memory_allocated during training")
         elif name == "peak_memory":
-            hidden.append("peak memory: left out for CPU runs and runs whose device the logs do not say (on a CPU the process's RSS is mostly data and evaluation "
-                          "batches and compares nothing); `python bench.py` measures the activation memory of each mode")
+            hidden.append("peak memory: left out for CPU runs and runs whose device the logs do not say (on a CPU "
+                          "the process's RSS is mostly data and evaluation batches and compares nothing); "
+                          "`python bench.py` measures the activation memory of each mode")
             continue
         paper = paper if comparable or paper is None else hidden.append(
             "the paper's figures are not shown: they are for CIFAR at the paper's model size and schedule, and these runs "

@@ -141,7 +141,8 @@ def test_paper_numbers_only_beside_the_papers_setup_and_time_as_a_median(tmp_pat
 
     # the logs do not say the device (and the preset leaves it to --device auto): memory left out, above
     for log in (runs / "table2-paper").glob("*/*/seed*/log.jsonl"):  # the same runs, their logs saying cuda
-        log.write_text("".join(json.dumps(dict(json.loads(line), device="cuda")) + "\n" for line in log.read_text().splitlines()))
+        rows = [dict(json.loads(line), device="cuda") for line in log.read_text().splitlines()]
+        log.write_text("".join(json.dumps(row) + "\n" for row in rows))
     reproduce.main(["table2", "--preset", "paper", "--runs-dir", str(runs), "--table-only"])
     markdown = (runs / "table2-paper" / "table.md").read_text()
     assert "| peak memory |" in markdown and "502 +- 1 MB (paper 1570.6 MB)" in markdown
