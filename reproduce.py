@@ -42,6 +42,7 @@ from pathlib import Path
 import runlib
 
 ROOT = Path(__file__).resolve().parent  # the scripts, and the data/ their presets read, are here
+SCRIPT = Path(__file__).name
 
 # -----------------------------------------------------------------------------
 # Scale of each preset, per script
@@ -282,7 +283,7 @@ def prepare_text(folder):
     """The license texts as one file: the offline corpus of appf (train_gpt.py keeps the last 10 %
     for validation: most of the MPL-2.0)."""
     if missing := [str(p) for p in LICENSES if not p.is_file()]:
-        sys.exit(f"reproduce.py: error: {', '.join(missing)} not found; on Debian the license texts come with base-files")
+        sys.exit(f"{SCRIPT}: error: {', '.join(missing)} not found; on Debian the license texts come with base-files")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "licenses.txt").write_text("".join(p.read_text(encoding="utf-8") for p in LICENSES))
 
@@ -410,15 +411,17 @@ def build_table(table, args, base):
     comparable = args.preset == "paper" and not args.flags  # the paper's datasets and model size, nothing varied
     hidden = []  # what was left out, and why
 
+    def seed_folders(key):
+        return [run_folder(table, key, base) / f"seed{s}" for s in range(1, args.seeds + 1)]
+
     def record(row, column, key, name, paper):
-        values = [metric(run_folder(table, key, base) / f"seed{s}", name) for s in range(1, args.seeds + 1)]
+        values = [metric(folder, name) for folder in seed_folders(key)]
         text, mean, std = summarize(values, name)
         records.append(dict(row=row, column=column, run=key, metric=name, values=values, mean=mean, std=std, paper=paper))
         return text
 
     for row, column, key, name, paper in table.cells:
-        seeds = [run_folder(table, key, base) / f"seed{s}" for s in range(1, args.seeds + 1)]
-        if name == "peak_memory" and on_gpu(table.runs[key][1], seeds):
+        if name == "peak_memory" and on_gpu(table.runs[key][1], seed_folders(key)):
             hidden.append("peak memory: CUDA's max_memory_allocated during training")
         elif name == "peak_memory":
             hidden.append("peak memory: left out for CPU runs and runs whose device the logs do not say (on a CPU "
@@ -463,16 +466,16 @@ def main(argv=None):
         p.error("--seeds and --jobs must be at least 1")
     table = with_flags(TABLES[args.table](args.preset), shlex.split(args.flags))
     base = Path(args.runs_dir).resolve() / (f"{args.table}-{args.preset}" + folder_tag(args.flags))
-    if args.table_only or args.dry_run:
-        ok = True if args.table_only else run_all(table, args, base)
-    else:
+    if args.dry_run:
+        run_all(table, args, base)  # prints the commands only: nothing to hold
+        return
+    ok = True
+    if not args.table_only:
         try:
             with runlib.folder_lock(base, "--runs-dir"):  # one reproduce per table folder
                 ok = run_all(table, args, base)
         except runlib.FolderInUse as e:
-            runlib.exit_with(e, "reproduce.py")
-    if args.dry_run:
-        return
+            runlib.exit_with(e, SCRIPT)
     markdown, records = build_table(table, args, base)
     base.mkdir(parents=True, exist_ok=True)
     (base / "table.md").write_text(markdown)
@@ -480,7 +483,7 @@ def main(argv=None):
                                                      cells=records), indent=1))
     print("\n" + markdown)
     if not ok:
-        sys.exit("reproduce.py: error: some runs failed (see their stdout.txt); the table shows the others")
+        sys.exit(f"{SCRIPT}: error: some runs failed (see their stdout.txt); the table shows the others")
 
 
 if __name__ == "__main__":
