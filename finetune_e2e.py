@@ -28,6 +28,7 @@ optimizer, RNG) is written atomically after each epoch; --resume continues from 
 checkpoint.
 """
 
+import hashlib
 import json
 import math
 import time
@@ -161,6 +162,18 @@ def build_model(args, device):
     if args.lora_rank:
         gpt2.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, mlp=args.lora_mlp)
     return model.to(device)
+
+
+def frozen_weights_sha256(model):
+    """SHA-256 of the weights that are not trained (with LoRA: the base model's). A LoRA checkpoint
+    holds only the adapters, so --resume compares this to tell whether --init-from is still the
+    base they were trained on (it may move to another folder, not change)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def configure_optimizer(model, args):
@@ -341,7 +354,12 @@ def train(args):
     splits, train_ex, valid_ex = load_examples(args, tok, model.block_size)
     optimizer = configure_optimizer(model, args)
     start_epoch = 1
+    frozen_sha256 = frozen_weights_sha256(model)
     if ckpt is not None:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
+        if ckpt.get("frozen_sha256") != frozen_sha256:
+            raise runlib.CheckpointError(f"the run in {out} was trained on another base model than --init-from "
+                                         f"{args.init_from} (the frozen weights differ): resume with that run's "
+                                         "base model, or start a new run in another --out-dir")
         runlib.restore(ckpt, model, optimizer)
         start_epoch = ckpt["epoch"] + 1
     train_model = runlib.compiled(model, args)
@@ -364,7 +382,7 @@ def train(args):
         print(f"epoch {epoch}: train loss {train_loss:.4f} (label smoothing {args.label_smoothing}), "
               f"val loss {val_loss:.4f}, {seconds:.1f} s")
         runlib.save_checkpoint(out / "ckpt.pt", args, model=trainable_state(model), optimizer=optimizer.state_dict(),
-                             epoch=epoch)
+                               epoch=epoch, frozen_sha256=frozen_sha256)
     if args.export:
         gpt2.save_pretrained(model, args.export)
         print(f"exported to {args.export} (model.safetensors + config.json, Hugging Face GPT-2 layout)")

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 
@@ -401,6 +402,26 @@ def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path,
     assert set(a) == set(b) and all(".lora_" in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
     exported = gpt2.from_pretrained(tmp_path / "hf")  # LoRA merged into a plain GPT-2
     assert not torch.equal(exported.transformer.h[0].attn.c_attn.weight, checkpoint[1].transformer.h[0].attn.c_attn.weight)
+
+
+def test_lora_resume_refuses_another_base_model_and_accepts_the_same_one_moved(checkpoint, e2e_dir, tmp_path, capsys):
+    """A LoRA checkpoint holds only the adapters: a base of the same shape but other weights would load."""
+    flags = ["--lora-rank", "2", "--no-test", "--epochs", "1"]
+    finetune(checkpoint, e2e_dir, tmp_path / "run", *flags)
+    moved, other = tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(checkpoint[0], moved)
+    shutil.copytree(checkpoint[0], other)
+    torch.manual_seed(1)
+    st_write(other / "model.safetensors", hf_layout(GPT(len(tiny_vocab()), gelu="tanh", **SHAPE)))
+    (other / "pytorch_model.bin").unlink()
+    argv = ["--data-dir", str(e2e_dir), "--out-dir", str(tmp_path / "run"), *TINY, *flags[:-2], "--resume"]
+    with pytest.raises(SystemExit) as e:
+        finetune_e2e.main(["--init-from", str(other), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "another base model" in err and "Traceback" not in err
+    finetune_e2e.main(["--init-from", str(moved), *argv])  # epochs 2..2 on the same weights, from another folder
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
 
 
 def test_validation_curve_every_eval_interval_steps_and_resume_keeps_it(checkpoint, e2e_dir, tmp_path, monkeypatch,
