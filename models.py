@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdia import run_blocks
+from bdia import generator_states, replayed_generators, run_blocks
 
 # -----------------------------------------------------------------------------
 # Building blocks shared by every model
@@ -220,9 +220,9 @@ class ReversibleRevBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, outputs, block, k, x1, x2, *params):
         ctx.outputs, ctx.block, ctx.k = outputs, block, k
-        ctx.rng_f = device_rng_state(x1.device)
+        ctx.rng_f = generator_states(x1.device)  # F's and G's dropout masks, replayed in backward
         y1 = x1 + block.F(x2)
-        ctx.rng_g = device_rng_state(x1.device)
+        ctx.rng_g = generator_states(x1.device)
         y2 = x2 + block.G(y1)
         ctx.autocast = torch.is_autocast_enabled(x1.device.type), torch.get_autocast_dtype(x1.device.type)
         return y1, y2
@@ -233,14 +233,13 @@ class ReversibleRevBlock(torch.autograd.Function):
         y1, y2 = ctx.outputs.pop(ctx.k)
         device = y1.device
         enabled, dtype = ctx.autocast
-        with torch.random.fork_rng([device] if device.type == "cuda" else []), torch.enable_grad(), \
-                torch.autocast(device.type, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
             y1 = y1.detach().requires_grad_()
-            set_device_rng_state(ctx.rng_g, device)
-            g_out = block.G(y1).to(y1.dtype)
-            set_device_rng_state(ctx.rng_f, device)
+            with replayed_generators(ctx.rng_g, device):
+                g_out = block.G(y1).to(y1.dtype)
             x2 = (y2 - g_out.detach()).requires_grad_()
-            f_out = block.F(x2).to(y1.dtype)
+            with replayed_generators(ctx.rng_f, device):
+                f_out = block.F(x2).to(y1.dtype)
         g_grads = torch.autograd.grad(g_out, [y1, *params], g_y2, allow_unused=True)
         g_x1 = g_y1 + g_grads[0]  # dL/dY1 in full: dL/dX1 (Y1 = X1 + F(X2))
         f_grads = torch.autograd.grad(f_out, [x2, *params], g_x1, allow_unused=True)
@@ -249,17 +248,6 @@ class ReversibleRevBlock(torch.autograd.Function):
             ctx.outputs[ctx.k - 1] = ((y1 - f_out).detach(), x2.detach())  # X1 = Y1 - F(X2)
         param_grads = [add_grads(a, b) for a, b in zip(g_grads[1:], f_grads[1:])]
         return (None, None, None, g_x1, g_x2, *param_grads)
-
-
-def device_rng_state(device):
-    """The RNG states F or G draws its dropout masks from: the CPU's, and the GPU's on CUDA."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def set_device_rng_state(state, device):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def add_grads(a, b):
