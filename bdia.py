@@ -391,7 +391,7 @@ class Tape:
     and |x_k| for the range guard."""
 
     def __init__(self, x0, config, context, kwargs):
-        self.config, self.device = config, x0.device
+        self.config = config
         self.arithmetic = config.arithmetic or EAGER
         self.m = side_bits(config.gammas)
         self.leaves, self.spec = tree_flatten((context, kwargs))  # context tensors, also nested ones
@@ -447,20 +447,21 @@ def block_backward(ctx, g_next):
     back-propagate through (19) or (21) with torch.autograd.grad; pass the gradients down."""
     tape, block, k, bits = ctx.tape, ctx.block, ctx.k, ctx.tape.config.bits
     packed, *saved = ctx.saved_tensors
-    g, tensors = Gamma(*saved[:5]), saved[5:]
+    gammas, tensors = Gamma(*saved[: len(Gamma._fields)]), saved[len(Gamma._fields) :]
+    # needs_input_grad follows forward's inputs: tape, block, k, gammas, x_prev, x, *tensors, *params
+    prev_needs_grad, needs_grad = ctx.needs_input_grad[4], ctx.needs_input_grad[6 : 6 + len(tensors)]
     x_next, x = tape.take(k)  # rebuilt by block k+1's backward (or the top pair)
 
     x_leaf = x.detach().requires_grad_()
-    needs_grad = ctx.needs_input_grad[6 : 6 + len(tensors)]
     leaves = [t.detach().requires_grad_() if need else t for t, need in zip(tensors, needs_grad)]
     context, kwargs = tape.context(leaves)
     with replayed_generators(ctx.rng, x.device), torch.enable_grad():
         with torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             h = residual_of(block, x_leaf, context, kwargs)  # h_k(x_k) again, now with its graph
 
-    g = g.block(k, x) if k > 0 else None
+    gamma = gammas.block(k, x) if k > 0 else None
     if k > 0:
-        tape.rebuilt[k - 1] = tape.arithmetic.rebuild(x_next, x, h.detach(), g, bits, tape.m, packed)  # (24)
+        tape.rebuilt[k - 1] = tape.arithmetic.rebuild(x_next, x, h.detach(), gamma, bits, tape.m, packed)  # (24)
         if k == 1:
             check_x0(tape.rebuilt[0], tape)
     else:
@@ -469,16 +470,16 @@ def block_backward(ctx, g_next):
 
     params = [p for p in block.parameters() if p.requires_grad]
     grad_leaves = [t for t, need in zip(leaves, needs_grad) if need]
-    g_h = g_next if k == 0 else tape.arithmetic.grad_h(g_next, g)
+    g_h = g_next if k == 0 else tape.arithmetic.grad_h(g_next, gamma)
     grads = torch.autograd.grad(h, [x_leaf, *params, *grad_leaves], g_h, allow_unused=True)
     g_x, g_params, g_leaves = grads[0], grads[1 : 1 + len(params)], iter(grads[1 + len(params) :])
     g_x = torch.zeros_like(g_next) if g_x is None else g_x
     if k == 0:  # (19): x_1 = x_0 + Q_l[h_0(x_0)]
         g_x, g_prev = g_x + g_next, None  # not in place: g_x may be g_h = g_next itself
     else:  # (21)
-        g_x, g_prev = tape.arithmetic.grad_inputs(g_x, g_next, g)
+        g_x, g_prev = tape.arithmetic.grad_inputs(g_x, g_next, gamma)
     g_tensors = [next(g_leaves) if need else None for need in needs_grad]
-    return None, None, None, None, g_prev if ctx.needs_input_grad[4] else None, g_x, *g_tensors, *g_params
+    return None, None, None, None, g_prev if prev_needs_grad else None, g_x, *g_tensors, *g_params
 
 
 def generator_states(device):
