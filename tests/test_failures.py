@@ -9,6 +9,7 @@ Each script's catalogue runs against a copy of a finished tiny run: OUT (its ckp
 log.jsonl) and DATA (its data). Flags may name {out}, {data}, {tmp}, {file} (a regular
 file), and the checkpoints of the other scripts' runs: {vit}, {gpt}, {translate}, {e2e}."""
 
+import errno
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import plot  # noqa: E402
 import train_gpt  # noqa: E402
 import train_translate  # noqa: E402
 import train_vit  # noqa: E402
+import runlib  # noqa: E402
 from models import GPT  # noqa: E402
 
 torch.set_num_threads(1)
@@ -368,6 +370,37 @@ def test_cuda_out_of_memory_names_the_flags_that_lower_memory(script, places, ca
     fails(SCRIPTS[script].main, fill([*FLAGS[script], "--resume", *NEXT[script]], found), capsys,
           f"{SCRIPTS[script].SCRIPT}: error: {WHERE[script]}: CUDA out of memory (Tried to allocate 2.00 GiB): use a "
           "smaller --batch-size", "--bdia", "--amp", "is intact: continue with --resume and a smaller --batch-size or --amp")
+    assert saved(found["out"]) == before
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_full_disk_or_denied_write_of_the_checkpoint_keeps_the_previous_one(script, code, places, capsys,
+                                                                              monkeypatch):
+    real_save = torch.save
+
+    def write_fails(obj, f, *args, **kwargs):  # half written, then the disk is full (or the write denied)
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)
+        raise OSError(code, os.strerror(code))
+
+    found = places(script)
+    before = (found["out"] / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", write_fails)
+    ckpt = found["out"] / "ckpt.pt"
+    fails(SCRIPTS[script].main, fill([*FLAGS[script], "--resume", *NEXT[script]], found), capsys,
+          f"{SCRIPTS[script].SCRIPT}: error: cannot write {ckpt} ({os.strerror(code)}): {ckpt} (", ") is intact: "
+          "continue with --resume")
+    assert ckpt.read_bytes() == before and [p.name for p in found["out"].glob("ckpt*")] == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_second_run_on_a_held_folder_names_the_process_and_touches_nothing(script, places, capsys):
+    found = places(script)
+    before = saved(found["out"])
+    with runlib.folder_lock(found["out"]):
+        fails(SCRIPTS[script].main, fill([*FLAGS[script], "--resume", *NEXT[script]], found), capsys,
+              f"{SCRIPTS[script].SCRIPT}: error: {found['out']} is in use by a running process (process {os.getpid()})")
     assert saved(found["out"]) == before
 
 
