@@ -66,7 +66,7 @@ TRANSLATE = {
             "--enc-layers", "3", "--dec-layers", "3", "--epochs", "2", "--batch-size", "64", "--bleu-every", "0",
             "--device", "cpu"],
     "cpu-overfit": ["--dataset", "gettext-fr", "--max-pairs", "6000", "--dim", "128", "--heads", "4", "--mlp-dim", "128",
-                    "--epochs", "60", "--batch-size", "64", "--bleu-every", "0", "--device", "cpu"],
+                    "--epochs", "60", "--batch-size", "64", "--bleu-every", "5", "--device", "cpu"],  # BLEU: 599 pairs
 }
 
 GPT = {
@@ -204,8 +204,8 @@ def fig5(preset):
     runs = {m: ("train_translate.py", [*TRANSLATE[preset], *flags]) for m, flags in (("Transformer", []), ("BDIA", ["--bdia"]))}
     cells = [(m, metric, m, key, None) for m in runs
              for metric, key in (("val. loss", "final_val_loss"), ("epoch of best", "best_at"),
-                                 ("train loss", "final_train_loss"))]
-    return Table("fig5", "Fig. 5: English -> French translation, validation loss", runs, cells,
+                                 ("train loss", "final_train_loss"), ("val. BLEU", "final_bleu"))]
+    return Table("fig5", "Fig. 5: English -> French translation, validation loss and BLEU", runs, cells,
                  "the paper gives Fig. 5 as curves only; `python plot.py curves` draws them from log.jsonl")
 
 
@@ -354,6 +354,7 @@ def metric(folder, name):
         return next((100 * r["val_acc"] for r in sweep if r["gamma"] == float(name[6:])), None)
     step = "iter" if "iter" in rows[0] else "epoch"
     losses = [(r["val_loss"], r[step]) for r in rows if r.get("val_loss") is not None]
+    bleus = [r["val_bleu"] for r in rows if r.get("val_bleu") is not None]
     return {
         "final_acc": lambda: 100 * rows[-1]["val_acc"],
         "best_acc": lambda: 100 * max(r["val_acc"] for r in rows),
@@ -363,11 +364,13 @@ def metric(folder, name):
         "best_val_loss": lambda: min(losses)[0],
         "best_at": lambda: min(losses)[1],
         "final_train_loss": lambda: rows[-1]["train_loss"],
+        "final_bleu": lambda: bleus[-1] if bleus else None,  # train_translate logs it every --bleu-every epochs
+        "best_bleu": lambda: max(bleus) if bleus else None,
     }[name]()
 
 
 UNITS = {"peak_memory": " MB", "epoch_time": " s"}
-BEST = {"final_acc": "best_acc", "final_val_loss": "best_val_loss"}  # a final figure is shown with its best
+BEST = {"final_acc": "best_acc", "final_val_loss": "best_val_loss", "final_bleu": "best_bleu"}  # a final figure is shown with its best
 
 
 def summarize(values, name):
@@ -379,7 +382,7 @@ def summarize(values, name):
         return f"{statistics.median(values):.1f} s", statistics.median(values), None
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    digits = 0 if name in ("peak_memory", "best_at") else (2 if "acc" in name or name.startswith("sweep") else 4)
+    digits = 0 if name in ("peak_memory", "best_at") else (2 if "acc" in name or "bleu" in name or name.startswith("sweep") else 4)
     text = f"{mean:.{digits}f} +- {std:.{digits}f}{UNITS.get(name, '')}" if len(values) > 1 else \
         f"{mean:.{digits}f}{UNITS.get(name, '')}"
     return text, mean, std
@@ -418,8 +421,10 @@ def build_table(table, args, base):
     def record(row, column, key, name, paper):
         values = [metric(folder, name) for folder in seed_folders(key)]
         text, mean, std = summarize(values, name)
+        if mean is None and any(map(read_log, seed_folders(key))):
+            text = "not logged"  # the runs are there, this measure is not in their logs (e.g. --bleu-every 0)
         records.append(dict(row=row, column=column, run=key, metric=name, values=values, mean=mean, std=std, paper=paper))
-        return text
+        return text, mean is not None
 
     for row, column, key, name, paper in table.cells:
         if name == "peak_memory" and on_gpu(table.runs[key][1], seed_folders(key)):
@@ -429,13 +434,15 @@ def build_table(table, args, base):
                           "the process's RSS is mostly data and evaluation batches and compares nothing); "
                           "`python bench.py` measures the activation memory of each mode")
             continue
-        paper = paper if comparable or paper is None else hidden.append(
-            "the paper's figures are not shown: they are for CIFAR at the paper's model size and schedule, and these runs "
-            f"(preset {args.preset}{' with ' + args.flags if args.flags else ''}) are not, so there is nothing to compare")
-        notes = [f"best {record(row, column, key, BEST[name], None)}"] if name in BEST else []
+        if paper is not None and not comparable:
+            hidden.append("the paper's figures are not shown: they are for CIFAR at the paper's model size and schedule, "
+                          f"and these runs (preset {args.preset}{' with ' + args.flags if args.flags else ''}) are not, "
+                          "so there is nothing to compare")
+            paper = None
+        notes = [f"best {record(row, column, key, BEST[name], None)[0]}"] if name in BEST else []
         notes += [f"paper {paper}"] if paper else []
-        text = record(row, column, key, name, paper)
-        grid[row, column] = text + (f" ({'; '.join(notes)})" if notes and text != "not run" else "")
+        text, measured = record(row, column, key, name, paper)
+        grid[row, column] = text + (f" ({'; '.join(notes)})" if notes and measured else "")
         rows += [row] if row not in rows else []
         columns += [column] if column not in columns else []
     extra = f" with {args.flags}" if args.flags else ""

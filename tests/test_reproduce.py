@@ -153,6 +153,20 @@ def test_paper_numbers_only_beside_the_papers_setup_and_time_as_a_median(tmp_pat
     assert "82.00 +- 1.00" in table and "paper" not in table  # nothing beside a run of another model size
 
 
+def test_fig5_shows_the_last_and_best_logged_bleu_and_says_when_runs_logged_none(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, bleus in ((1, [10.0, 14.0, 13.0]), (2, [11.0, 12.0, 15.0])):  # BLEU every 5 epochs, and at the end
+        write_log(runs / "fig5-cpu-overfit" / "Transformer" / f"seed{seed}",
+                  [dict(epoch=e, train_loss=2.0, val_loss=3.5, **({"val_bleu": bleus[e // 5 - 1]} if e % 5 == 0 else {}))
+                   for e in range(1, 16)])
+    write_log(runs / "fig5-cpu-overfit" / "BDIA" / "seed1", [dict(epoch=1, train_loss=2.0, val_loss=3.6)])  # --bleu-every 0
+    reproduce.main(["fig5", "--preset", "cpu-overfit", "--seeds", "2", "--runs-dir", str(runs), "--table-only"])
+    rows = (runs / "fig5-cpu-overfit" / "table.md").read_text().split("\n\n")[1].splitlines()
+    assert rows[0].endswith("| val. BLEU |")
+    assert rows[2].endswith("| 14.00 +- 1.41 (best 14.50 +- 0.71) |")  # the last: 13 and 15; the best: 14 and 15
+    assert rows[3].endswith("| not logged |")
+
+
 def test_a_second_reproduce_on_a_table_folder_a_live_one_holds_is_one_line_exit_2(tmp_path, capsys):
     """Two reproduce.py on one table would start the same runs twice: the second stops at once,
     naming the folder and the process that holds it; the runs' own folders are left alone."""

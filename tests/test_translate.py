@@ -362,6 +362,18 @@ def test_resume_continues_exactly(tmp_path, bdia):
     assert ckpt["epoch"] == 2 and ckpt["args"]["bdia"] == bool(bdia)
 
 
+def test_bleu_decoding_leaves_training_as_it_is(tmp_path):
+    """BLEU's greedy decoding draws no random numbers: --bleu-every changes the log, not the run."""
+    data = write_corpus(tmp_path / "pairs.txt")
+    flags = ["--data", data, "--epochs", 2, *TINY, "--bdia", "--dropout", "0.1"]
+    with_bleu = run_script(*flags, "--out-dir", tmp_path / "a", "--bleu-every", 1)
+    without = run_script(*flags, "--out-dir", tmp_path / "b", "--bleu-every", 0)
+    for (name, a), b in zip(with_bleu.state_dict().items(), without.state_dict().values()):
+        assert torch.equal(a, b), name
+    logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert all("val_bleu" in r for r in logs[0]) and not any("val_bleu" in r for r in logs[1])
+
+
 def test_translate_prints_from_a_checkpoint(tmp_path, capsys):
     data = write_corpus(tmp_path / "pairs.txt")
     run_script("--data", data, "--epochs", 1, "--out-dir", tmp_path / "o", *TINY, "--bdia")
