@@ -12,11 +12,27 @@ mlp.c_proj) so that pretrained checkpoints map onto them simply. Decoding, LoRA 
 files live beside the scripts that use them (train_translate.py, gpt2.py).
 """
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdia import generator_states, replayed_generators, run_blocks
+from bdia import BDIAConfig, generator_states, replayed_generators, run_blocks
+
+
+@contextlib.contextmanager
+def constant_gamma(model, gamma):
+    """Within: `model` (one of these, its config in `model.bdia`) infers with one constant gamma
+    in every block, as in the paper's Fig. 1: eq. (10), or (21) without side information where
+    it was trained with bits. After: its own config again."""
+    trained = model.bdia
+    bits = trained.bits if trained else None
+    model.bdia = BDIAConfig(gammas=(-0.5, 0.5), bits=bits, reversible=False, eval_gamma=gamma)
+    try:
+        yield model
+    finally:
+        model.bdia = trained
 
 # -----------------------------------------------------------------------------
 # Building blocks shared by every model

@@ -97,25 +97,29 @@ def plot_curves(args, plt):
 
 
 def read_gamma_sweep(path):
-    """(gammas, accuracies) from gamma_sweep.json: {"gamma": acc} or a list of
-    {"gamma": g, "val_acc": a} records."""
+    """(gammas, values, what the values are) from gamma_sweep.json: {"gamma": acc} or a list of
+    {"gamma": g, "val_acc": a} (train_vit.py) or {"gamma": g, "val_loss": l} (train_gpt.py) records."""
     data = read_json(path)
     if isinstance(data, dict) and "results" in data:
         data = data["results"]
     if isinstance(data, dict):
-        points = sorted((float(g), a) for g, a in data.items())
-    else:
-        points = sorted((float(r["gamma"]), r["val_acc"]) for r in data)
-    return zip(*points)
+        return *zip(*sorted((float(g), a) for g, a in data.items())), "val_acc"
+    measure = "val_loss" if data and "val_loss" in data[0] else "val_acc"
+    return *zip(*sorted((float(r["gamma"]), r[measure]) for r in data)), measure
 
 
 def plot_gamma_sweep(args, plt):
-    """Validation accuracy with one constant gamma across blocks at inference (Fig. 1)."""
+    """Validation accuracy (or loss) with one constant gamma across blocks at inference (Fig. 1)."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    measures = set()
     for name, path in zip(labels_for(args.files, args.labels), args.files):
-        ax.plot(*read_gamma_sweep(path), "o-", label=name)
+        gammas, values, measure = read_gamma_sweep(path)
+        ax.plot(gammas, values, "o-", label=name)
+        measures.add(measure)
+    if len(measures) > 1:
+        raise ValueError("gamma-sweep: give files of one kind, all accuracies (train_vit.py) or all losses (train_gpt.py)")
     ax.set_xlabel("gamma at inference")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel({"val_acc": "validation accuracy", "val_loss": "validation loss"}[measures.pop()])
     return fig, [ax]
 
 
@@ -151,8 +155,8 @@ def plot_bench(args, plt):
 
 
 FIGURES = {"curves": plot_curves, "gamma-sweep": plot_gamma_sweep, "reconstruction": plot_reconstruction, "bench": plot_bench}
-INPUTS = {"curves": "log.jsonl files of the training scripts", "gamma-sweep": "gamma_sweep.json files of train_vit.py",
-          "bench": "JSON files of bench.py --json"}
+INPUTS = {"curves": "log.jsonl files of the training scripts",
+          "gamma-sweep": "gamma_sweep.json files of train_vit.py or train_gpt.py", "bench": "JSON files of bench.py --json"}
 
 
 class ArgumentParser(argparse.ArgumentParser):

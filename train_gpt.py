@@ -7,6 +7,7 @@ Language modelling with GPT and BDIA-GPT in nanoGPT style (paper Appendix F).
     python train_gpt.py --data-dir data/openwebtext --train-fraction 0.0005 --bdia   # Appendix F
     torchrun --nproc_per_node=2 train_gpt.py --dataset shakespeare_char --bdia       # DDP
     python train_gpt.py --out-dir out/gpt --sample 3                  # samples from a checkpoint
+    python train_gpt.py --out-dir out/gpt --resume --eval-gammas -0.5 0 0.5   # Fig. 1 of a finished run
 
 The defaults are GPT-2 124M (12 x 768, 1024 tokens): too large for a CPU. A small run that
 finishes on a CPU in under a minute:
@@ -21,6 +22,7 @@ evaluation; OUT_DIR/ckpt.pt is written atomically after each; --resume continues
 
 import argparse
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 import data
 import runlib
-from models import GPT
+from models import GPT, constant_gamma
 
 SCRIPT = Path(__file__).name
 
@@ -68,6 +70,9 @@ def parse_args(argv=None):
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: none)")
     g.add_argument("--eval-interval", type=int, default=250, help="evaluate, log and checkpoint every N steps")
     g.add_argument("--eval-iters", type=int, default=50, help="batches per split and evaluation")
+    g.add_argument("--eval-gammas", nargs="+", type=float, default=None, metavar="G",
+                   help="after training (or of a finished run, with --resume): the validation loss with each "
+                        "constant gamma at inference (paper Fig. 1), into OUT_DIR/gamma_sweep.json")
     g = p.add_argument_group("sampling")
     g.add_argument("--sample", type=int, default=0, metavar="N", help="print N samples from OUT_DIR/ckpt.pt and exit")
     g.add_argument("--sample-tokens", type=int, default=300, help="tokens per sample")
@@ -172,6 +177,15 @@ def estimate_loss(model, splits, args, dist, device):
         losses[name] = (total / (args.eval_iters * dist.world_size)).item()
     model.train()
     return losses
+
+
+def gamma_sweep(model, val_tokens, args, dist, device):
+    """Validation loss with one constant gamma in every block at inference (Fig. 1)."""
+    results = []
+    for gamma in args.eval_gammas:
+        with constant_gamma(model, gamma):
+            results.append(dict(gamma=gamma, val_loss=estimate_loss(model, {"val": val_tokens}, args, dist, device)["val"]))
+    return results
 
 
 def sample(args, device):
@@ -285,6 +299,13 @@ def train(args):
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
     bar.close()
+    if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
+        sweep = gamma_sweep(model, val_tokens, args, dist, device)
+        if main_process:
+            (out / "gamma_sweep.json").write_text(json.dumps(sweep, indent=1))
+            print("gamma at inference   val loss")
+            for row in sweep:
+                print(f"{row['gamma']:>18.3f}   {row['val_loss']:.4f}")
     if dist.enabled:
         torch.distributed.barrier()  # no process tears the group down while another still uses it
         torch.distributed.destroy_process_group()

@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 import data
 import runlib
-from bdia import BDIAConfig
-from models import RevViT, ViT
+from models import RevViT, ViT, constant_gamma
 from randaugment import rand_augment
 
 SCRIPT = Path(__file__).name
@@ -254,15 +253,11 @@ def evaluate(model, images, args):
 
 
 def gamma_sweep(model, images, args):
-    """Validation accuracy with one constant gamma in every block at inference (Fig. 1):
-    eq. (10), or (21) without side information when the model was trained with bits."""
-    trained_config = model.bdia
-    bits = trained_config.bits if trained_config else None
+    """Validation accuracy with one constant gamma in every block at inference (Fig. 1)."""
     results = []
     for gamma in args.eval_gammas:
-        model.bdia = BDIAConfig(gammas=(-0.5, 0.5), bits=bits, reversible=False, eval_gamma=gamma)
-        results.append(dict(gamma=gamma, val_acc=evaluate(model, images, args)[1]))
-    model.bdia = trained_config
+        with constant_gamma(model, gamma):
+            results.append(dict(gamma=gamma, val_acc=evaluate(model, images, args)[1]))
     return results
 
 

@@ -90,6 +90,21 @@ def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path, text_file
     assert built == [BDIAConfig(gammas=(-0.5, 0.5), bits=9, reversible=True)]
 
 
+@pytest.mark.parametrize("flags", [[], ["--bdia"]], ids=["plain", "bdia-l9"])
+def test_gamma_sweep_of_a_finished_run_leaves_it_as_it_is_and_gamma_0_is_the_logged_loss(tmp_path, text_file, flags,
+                                                                                       capsys):
+    flags = ["--text-file", str(text_file), "--max-iters", "10", "--eval-interval", "10", "--dropout", "0.1", *flags]
+    log = run(tmp_path, *flags)
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("ckpt.pt", "log.jsonl")}
+    capsys.readouterr()
+    run(tmp_path, *flags, "--resume", "--eval-gammas", "-0.5", "0", "0.5")  # no training: a finished run
+    sweep = json.loads((tmp_path / "out" / "gamma_sweep.json").read_text())
+    assert [r["gamma"] for r in sweep] == [-0.5, 0, 0.5] and "gamma at inference   val loss" in capsys.readouterr().out
+    assert sweep[1]["val_loss"] == log[-1]["val_loss"]  # gamma 0 is the model as evaluated in training (25)
+    assert sweep[0]["val_loss"] != sweep[1]["val_loss"] != sweep[2]["val_loss"]
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before
+
+
 def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path, text_file):
     # One gamma, so that each sample's gamma is the same however the batch is split.
     flags = [*TINY, "--text-file", str(text_file), "--max-iters", "3", "--eval-interval", "3", "--bdia", "--gammas", "0.5"]

@@ -31,13 +31,21 @@ def test_curves_from_vit_and_gpt_logs(tmp_path):
         assert_png(tmp_path / name)
 
 
-def test_gamma_sweep_in_both_layouts(tmp_path):
+def test_gamma_sweep_in_both_layouts(tmp_path, capsys):
     a = tmp_path / "a.json"
     a.write_text(json.dumps({"-0.5": 0.8, "0.0": 0.9, "0.5": 0.82}))
     b = tmp_path / "b.json"
     b.write_text(json.dumps([{"gamma": g, "val_acc": 0.9 - abs(g)} for g in (-0.5, 0.0, 0.5)]))
     plot.main(["gamma-sweep", str(a), str(b), "--labels", "BDIA-ViT,ViT", "-o", str(tmp_path / "g.png")])
     assert_png(tmp_path / "g.png")
+    c = tmp_path / "c.json"  # train_gpt.py's: validation losses
+    c.write_text(json.dumps([{"gamma": g, "val_loss": 1.5 + abs(g)} for g in (-0.5, 0.0, 0.5)]))
+    assert list(plot.read_gamma_sweep(c)) == [(-0.5, 0.0, 0.5), (2.0, 1.5, 2.0), "val_loss"]
+    plot.main(["gamma-sweep", str(c), "-o", str(tmp_path / "l.png")])
+    assert_png(tmp_path / "l.png")
+    with pytest.raises(SystemExit):  # losses and accuracies on one axis
+        plot.main(["gamma-sweep", str(b), str(c), "-o", str(tmp_path / "m.png")])
+    assert "give files of one kind" in capsys.readouterr().err
 
 
 def test_reconstruction_and_bench(tmp_path):
