@@ -109,12 +109,16 @@ def read_gamma_sweep(path):
 
 
 def plot_gamma_sweep(args, plt):
-    """Validation accuracy (or loss) with one constant gamma across blocks at inference (Fig. 1)."""
+    """Validation accuracy (or loss) with one constant gamma across blocks at inference (Fig. 1).
+    Files that share a label (the seeds of one model) share its colour and legend entry."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    measures = set()
-    for name, path in zip(labels_for(args.files, args.labels), args.files):
+    names = labels_for(args.files, args.labels)
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(names))}
+    measures, labelled = set(), set()
+    for name, path in zip(names, args.files):
         gammas, values, measure = read_gamma_sweep(path)
-        ax.plot(gammas, values, "o-", label=name)
+        ax.plot(gammas, values, "o-", color=colours[name], label=None if name in labelled else name)
+        labelled.add(name)
         measures.add(measure)
     if len(measures) > 1:
         raise ValueError("gamma-sweep: give files of one kind, all accuracies (train_vit.py) or all losses (train_gpt.py)")
