@@ -21,19 +21,6 @@ import torch.nn.functional as F
 from bdia import BDIAConfig, generator_states, replayed_generators, run_blocks
 
 
-@contextlib.contextmanager
-def constant_gamma(model, gamma):
-    """Within: `model` (one of these, its config in `model.bdia`) infers with one constant gamma
-    in every block, as in the paper's Fig. 1: eq. (10), or (21) without side information where
-    it was trained with bits. After: its own config again."""
-    trained = model.bdia
-    bits = trained.bits if trained else None
-    model.bdia = BDIAConfig(gammas=(-0.5, 0.5), bits=bits, reversible=False, eval_gamma=gamma)
-    try:
-        yield model
-    finally:
-        model.bdia = trained
-
 # -----------------------------------------------------------------------------
 # Building blocks shared by every model
 
@@ -401,3 +388,21 @@ class GPT(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             idx = torch.cat([idx, torch.multinomial(F.softmax(logits, dim=-1), 1)], dim=1)
         return idx
+
+
+# -----------------------------------------------------------------------------
+# Another integrator at inference (paper Fig. 1)
+
+
+@contextlib.contextmanager
+def constant_gamma(model, gamma):
+    """Within: `model` (one of these, its config in `model.bdia`) infers with one constant gamma
+    in every block, as in the paper's Fig. 1: eq. (10), or (21) without side information where
+    it was trained with bits. After: its own config again."""
+    trained = model.bdia
+    bits = trained.bits if trained else None
+    model.bdia = BDIAConfig(gammas=(-0.5, 0.5), bits=bits, reversible=False, eval_gamma=gamma)
+    try:
+        yield model
+    finally:
+        model.bdia = trained

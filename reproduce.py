@@ -370,7 +370,8 @@ def metric(folder, name):
 
 
 UNITS = {"peak_memory": " MB", "epoch_time": " s"}
-BEST = {"final_acc": "best_acc", "final_val_loss": "best_val_loss", "final_bleu": "best_bleu"}  # a final figure is shown with its best
+# a final figure is shown with its best
+BEST = {"final_acc": "best_acc", "final_val_loss": "best_val_loss", "final_bleu": "best_bleu"}
 
 
 def summarize(values, name):
@@ -382,7 +383,8 @@ def summarize(values, name):
         return f"{statistics.median(values):.1f} s", statistics.median(values), None
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    digits = 0 if name in ("peak_memory", "best_at") else (2 if "acc" in name or "bleu" in name or name.startswith("sweep") else 4)
+    percent = "acc" in name or "bleu" in name or name.startswith("sweep")
+    digits = 0 if name in ("peak_memory", "best_at") else (2 if percent else 4)
     text = f"{mean:.{digits}f} +- {std:.{digits}f}{UNITS.get(name, '')}" if len(values) > 1 else \
         f"{mean:.{digits}f}{UNITS.get(name, '')}"
     return text, mean, std
