@@ -459,9 +459,9 @@ def block_backward(ctx, g_next):
         with torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             h = residual_of(block, x_leaf, context, kwargs)  # h_k(x_k) again, now with its graph
 
-    gamma = gammas.block(k, x) if k > 0 else None
+    gamma_k = gammas.block(k, x) if k > 0 else None  # gamma_k and its factors (a Gamma)
     if k > 0:
-        tape.rebuilt[k - 1] = tape.arithmetic.rebuild(x_next, x, h.detach(), gamma, bits, tape.m, packed)  # (24)
+        tape.rebuilt[k - 1] = tape.arithmetic.rebuild(x_next, x, h.detach(), gamma_k, bits, tape.m, packed)  # (24)
         if k == 1:
             check_x0(tape.rebuilt[0], tape)
     else:
@@ -470,14 +470,14 @@ def block_backward(ctx, g_next):
 
     params = [p for p in block.parameters() if p.requires_grad]
     grad_leaves = [t for t, need in zip(leaves, needs_grad) if need]
-    g_h = g_next if k == 0 else tape.arithmetic.grad_h(g_next, gamma)
+    g_h = g_next if k == 0 else tape.arithmetic.grad_h(g_next, gamma_k)
     grads = torch.autograd.grad(h, [x_leaf, *params, *grad_leaves], g_h, allow_unused=True)
     g_x, g_params, g_leaves = grads[0], grads[1 : 1 + len(params)], iter(grads[1 + len(params) :])
     g_x = torch.zeros_like(g_next) if g_x is None else g_x
     if k == 0:  # (19): x_1 = x_0 + Q_l[h_0(x_0)]
         g_x, g_prev = g_x + g_next, None  # not in place: g_x may be g_h = g_next itself
     else:  # (21)
-        g_x, g_prev = tape.arithmetic.grad_inputs(g_x, g_next, gamma)
+        g_x, g_prev = tape.arithmetic.grad_inputs(g_x, g_next, gamma_k)
     g_tensors = [next(g_leaves) if need else None for need in needs_grad]
     return None, None, None, None, g_prev if prev_needs_grad else None, g_x, *g_tensors, *g_params
 

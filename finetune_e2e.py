@@ -165,15 +165,28 @@ def build_model(args, device):
 
 
 def frozen_weights_sha256(model):
-    """SHA-256 of the weights that are not trained (with LoRA: the base model's). A LoRA checkpoint
-    holds only the adapters, so --resume compares this to tell whether --init-from is still the
-    base they were trained on (it may move to another folder, not change)."""
+    """SHA-256 of the weights that are not trained (with LoRA: the base model's; None when every
+    weight trains). A LoRA checkpoint holds only the adapters, so --resume compares this to tell
+    whether --init-from is still the base they were trained on (it may move, not change)."""
+    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return None
     digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+    for name, p in frozen:
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def check_base_model(ckpt, frozen_sha256, args, out):
+    """Refuse to continue adapters on weights other than those they were trained on."""
+    if frozen_sha256 is None or ckpt.get("frozen_sha256") == frozen_sha256:
+        return
+    why = ("it was written before checkpoints kept the base model's SHA-256" if "frozen_sha256" not in ckpt
+           else "the frozen weights differ")
+    raise runlib.CheckpointError(f"cannot tell that the run in {out} was trained on the base model --init-from "
+                                 f"{args.init_from} ({why}): resume with that run's base model, or start a new run "
+                                 "in another --out-dir")
 
 
 def configure_optimizer(model, args):
@@ -349,17 +362,15 @@ def train(args):
     if tok.eos_id is None:
         raise data.DataError("the tokenizer's vocabulary has no <|endoftext|> token")
     model = build_model(args, device)  # BDIA enters here: gpt2.from_pretrained(..., bdia=args.bdia_config)
+    frozen_sha256 = frozen_weights_sha256(model)
+    if ckpt is not None:  # before the data is read
+        check_base_model(ckpt, frozen_sha256, args, out)
     if tok.vocab_size > model.model_args["vocab_size"]:
         raise data.DataError(f"the tokenizer has {tok.vocab_size} tokens, the model only {model.model_args['vocab_size']}")
     splits, train_ex, valid_ex = load_examples(args, tok, model.block_size)
     optimizer = configure_optimizer(model, args)
     start_epoch = 1
-    frozen_sha256 = frozen_weights_sha256(model)
     if ckpt is not None:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
-        if ckpt.get("frozen_sha256") != frozen_sha256:
-            raise runlib.CheckpointError(f"the run in {out} was trained on another base model than --init-from "
-                                         f"{args.init_from} (the frozen weights differ): resume with that run's "
-                                         "base model, or start a new run in another --out-dir")
         runlib.restore(ckpt, model, optimizer)
         start_epoch = ckpt["epoch"] + 1
     train_model = runlib.compiled(model, args)

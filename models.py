@@ -401,6 +401,7 @@ def constant_gamma(model, gamma):
     it was trained with bits. After: its own config again."""
     trained = model.bdia
     bits = trained.bits if trained else None
+    # gammas: training's draws, which inference does not read (any valid pair will do)
     model.bdia = BDIAConfig(gammas=(-0.5, 0.5), bits=bits, reversible=False, eval_gamma=gamma)
     try:
         yield model

@@ -66,11 +66,16 @@ def x_values(rows, x):
     return [r[key] for r in rows]
 
 
+def label_colours(names):
+    """One colour per distinct label: the seeds of one model share it."""
+    return {name: f"C{i}" for i, name in enumerate(dict.fromkeys(names))}
+
+
 def plot_curves(args, plt):
     """Training and validation loss (and accuracy, when logged) per epoch, iteration, step or
     minute. Files that share a label (the seeds of one model) share its colour and legend entry."""
     runs = [(name, read_jsonl(p)) for name, p in zip(labels_for(args.files, args.labels), args.files)]
-    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(name for name, _ in runs))}
+    colours = label_colours(name for name, _ in runs)
     has_acc = any("val_acc" in row for _, rows in runs for row in rows)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
     labelled = set()
@@ -111,17 +116,17 @@ def read_gamma_sweep(path):
 def plot_gamma_sweep(args, plt):
     """Validation accuracy (or loss) with one constant gamma across blocks at inference (Fig. 1).
     Files that share a label (the seeds of one model) share its colour and legend entry."""
-    fig, ax = plt.subplots(figsize=(6, 4))
     names = labels_for(args.files, args.labels)
-    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(names))}
-    measures, labelled = set(), set()
-    for name, path in zip(names, args.files):
-        gammas, values, measure = read_gamma_sweep(path)
+    sweeps = [read_gamma_sweep(path) for path in args.files]
+    measures = {measure for _, _, measure in sweeps}
+    if len(measures) > 1:
+        sys.exit("plot.py: error: gamma-sweep draws files of one kind on one axis: all accuracies (train_vit.py) "
+                 "or all losses (train_gpt.py)")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours, labelled = label_colours(names), set()
+    for name, (gammas, values, _) in zip(names, sweeps):
         ax.plot(gammas, values, "o-", color=colours[name], label=None if name in labelled else name)
         labelled.add(name)
-        measures.add(measure)
-    if len(measures) > 1:
-        raise ValueError("gamma-sweep: give files of one kind, all accuracies (train_vit.py) or all losses (train_gpt.py)")
     ax.set_xlabel("gamma at inference")
     ax.set_ylabel({"val_acc": "validation accuracy", "val_loss": "validation loss"}[measures.pop()])
     return fig, [ax]

@@ -375,19 +375,21 @@ BEST = {"final_acc": "best_acc", "final_val_loss": "best_val_loss", "final_bleu"
 
 
 def summarize(values, name):
-    """'mean +- std (n)' of the seeds' values; '-' when there are none."""
-    values = [v for v in values if v is not None]
+    """('mean +- std' of the seeds' values, mean, std), 'k of n seeds' said where only some have
+    one; 'not run' when none has."""
+    seeds, values = len(values), [v for v in values if v is not None]
     if not values:
         return "not run", None, None
+    some = f" [{len(values)} of {seeds} seeds]" if len(values) < seeds else ""
     if name == "epoch_time":  # the seeds' medians over epochs, their median: one slow seed (a busy machine) moves nothing
-        return f"{statistics.median(values):.1f} s", statistics.median(values), None
+        return f"{statistics.median(values):.1f} s{some}", statistics.median(values), None
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     percent = "acc" in name or "bleu" in name or name.startswith("sweep")
     digits = 0 if name in ("peak_memory", "best_at") else (2 if percent else 4)
     text = f"{mean:.{digits}f} +- {std:.{digits}f}{UNITS.get(name, '')}" if len(values) > 1 else \
         f"{mean:.{digits}f}{UNITS.get(name, '')}"
-    return text, mean, std
+    return text + some, mean, std
 
 
 def with_flags(table, flags):

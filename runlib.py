@@ -363,6 +363,17 @@ class JsonlLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+def write_gamma_sweep(out_dir, sweep):
+    """OUT/gamma_sweep.json (Fig. 1: one record per gamma at inference, {"gamma", "val_acc" or
+    "val_loss"}), written atomically (reproduce.py counts a run with it as swept), and printed."""
+    path = Path(out_dir) / "gamma_sweep.json"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(sweep, indent=1)))
+    measure = next(key for key in sweep[0] if key != "gamma")
+    print(f"gamma at inference   {measure.replace('_', ' ')}")
+    for row in sweep:
+        print(f"{row['gamma']:>18.3f}   {row[measure]:.4f}")
+
+
 def peak_memory_mb(device):
     """Peak memory so far: allocated CUDA memory, or on CPU the process's peak RSS."""
     if device.type == "cuda":

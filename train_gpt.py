@@ -22,7 +22,6 @@ evaluation; OUT_DIR/ckpt.pt is written atomically after each; --resume continues
 
 import argparse
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -184,7 +183,8 @@ def gamma_sweep(model, val_tokens, args, dist, device):
     results = []
     for gamma in args.eval_gammas:
         with constant_gamma(model, gamma):
-            results.append(dict(gamma=gamma, val_loss=estimate_loss(model, {"val": val_tokens}, args, dist, device)["val"]))
+            loss = estimate_loss(model, {"val": val_tokens}, args, dist, device)["val"]
+        results.append(dict(gamma=gamma, val_loss=loss))
     return results
 
 
@@ -302,10 +302,7 @@ def train(args):
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
         sweep = gamma_sweep(model, val_tokens, args, dist, device)
         if main_process:
-            (out / "gamma_sweep.json").write_text(json.dumps(sweep, indent=1))
-            print("gamma at inference   val loss")
-            for row in sweep:
-                print(f"{row['gamma']:>18.3f}   {row['val_loss']:.4f}")
+            runlib.write_gamma_sweep(out, sweep)
     if dist.enabled:
         torch.distributed.barrier()  # no process tears the group down while another still uses it
         torch.distributed.destroy_process_group()

@@ -18,7 +18,6 @@ The setup is the paper's, which defers to kentaroy47/vision-transformers-cifar10
 OUT_DIR/ckpt.pt atomically; --resume continues an interrupted run exactly where it stopped.
 """
 
-import json
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -317,11 +316,7 @@ def train(args):
                              epoch=epoch, best_acc=best_acc)
 
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
-        sweep = gamma_sweep(model, images, args)
-        (out / "gamma_sweep.json").write_text(json.dumps(sweep, indent=1))
-        print("gamma at inference   val acc")
-        for row in sweep:
-            print(f"{row['gamma']:>18.3f}   {row['val_acc']:.4f}")
+        runlib.write_gamma_sweep(out, gamma_sweep(model, images, args))
     if val_acc is None:
         print(f"checkpoint already at epoch {args.epochs}")
     else:

@@ -80,6 +80,7 @@ def test_summaries_of_missing_and_single_values():
     assert reproduce.summarize([None, None], "final_acc")[0] == "not run"
     assert reproduce.summarize([88.0], "final_acc") == ("88.00", 88.0, 0.0)
     assert reproduce.summarize([500.0, 510.0], "peak_memory")[0] == "505 +- 7 MB"
+    assert reproduce.summarize([13.0, None, 15.0], "final_bleu")[0] == "14.00 +- 1.41 [2 of 3 seeds]"
 
 
 def test_flags_vary_a_preset_in_a_folder_of_its_own(tiny_cpu_preset, tmp_path, capsys):
