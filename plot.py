@@ -71,13 +71,22 @@ def label_colours(names):
     return {name: f"C{i}" for i, name in enumerate(dict.fromkeys(names))}
 
 
+SCORES = {"val_acc": "validation accuracy", "val_bleu": "validation BLEU"}
+
+
+def logged_score(runs):
+    """The right-hand panel's measure: validation accuracy (ViT) or BLEU (translation), or None."""
+    return next((key for key in SCORES if any(row.get(key) is not None for _, rows in runs for row in rows)), None)
+
+
 def plot_curves(args, plt):
-    """Training and validation loss (and accuracy, when logged) per epoch, iteration, step or
-    minute. Files that share a label (the seeds of one model) share its colour and legend entry."""
+    """Training and validation loss per epoch, iteration, step or minute, and beside it the
+    validation accuracy or BLEU when the logs have it. Files that share a label (the seeds of
+    one model) share its colour and legend entry."""
     runs = [(name, read_jsonl(p)) for name, p in zip(labels_for(args.files, args.labels), args.files)]
     colours = label_colours(name for name, _ in runs)
-    has_acc = any("val_acc" in row for _, rows in runs for row in rows)
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    score = logged_score(runs)
+    fig, axes = plt.subplots(1, 2 if score else 1, figsize=(11 if score else 6, 4), squeeze=False)
     labelled = set()
     for name, rows in runs:
         xs = x_values(rows, args.x)
@@ -88,16 +97,17 @@ def plot_curves(args, plt):
             if points:
                 axes[0, 0].plot(*zip(*points), style, color=colours[name],
                                 label=f"{name} {key.split('_')[0]}" if first else None)
-        if has_acc:
-            points = [(x, r["val_acc"]) for x, r in zip(xs, rows) if r.get("val_acc") is not None]
-            axes[0, 1].plot(*zip(*points), color=colours[name], label=name if first else None)
+        points = [(x, r[score]) for x, r in zip(xs, rows) if score and r.get(score) is not None]
+        if points:  # BLEU is logged every few epochs only: a line through the epochs that have it
+            axes[0, 1].plot(*zip(*points), "o-" if score == "val_bleu" else "-", color=colours[name],
+                            label=name if first else None)
     label = "wall-clock time (min)" if args.x == "time" else (args.x if args.x != "auto" else
                                                                ("epoch" if "epoch" in runs[0][1][0] else "iter"))
     for ax in axes[0]:
         ax.set_xlabel(label)
     axes[0, 0].set_ylabel("loss")
-    if has_acc:
-        axes[0, 1].set_ylabel("validation accuracy")
+    if score:
+        axes[0, 1].set_ylabel(SCORES[score])
     return fig, axes.ravel()
 
 

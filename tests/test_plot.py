@@ -86,3 +86,16 @@ def test_seeds_of_one_model_share_a_colour_and_a_legend_entry(tmp_path):
     assert [line.get_label() for line in lines if not line.get_label().startswith("_")] == \
         ["GPT2 train", "GPT2 val", "BDIA-GPT2 train", "BDIA-GPT2 val"]
     assert lines[0].get_color() == lines[2].get_color() != lines[4].get_color()
+
+
+def test_curves_show_bleu_beside_the_loss_when_logged(tmp_path):
+    """Translation logs BLEU every few epochs: the right-hand panel plots those epochs only."""
+    import argparse
+
+    rows = [{"epoch": e, "train_loss": 5 - e / 5, "val_loss": 5 - e / 6, **({"val_bleu": 2.0 * e} if e % 5 == 0 else {})}
+            for e in range(1, 11)]
+    args = argparse.Namespace(files=[write_jsonl(tmp_path / "t.jsonl", rows)], labels="Transformer", x="auto")
+    fig, axes = plot.plot_curves(args, plot.pyplot())
+    assert axes[1].get_ylabel() == "validation BLEU"
+    assert [list(line.get_xdata()) for line in axes[1].get_lines()] == [[5, 10]]
+    assert [list(line.get_ydata()) for line in axes[1].get_lines()] == [[10.0, 20.0]]
