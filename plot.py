@@ -97,7 +97,7 @@ def plot_curves(args, plt):
             if points:
                 axes[0, 0].plot(*zip(*points), style, color=colours[name],
                                 label=f"{name} {key.split('_')[0]}" if first else None)
-        points = [(x, r[score]) for x, r in zip(xs, rows) if score and r.get(score) is not None]
+        points = [(x, r[score]) for x, r in zip(xs, rows) if r.get(score) is not None] if score else []
         if points:  # BLEU is logged every few epochs only: a line through the epochs that have it
             axes[0, 1].plot(*zip(*points), "o-" if score == "val_bleu" else "-", color=colours[name],
                             label=name if first else None)
