@@ -29,6 +29,7 @@ This file imports only torch and the standard library: copy it into your project
 
 import contextlib
 import math
+import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -267,10 +268,20 @@ def residual_of(block, x, context, kwargs):
     recomputation repeats the same call on the same bits, so (24) stays exact. The result is
     cast back to x's dtype (the block may run under autocast)."""
     if hasattr(block, "residual"):
+        register_residual_with_fsdp(block)
         h = block.residual(x, *context, **kwargs)
     else:
         h = output_of(block(x, *context, **kwargs)) - x
     return h if h.dtype == x.dtype else h.to(x.dtype)
+
+
+def register_residual_with_fsdp(block):
+    """FSDP2: fully_shard gathers a module's parameters only around its forward, so a sharded
+    block's residual is registered once as a forward method too (else it runs on the shards).
+    A no-op for any other block (torch.distributed.fsdp is looked at only if the user loaded it)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and isinstance(block, fsdp.FSDPModule) and "residual" not in vars(block):
+        fsdp.register_fsdp_forward_method(block, "residual")  # sets the wrapped method on the instance
 
 
 def bdia_block(block, k, x_prev, x, gammas, config, context, kwargs):
@@ -433,6 +444,7 @@ class ReversibleBlock(torch.autograd.Function):
         ctx.rng = rng if generators_changed(rng, x.device) else None  # kept only where the block drew
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         ctx.tape, ctx.block, ctx.k = tape, block, k
+        ctx.n_params = len(tensors_and_params) - len(tape.tensors)  # FSDP2: see recomputed_grads
         ctx.save_for_backward(packed, *gammas, *tensors_and_params[: len(tape.tensors)])
         return x_next
 
@@ -468,11 +480,10 @@ def block_backward(ctx, g_next):
         tape.rebuilt.pop(0)
     del x_next
 
-    params = [p for p in block.parameters() if p.requires_grad]
     grad_leaves = [t for t, need in zip(leaves, needs_grad) if need]
     g_h = g_next if k == 0 else tape.arithmetic.grad_h(g_next, gamma_k)
-    grads = torch.autograd.grad(h, [x_leaf, *params, *grad_leaves], g_h, allow_unused=True)
-    g_x, g_params, g_leaves = grads[0], grads[1 : 1 + len(params)], iter(grads[1 + len(params) :])
+    g_x, g_params, g_leaves = recomputed_grads(h, g_h, x_leaf, block, grad_leaves, ctx.n_params)
+    g_leaves = iter(g_leaves)
     g_x = torch.zeros_like(g_next) if g_x is None else g_x
     if k == 0:  # (19): x_1 = x_0 + Q_l[h_0(x_0)]
         g_x, g_prev = g_x + g_next, None  # not in place: g_x may be g_h = g_next itself
@@ -480,6 +491,30 @@ def block_backward(ctx, g_next):
         g_x, g_prev = tape.arithmetic.grad_inputs(g_x, g_next, gamma_k)
     g_tensors = [next(g_leaves) if need else None for need in needs_grad]
     return None, None, None, None, g_prev if prev_needs_grad else None, g_x, *g_tensors, *g_params
+
+
+def recomputed_grads(h, g_h, x_leaf, block, leaves, n_params):
+    """dL/dx_k, dL/dparams and dL/dleaves of the recomputed h_k(x_k), given g_h = dL/dh_k.
+
+    The parameter gradients are returned, for the Function to pass on. But where FSDP2 shards
+    the block or its sub-modules (fully_shard), its hooks gather the parameters around the
+    recomputation, which thus runs on FSDP's unsharded copies, and reduce-scatter those copies'
+    .grad right after it: the gradients then go into that .grad here (autograd.backward), and
+    the Function returns none for the n_params parameters it was given (FSDP's shards)."""
+    params = [p for p in block.parameters() if p.requires_grad]  # as the recomputation saw them
+    if not fsdp_shards_within(block):
+        grads = torch.autograd.grad(h, [x_leaf, *params, *leaves], g_h, allow_unused=True)
+        return grads[0], grads[1 : 1 + len(params)], grads[1 + len(params) :]
+    torch.autograd.backward(h, g_h, inputs=[x_leaf, *params, *leaves])  # FSDP2: into the unsharded copies
+    return x_leaf.grad, [None] * n_params, [t.grad for t in leaves]
+
+
+def fsdp_shards_within(block):
+    """True if FSDP2's fully_shard wraps the block or one of its sub-modules (then FSDP gathers
+    and reduce-scatters inside the block's recomputation). torch.distributed.fsdp is looked at
+    only if the user loaded it: this file needs no torch.distributed."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in block.modules())
 
 
 def generator_states(device):
