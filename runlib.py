@@ -8,6 +8,7 @@ its story (flags, data, model, optimizer, loop, evaluation, checkpoint):
                exactly (every RNG state in them), the JSON-lines log
     errors     what a user can act on as one line and exit code 2 (exit_with)
     schedules  the learning-rate schedules, weight-decay groups, torchrun (DDP)
+    sharding   --fsdp: FSDP2 on each block and the root, checkpoints saved whole
 """
 
 import argparse
@@ -34,12 +35,12 @@ from data import DataError, atomic_write
 # what a CUDA out-of-memory error suggests, in every script
 LOWER_MEMORY = "a smaller --batch-size, --bdia (activations rebuilt, not stored) or --amp"
 
-# Flags a resumed run may change: how long it runs, where and how fast, the recovery a failure
+# Flags a resumed run may change: how long it runs, where and how fast (--fsdp or not), the recovery a failure
 # line suggests (--lr, --grad-clip, --bits, --batch-size, --amp), what it evaluates and logs, and
 # where its files are (they may have moved). Anything else is the run itself: model, data set,
 # BDIA, optimizer, schedule shape and seed come from the checkpoint.
 MAY_CHANGE_ON_RESUME = {
-    "resume", "out_dir", "device", "compile", "amp", "epochs", "max_iters", "lr", "grad_clip", "bits",
+    "resume", "out_dir", "device", "fsdp", "compile", "amp", "epochs", "max_iters", "lr", "grad_clip", "bits",
     "batch_size", "grad_accum", "eval_interval", "eval_iters", "eval_batch_size", "eval_gammas", "bleu_every",
     "bleu_samples", "no_test", "test_limit", "export", "decode_batch", "beam", "length_penalty", "no_repeat_ngram",
     "max_new_tokens",
@@ -102,7 +103,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
-    def add_training_flags(self, out_dir):
+    def add_training_flags(self, out_dir, fsdp=False):
         g = self.add_argument_group("BDIA")
         g.add_argument("--bdia", action="store_true", help="train with BDIA (otherwise the plain model)")
         g.add_argument("--gammas", nargs="+", action=Numbers, default=(-0.5, 0.5), metavar="G",
@@ -113,6 +114,9 @@ class ArgumentParser(argparse.ArgumentParser):
         g = self.add_argument_group("run")
         g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
         g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the blocks (the residual stream stays float32)")
+        if fsdp:
+            g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
+                           "state over the processes (FSDP2, fully_shard on each block and the root) instead of DDP")
         g.add_argument("--compile", action="store_true", help="torch.compile the model; with reversible --bdia, "
                        "BDIA's arithmetic instead (bdia_fused)")
         g.add_argument("--seed", type=int, default=1337, help="initial weights, data order, dropout and gammas")
@@ -134,6 +138,9 @@ class ArgumentParser(argparse.ArgumentParser):
             for name in names:
                 if not ok(getattr(args, name)):  # NaN fails every rule
                     self.error(f"--{name.replace('_', '-')} {rule}, got {getattr(args, name)}")
+        if getattr(args, "fsdp", False) and "RANK" not in os.environ:
+            self.error(f"--fsdp shards the model over the processes of torchrun: run torchrun --nproc_per_node=N "
+                       f"{self.prog} ... --fsdp (or leave --fsdp out for one process)")
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             self.error(f"--out-dir {args.out_dir} is a file; give a folder for the logs and checkpoints")
         try:
@@ -168,7 +175,7 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(f"{said} differs from the run in {path}, which --resume continues as it was run: "
                        f"{self.command_line(flags, args.out_dir)} (a new run needs another --out-dir)")
         for name, value in flags.items():  # but where the checkpoint is and the machine it runs on are this run's
-            if name not in given and hasattr(args, name) and name not in ("out_dir", "resume", "device"):
+            if name not in given and hasattr(args, name) and name not in ("out_dir", "resume", "device", "fsdp"):
                 setattr(args, name, tuple(value) if isinstance(value, list) else value)
 
     def given_flags(self, argv):
@@ -182,7 +189,7 @@ class ArgumentParser(argparse.ArgumentParser):
         """The command that continues the run of `flags`: its flags that are not defaults."""
         words = [self.prog]
         for a in self._actions:
-            if not a.option_strings or a.dest not in flags or a.dest in ("resume", "out_dir", "device", "help"):
+            if not a.option_strings or a.dest not in flags or a.dest in ("resume", "out_dir", "device", "fsdp", "help"):
                 continue
             value, option = flags[a.dest], a.option_strings[0]
             if as_saved(value) == as_saved(a.default):
@@ -294,7 +301,9 @@ def read_checkpoint(path, script, mmap=False):
 def restore(ckpt, model, optimizer, rank=None):
     """Continue the run of `ckpt` (read_checkpoint's): the model's weights (or, of a model that
     trains only some, those it trains), the optimizer's state and the RNG states (of process
-    `rank` under torchrun), so that the dropout masks and gammas continue where they were."""
+    `rank` under torchrun), so that the dropout masks and gammas continue where they were. A
+    process the saved run did not have (more processes now) keeps the RNG it was seeded with.
+    Under --fsdp this runs before fully_shard, on the whole model (shard_model shards it after)."""
     try:
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         state = model.state_dict(keep_vars=True)
@@ -308,7 +317,9 @@ def restore(ckpt, model, optimizer, rank=None):
         raise CheckpointError(f"the checkpoint's state does not fit the model and optimizer its flags build "
                               f"({detail[-1].strip() if detail else type(e).__name__}): it is damaged or of another "
                               "version of this script; start a new run in another --out-dir") from e
-    restore_random_states(ckpt["rng"] if rank is None else ckpt["rng"][rank])
+    states = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # one per process under torchrun
+    if (rank or 0) < len(states):
+        restore_random_states(states[rank or 0])
 
 
 def random_states():
@@ -486,3 +497,64 @@ def distributed(device=None):
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, True)
+
+
+# -----------------------------------------------------------------------------
+# --fsdp: FSDP2 sharding, and checkpoints that are those of the unsharded model
+
+
+def shard_model(model, blocks, optimizer, make_optimizer):
+    """--fsdp: rank 0's weights on every process (as DDP broadcasts them), then FSDP2's
+    fully_shard on each block and on the root, in place: each of N processes keeps 1/N of every
+    parameter, gradient and optimizer state, and a block's parameters are gathered whole only
+    for its forward and its backward (there BDIA's recomputation). Returns make_optimizer(model)
+    over the shards, holding `optimizer`'s state (a resumed run's) sharded likewise.
+
+    Parameters, their gathers and the gradients' reduce-scatters stay float32: --amp autocasts
+    the blocks as without --fsdp. (FSDP2's MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    would also cast each block's input, BDIA's residual stream, to bfloat16.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    full_state = optimizer.state_dict()
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    sharded = make_optimizer(model)
+    params = [p for group in sharded.param_groups for p in group["params"]]  # the order state_dict numbers them
+    state = {i: {k: shard_like(v, params[i]) for k, v in s.items()} for i, s in full_state["state"].items()}
+    sharded.load_state_dict({**full_state, "state": state})
+    return sharded
+
+
+def shard_like(tensor, param):
+    """This process's shard of a whole optimizer tensor (exp_avg, ...) of a sharded parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor) or tensor.shape != param.shape:
+        return tensor  # a step counter
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
+def unsharded_states(model, optimizer, keep):
+    """(model.state_dict(), optimizer.state_dict()) as the unsharded model and its optimizer
+    have them, on the CPU, so that a checkpoint resumes with or without --fsdp and on any number
+    of processes. Every process must call this (the gathers are collective); those without
+    `keep` (all but rank 0) get None. A tensor of two names (tied weights) stays one."""
+    from torch.distributed.tensor import DTensor
+
+    gathered = {}
+
+    def whole(t):
+        if id(t) not in gathered:
+            full = t.detach().full_tensor() if isinstance(t, DTensor) else t.detach()
+            gathered[id(t)] = full.cpu() if keep else None
+        return gathered[id(t)]
+
+    with torch.no_grad():
+        weights = {name: whole(t) for name, t in model.state_dict(keep_vars=True).items()}
+        opt = optimizer.state_dict()
+        state = {i: {k: whole(v) for k, v in s.items()} for i, s in opt["state"].items()}
+    return (weights, {**opt, "state": state}) if keep else (None, None)

@@ -6,6 +6,7 @@ Language modelling with GPT and BDIA-GPT in nanoGPT style (paper Appendix F).
     python train_gpt.py --text-file book.txt --bdia                   # char-level on any text
     python train_gpt.py --data-dir data/openwebtext --train-fraction 0.0005 --bdia   # Appendix F
     torchrun --nproc_per_node=2 train_gpt.py --dataset shakespeare_char --bdia       # DDP
+    torchrun --nproc_per_node=2 train_gpt.py --dataset shakespeare_char --bdia --fsdp   # FSDP2
     python train_gpt.py --out-dir out/gpt --sample 3                  # samples from a checkpoint
     python train_gpt.py --out-dir out/gpt --resume --eval-gammas -0.5 0 0.5   # Fig. 1 of a finished run
 
@@ -18,6 +19,10 @@ finishes on a CPU in under a minute:
 A data directory holds nanoGPT-style train.bin / val.bin (uint16 token ids) and, for
 character vocabularies, meta.json or meta.pkl. OUT_DIR/log.jsonl gets a line per
 evaluation; OUT_DIR/ckpt.pt is written atomically after each; --resume continues exactly.
+Under torchrun N processes train as one with N times --batch-size: with DDP each holds the
+whole model, with --fsdp 1/N of its parameters, gradients and optimizer state. The checkpoint
+is the unsharded model's either way: it resumes with or without --fsdp, on any number of
+processes (the same run exactly on the same number).
 """
 
 import argparse
@@ -77,7 +82,7 @@ def parse_args(argv=None):
     g.add_argument("--sample-tokens", type=int, default=300, help="tokens per sample")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     g.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens")
-    p.add_training_flags(out_dir="out/gpt")
+    p.add_training_flags(out_dir="out/gpt", fsdp=True)
     args = p.parse(argv, at_least_1=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
                                      "max_iters", "eval_interval", "eval_iters", "top_k"),
                    at_least_0=("warmup_iters", "sample", "min_lr", "weight_decay", "grad_clip", "sample_tokens"),
@@ -140,8 +145,10 @@ def train_step(train_model, model, optimizer, tokens, generator, args, dist, dev
     for micro in range(args.grad_accum):
         x, y = global_batch_slice(tokens, generator, args, dist, device)
         last = micro == args.grad_accum - 1
-        # DDP all-reduces the gradients on the last micro-step only
-        sync = contextlib.nullcontext() if last or not dist.enabled else train_model.no_sync()
+        # DDP all-reduces (FSDP reduce-scatters) the gradients on the last micro-step only
+        sync = contextlib.nullcontext() if last or not dist.enabled or args.fsdp else train_model.no_sync()
+        if args.fsdp:
+            train_model.set_requires_gradient_sync(last)
         with sync:
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 _, loss = train_model(x, y)
@@ -234,8 +241,8 @@ def train(args):
     model_args = dict(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                       n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
 
-    # The same initial weights on every process (DDP broadcasts rank 0's anyway), but dropout
-    # masks and BDIA's gammas differ per process, as they would per sample on one process.
+    # The same initial weights on every process (DDP, and --fsdp before sharding, broadcast rank
+    # 0's), but dropout masks and BDIA's gammas differ per process, as they would per sample on one.
     torch.manual_seed(args.seed + dist.rank)
     model = GPT(**model_args, bdia=args.bdia_config).to(device)  # BDIA enters here: the blocks run eqs. (18)-(21)
     optimizer = configure_optimizer(model, args)
@@ -243,8 +250,10 @@ def train(args):
     if ckpt is not None:
         runlib.restore(ckpt, model, optimizer, rank=dist.rank)
         start_iter = ckpt["iter"]
+    if args.fsdp:  # the checkpoint was loaded whole; now each process keeps its shards
+        optimizer = runlib.shard_model(model, model.transformer.h, optimizer, lambda m: configure_optimizer(m, args))
     train_model = runlib.compiled(model, args)
-    if dist.enabled:
+    if dist.enabled and not args.fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     log = None
@@ -277,13 +286,17 @@ def train(args):
                 torch.distributed.all_gather_object(rngs, runlib.random_states())
             else:
                 rngs = [runlib.random_states()]
+            if args.fsdp and it > start_iter:  # every process gathers; rank 0 keeps the whole model
+                model_state, optimizer_state = runlib.unsharded_states(model, optimizer, keep=main_process)
+            elif main_process and it > start_iter:
+                model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
             if main_process:
                 log.write(iter=it, train_loss=losses["train"], val_loss=losses["val"], lr=optimizer.param_groups[0]["lr"],
                           seconds=seconds, tokens_per_s=tokens_per_iter * (it - last_eval) / seconds if it > last_eval else None,
                           peak_memory_mb=runlib.peak_memory_mb(device), device=device.type)
                 bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if it > start_iter:
-                    runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    runlib.save_checkpoint(out / "ckpt.pt", args, model=model_state, optimizer=optimizer_state,
                                          rng=rngs, iter=it, model_args=model_args, itos=meta["itos"] if meta else None)
             t0, last_eval = time.perf_counter(), it
         if it == args.max_iters:

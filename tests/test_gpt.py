@@ -121,6 +121,32 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["train_loss"] - b["train_loss"]) < 1e-5
 
 
+def test_fsdp_under_torchrun_matches_one_process_with_the_global_batch_and_resumes_without_fsdp(tmp_path, text_file):
+    # One gamma (each sample's gamma is then the same however the batch is split) and a constant
+    # learning rate (so that a run to iteration 4 and one to 6 share their schedule).
+    flags = [*TINY, "--text-file", str(text_file), "--eval-interval", "2", "--bdia", "--gammas", "0.5", "--grad-accum", "2",
+             "--warmup-iters", "0", "--min-lr", "3e-3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py", *flags,
+            "--max-iters", "4", "--fsdp", "--out-dir", str(tmp_path / "fsdp")]
+    run_fsdp = subprocess.run(fsdp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run_fsdp.returncode == 0, run_fsdp.stderr[-3000:]
+    fsdp_rows = [json.loads(line) for line in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = run(tmp_path, *flags[len(TINY):], "--batch-size", "16", "--max-iters", "6", out="single")
+        # the checkpoint FSDP wrote is the unsharded model's: one process continues it
+        train_gpt.main(["--out-dir", str(tmp_path / "fsdp"), "--resume", "--batch-size", "16", "--max-iters", "6",
+                        "--device", "cpu"])
+    resumed = [json.loads(line) for line in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in fsdp_rows] == [0, 2, 4] and [r["iter"] for r in resumed] == [0, 2, 4, 6]
+    for a, b in zip(resumed, single):  # FSDP's iterations 0-4, then one process's 6
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["train_loss"] - b["train_loss"]) < 1e-5
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("fsdp", "single"))
+    assert a["model"].keys() == b["model"].keys() and a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert all((a["model"][k] - b["model"][k]).abs().max() < 1e-5 for k in b["model"])
+
+
 def test_bin_files_with_meta_pkl_and_train_fraction(tmp_path):
     folder = tmp_path / "bins"
     folder.mkdir()
@@ -149,6 +175,7 @@ def test_bin_files_with_meta_pkl_and_train_fraction(tmp_path):
         (["--text-file", "TEXT", "--n-embd", "33"], "divisible"),
         ([], "give the data"),
         (["--text-file", "TEXT", "--resume"], "without --resume"),
+        (["--text-file", "TEXT", "--fsdp"], "torchrun --nproc_per_node=N train_gpt.py"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, text_file, capsys, flags, message):
