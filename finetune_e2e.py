@@ -8,6 +8,7 @@ with LoRA and BDIA (paper 5.1, Table 1; Appendix E, Table 6).
     python finetune_e2e.py --lora-rank 32 --lora-alpha 1024 --bdia --gammas -0.5 0 0.5 \\
         --bits none --no-reversible --out-dir out/e2e-lora-bdia                         # LoRA+BDIA
     python finetune_e2e.py --table out/e2e-ft out/e2e-ft-bdia out/e2e-lora             # Table 1
+    torchrun --nproc_per_node=2 finetune_e2e.py --init-from gpt2-large --bdia --fsdp   # sharded (FSDP2)
 
 A small run meant to finish on a CPU in under a minute once GPT-2 small (about 550 MB) and the
 E2E CSVs are downloaded (not timed: the machine this was written on is offline; the tests run
@@ -26,6 +27,10 @@ line every --eval-interval steps and per epoch; OUT_DIR/ckpt.pt (the trainable w
 optimizer, RNG) is written atomically after each epoch; --resume continues from there.
 --export DIR writes the fine-tuned model (LoRA merged) as a standard Hugging Face GPT-2
 checkpoint.
+
+With --fsdp under torchrun, N processes train as one with N times --batch-size, each keeping
+1/N of the parameters, gradients and optimizer state (FSDP2); the checkpoint is the unsharded
+model's (it resumes with or without --fsdp); after training rank 0 alone exports and decodes.
 """
 
 import hashlib
@@ -44,6 +49,7 @@ import metrics
 import runlib
 
 SCRIPT = Path(__file__).name
+SINGLE = runlib.Dist(0, 1, 0, False)  # one process, no torchrun
 PAD_ID = 0  # padding follows each example's end: the scored positions of a causal model never see it
 
 # -----------------------------------------------------------------------------
@@ -92,7 +98,7 @@ def parse_args(argv=None):
     g.add_argument("--no-test", action="store_true", help="skip decoding and scoring")
     p.add_argument("--export", metavar="DIR", help="write the fine-tuned model (LoRA merged) as an HF GPT-2 checkpoint")
     p.add_argument("--table", nargs="+", metavar="OUT_DIR", help="print Table 1 from these runs' e2e_scores.json and exit")
-    p.add_training_flags(out_dir="out/e2e")
+    p.add_training_flags(out_dir="out/e2e", fsdp=True)
     args = p.parse(argv, at_least_1=("epochs", "batch_size", "beam", "max_new_tokens", "decode_batch", "max_seq_len"),
                    at_least_0=("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit",
                                "no_repeat_ngram", "length_penalty", "eval_interval", "weight_decay", "grad_clip"),
@@ -207,56 +213,98 @@ def mode_name(args):
 # Training loop
 
 
-def loss_on(model, x, y, label_smoothing):
+def loss_on(model, x, y, label_smoothing, reduction="mean"):
     logits, _ = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, label_smoothing=label_smoothing)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, label_smoothing=label_smoothing,
+                           reduction=reduction)
 
 
-def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evaluate_now):
+def completion_tokens(examples, batch):
+    return sum(len(examples[i][0]) - examples[i][1] for i in batch)
+
+
+def share(examples, batch, dist, device):
+    """--fsdp: this process's part of a global batch (x, y) and the weight of its summed loss
+    (N / the global batch's completion tokens), so that FSDP's average over the N processes is
+    the gradient of the global batch's mean loss. A process whose part is empty (the epoch's
+    last batch) runs the first example with weight 0: every process must run each forward."""
+    part = batch[dist.rank * len(batch) // dist.world_size: (dist.rank + 1) * len(batch) // dist.world_size]
+    weight = dist.world_size / completion_tokens(examples, batch)
+    return (*collate(examples, part or batch[:1], device), weight if part else 0.0)
+
+
+def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evaluate_now, dist=SINGLE):
     """One epoch, batches drawn with the (seed, epoch) generator; the learning rate follows the
     LoRA repository's linear schedule over all steps. Every --eval-interval steps a point of
-    the validation curve is logged (Fig. 3, 8); returns (loss since the last point, lr, seconds, tokens)."""
-    steps_per_epoch = math.ceil(len(examples) / args.batch_size)
+    the validation curve is logged (Fig. 3, 8); returns (loss since the last point, lr, seconds, tokens).
+    Under --fsdp a step's batch is N times --batch-size, each process training on its part."""
+    global_batch = args.batch_size * dist.world_size
+    steps_per_epoch = math.ceil(len(examples) / global_batch)
     total_steps, t0, tokens, since = steps_per_epoch * args.epochs, time.perf_counter(), 0, []
-    epoch_batches = batches(examples, args.batch_size, runlib.step_generator(args.seed, epoch))
-    bar = tqdm(epoch_batches, desc=f"epoch {epoch}/{args.epochs}", dynamic_ncols=True)
+    epoch_batches = batches(examples, global_batch, runlib.step_generator(args.seed, epoch))
+    bar = tqdm(epoch_batches, desc=f"epoch {epoch}/{args.epochs}", dynamic_ncols=True, disable=dist.rank != 0)
+    device = model.transformer.wte.weight.device
     model.train()
     for i, batch in enumerate(bar):
         step = (epoch - 1) * steps_per_epoch + i
         lr = runlib.linear_lr(step, total_steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = collate(examples, batch, model.transformer.wte.weight.device)
+        x, y, weight = share(examples, batch, dist, device) if dist.enabled else (*collate(examples, batch, device), None)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
-            loss = loss_on(train_model, x, y, args.label_smoothing)
+            if weight is None:
+                loss = loss_on(train_model, x, y, args.label_smoothing)
+            else:  # --fsdp: this part's share of the global batch's mean loss, times N
+                loss = loss_on(train_model, x, y, args.label_smoothing, reduction="sum") * weight
         loss.backward()  # with LoRA the stack's input needs no grad: the reversible backward still runs
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        since.append(loss.item())
-        tokens += x.numel()
+        if weight is None:
+            since.append(loss.item())
+            tokens += x.numel()
+        else:  # the global batch's mean loss and its tokens, over the processes
+            totals = torch.stack([loss.detach() / dist.world_size, torch.tensor(x.numel() * float(weight > 0), device=device)])
+            torch.distributed.all_reduce(totals)
+            since.append(totals[0].item())
+            tokens += int(totals[1].item())
         bar.set_postfix(loss=f"{since[-1]:.4f}", lr=f"{lr:.2e}")
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and i + 1 < len(epoch_batches):
             # a point within the epoch; `epoch` is fractional, so a resumed run drops it with its epoch
             runlib.check_loss(sum(since) / len(since))  # NaN: stop before it is logged
-            log.write(epoch=(step + 1) / steps_per_epoch, step=step + 1, train_loss=sum(since) / len(since),
-                      val_loss=evaluate_now(), lr=lr, mode=mode_name(args), device=x.device.type)
+            val_loss = evaluate_now()
+            if log is not None:
+                log.write(epoch=(step + 1) / steps_per_epoch, step=step + 1, train_loss=sum(since) / len(since),
+                          val_loss=val_loss, lr=lr, mode=mode_name(args), device=x.device.type)
             since = []
     return sum(since) / len(since), lr, time.perf_counter() - t0, tokens
 
 
 @torch.no_grad()
-def validation_loss(model, examples, args):
-    """Mean cross-entropy per completion token (no label smoothing; gamma 0: the plain model)."""
+def validation_loss(model, examples, args, dist=SINGLE):
+    """Mean cross-entropy per completion token (no label smoothing; gamma 0: the plain model).
+    Under --fsdp each process scores its part of each N times --batch-size examples."""
     model.eval()
     total = tokens = 0
-    for batch in tqdm(batches(examples, args.batch_size), desc="validation loss", leave=False, dynamic_ncols=True):
-        x, y = collate(examples, batch, model.transformer.wte.weight.device)
+    device = model.transformer.wte.weight.device
+    for batch in tqdm(batches(examples, args.batch_size * dist.world_size), desc="validation loss", leave=False,
+                      dynamic_ncols=True, disable=dist.rank != 0):
+        if dist.enabled:
+            x, y, weight = share(examples, batch, dist, device)
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+                total += loss_on(model, x, y, 0.0, reduction="sum") * float(weight > 0)
+            tokens += completion_tokens(examples, batch)
+            continue
+        x, y = collate(examples, batch, device)
         n = int((y != -1).sum())
         with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
             total += loss_on(model, x, y, 0.0).item() * n
         tokens += n
+    if dist.enabled:  # the parts' sums, over all processes
+        total = total.detach().clone()
+        torch.distributed.all_reduce(total)
+        total = total.item()
     model.train()
     return total / max(tokens, 1)
 
@@ -352,9 +400,11 @@ def print_table(folders):
 
 
 def train(args):
-    device, out = torch.device(args.device), Path(args.out_dir)
+    dist = runlib.distributed(args.device) if args.fsdp else SINGLE
+    device = torch.device("cuda", dist.local_rank) if dist.enabled and args.device == "cuda" else torch.device(args.device)
+    out, main_process = Path(args.out_dir), dist.rank == 0
     ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + dist.rank)  # --fsdp: rank 0's adapters are broadcast; dropout and gammas differ
     try:
         tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
     except ValueError as e:  # a vocabulary that is not JSON, or not UTF-8
@@ -371,34 +421,66 @@ def train(args):
     optimizer = configure_optimizer(model, args)
     start_epoch = 1
     if ckpt is not None:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
-        runlib.restore(ckpt, model, optimizer)
+        runlib.restore(ckpt, model, optimizer, rank=dist.rank)
         start_epoch = ckpt["epoch"] + 1
+    if args.fsdp:  # loaded whole; now each process keeps its shards
+        optimizer = runlib.shard_model(model, model.transformer.h, optimizer, lambda m: configure_optimizer(m, args))
     train_model = runlib.compiled(model, args)
     # points within an epoch have a fractional epoch: those of the epoch run again are dropped
-    log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] <= start_epoch - 1)
+    log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] <= start_epoch - 1) \
+        if main_process else None
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{mode_name(args)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-          f"({n_train / 1e6:.3f}M trained), {len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, {device}")
+    if main_process:
+        print(f"{mode_name(args)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"({n_train / 1e6:.3f}M trained), {len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, "
+              f"{dist.world_size} process(es) on {device}")
 
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
     for epoch in range(start_epoch, args.epochs + 1):
         with runlib.at(f"epoch {epoch}", out):  # an error names this epoch and the intact checkpoint before it
             train_loss, lr, seconds, tokens = train_epoch(model, train_model, optimizer, train_ex, args, epoch, log,
-                                                          lambda: validation_loss(model, valid_ex, args))
+                                                          lambda: validation_loss(model, valid_ex, args, dist), dist)
             runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
-            val_loss = validation_loss(model, valid_ex, args)
-        steps = math.ceil(len(train_ex) / args.batch_size)
+            val_loss = validation_loss(model, valid_ex, args, dist)
+        if args.fsdp:  # every process gathers (the trained weights only); rank 0 keeps them
+            weights, optimizer_state = runlib.unsharded_states(model, optimizer, keep=main_process, names=trained)
+            rngs = [None] * dist.world_size  # every process's RNG goes into the one checkpoint
+            torch.distributed.all_gather_object(rngs, runlib.random_states())
+        else:
+            weights, optimizer_state, rngs = trainable_state(model), optimizer.state_dict(), runlib.random_states()
+        if not main_process:
+            continue
+        steps = math.ceil(len(train_ex) / (args.batch_size * dist.world_size))
         log.write(epoch=epoch, step=epoch * steps, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=seconds,
                   tokens_per_s=tokens / seconds, mode=mode_name(args), peak_memory_mb=runlib.peak_memory_mb(device),
                   device=device.type)
         print(f"epoch {epoch}: train loss {train_loss:.4f} (label smoothing {args.label_smoothing}), "
               f"val loss {val_loss:.4f}, {seconds:.1f} s")
-        runlib.save_checkpoint(out / "ckpt.pt", args, model=trainable_state(model), optimizer=optimizer.state_dict(),
-                               epoch=epoch, frozen_sha256=frozen_sha256)
+        runlib.save_checkpoint(out / "ckpt.pt", args, model=weights, optimizer=optimizer_state, rng=rngs, epoch=epoch,
+                               frozen_sha256=frozen_sha256)
+    if args.fsdp:
+        model = unsharded_model(model, args, device, main_process, needed=bool(args.export or not args.no_test))
+        if model is None:
+            return
     if args.export:
         gpt2.save_pretrained(model, args.export)
         print(f"exported to {args.export} (model.safetensors + config.json, Hugging Face GPT-2 layout)")
     if not args.no_test:
         evaluate(args, model, tok, splits["test"], device)
+
+
+def unsharded_model(model, args, device, main_process, needed):
+    """--fsdp after training: the whole model on rank 0, as a plain GPT-2 to export and decode
+    (beam search runs a varying number of forwards, which sharded processes cannot share); the
+    process group ends here, so that no process waits on rank 0's decoding. None elsewhere."""
+    weights = runlib.unsharded_states(model, None, keep=main_process)[0] if needed else None
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    if not main_process or not needed:
+        return None
+    plain = build_model(args, device)
+    plain.load_state_dict(weights)
+    return plain
 
 
 if __name__ == "__main__":

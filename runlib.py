@@ -534,11 +534,12 @@ def shard_like(tensor, param):
     return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
-def unsharded_states(model, optimizer, keep):
+def unsharded_states(model, optimizer, keep, names=None):
     """(model.state_dict(), optimizer.state_dict()) as the unsharded model and its optimizer
     have them, on the CPU, so that a checkpoint resumes with or without --fsdp and on any number
-    of processes. Every process must call this (the gathers are collective); those without
-    `keep` (all but rank 0) get None. A tensor of two names (tied weights) stays one."""
+    of processes; names: only these weights (a LoRA run's adapters); optimizer None: no optimizer
+    state. Every process must call this (the gathers are collective); those without `keep` (all
+    but rank 0) get None. A tensor of two names (tied weights) stays one."""
     from torch.distributed.tensor import DTensor
 
     gathered = {}
@@ -550,7 +551,8 @@ def unsharded_states(model, optimizer, keep):
         return gathered[id(t)]
 
     with torch.no_grad():
-        weights = {name: whole(t) for name, t in model.state_dict(keep_vars=True).items()}
-        opt = optimizer.state_dict()
-        state = {i: {k: whole(v) for k, v in s.items()} for i, s in opt["state"].items()}
-    return (weights, {**opt, "state": state}) if keep else (None, None)
+        weights = {n: whole(t) for n, t in model.state_dict(keep_vars=True).items() if names is None or n in names}
+        opt = optimizer.state_dict() if optimizer is not None else None
+        if opt is not None:
+            opt = {**opt, "state": {i: {k: whole(v) for k, v in s.items()} for i, s in opt["state"].items()}}
+    return (weights, opt) if keep else (None, None)

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -404,6 +405,28 @@ def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path,
     assert not torch.equal(exported.transformer.h[0].attn.c_attn.weight, checkpoint[1].transformer.h[0].attn.c_attn.weight)
 
 
+def test_fsdp_under_torchrun_matches_one_process_with_the_global_batch(checkpoint, e2e_dir, tmp_path):
+    # 21 examples in global batches of 10: the last batch leaves process 0 nothing (it runs with
+    # weight 0). One gamma: each sample's gamma is then the same however the batch is split.
+    flags = ["--init-from", str(checkpoint[0]), "--data-dir", str(e2e_dir), *TINY, "--train-limit", "21",
+             "--eval-interval", "1", "--lora-rank", "2", "--lora-dropout", "0", "--bdia", "--gammas", "0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_e2e.py",
+            *flags, "--batch-size", "5", "--fsdp", "--out-dir", str(tmp_path / "fsdp")]
+    run_fsdp = subprocess.run(fsdp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run_fsdp.returncode == 0, run_fsdp.stderr[-3000:]
+    finetune_e2e.main([*flags, "--batch-size", "10", "--out-dir", str(tmp_path / "single")])
+    rows = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("fsdp", "single")]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(*rows):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("fsdp", "single"))
+    assert a["model"].keys() == b["model"].keys() and all(".lora_" in k for k in a["model"])
+    assert all((a["model"][k] - b["model"][k]).abs().max() < 1e-5 for k in b["model"])
+    # rank 0 decoded with the whole model: the predictions are those of the single process
+    assert (tmp_path / "fsdp" / "predictions.txt").read_text() == (tmp_path / "single" / "predictions.txt").read_text()
+
+
 def test_lora_resume_refuses_another_base_model_and_accepts_the_same_one_moved(checkpoint, e2e_dir, tmp_path, capsys):
     """A LoRA checkpoint holds only the adapters: a base of the same shape but other weights would load."""
     flags = ["--lora-rank", "2", "--no-test", "--epochs", "1"]
@@ -499,6 +522,7 @@ def test_lora_repo_line_format_and_mr_conversion(tmp_path):
     (["--init-from", "no-such-model"], "not one of gpt2"),
     (["--lora-rank", "-1"], "must not be negative"),
     (["--bdia", "--gammas=-0.5,0,0.5"], "revers"),
+    (["--fsdp"], "torchrun --nproc_per_node=N finetune_e2e.py"),
 ])
 def test_finetune_e2e_errors_exit_2_without_traceback(checkpoint, e2e_dir, tmp_path, flags, message, capsys):
     argv = ["--init-from", str(checkpoint[0]), "--data-dir", str(e2e_dir), "--out-dir", str(tmp_path), *TINY, *flags]
