@@ -1,7 +1,8 @@
 """BDIA under FSDP2 (torch.distributed.fsdp.fully_shard on each block and the root, or on
 sub-modules, or on the root only): two CPU processes (gloo) give the loss and, gathered, the
 gradients of one process on the whole batch, for the plain model, stored and reversible BDIA,
-with gradient accumulation and with an encoder's memory as the decoder blocks' context.
+with gradient accumulation and with an encoder's memory as the decoder blocks' context; and
+runlib's --fsdp checkpoints (the unsharded model's state, sharded and gathered back exactly).
 One spawn runs every case; the tests compare its results with one process here."""
 
 import os
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import runlib  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import GPT, Seq2Seq  # noqa: E402
 
@@ -95,6 +97,21 @@ def gathered(model):
     return [p.grad.full_tensor() for p in model.parameters()]
 
 
+def checkpoint_round_trip(rank):
+    """A restored run's state (the same on every process) through runlib.shard_model and back
+    through runlib.unsharded_states: (state before, state after), on rank 0."""
+    model = build("gpt", "reversible")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    loss_of("gpt", model, batch("gpt")).backward()
+    optimizer.step()  # exp_avg, exp_avg_sq and step in the state
+    before = {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict()
+    if rank == 1:
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.weight.add_(1.0)  # shard_model broadcasts rank 0's weights
+    optimizer = runlib.shard_model(model, model.transformer.h, optimizer, lambda m: torch.optim.AdamW(m.parameters()))
+    return before, runlib.unsharded_states(model, optimizer, keep=rank == 0)
+
+
 def worker(rank, init_file, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -113,6 +130,7 @@ def worker(rank, init_file, out_file):
         torch.manual_seed(2 + rank)
         loss = train_step("gpt", model, [[t.chunk(2)[rank] for t in batch("gpt")]])
         results[f"random-{mode}"] = (loss, gathered(model))
+    results["checkpoint"] = checkpoint_round_trip(rank)
     if rank == 0:
         torch.save(results, out_file)
     dist.barrier()  # gloo aborts a process that tears down while its peer's last messages are in flight
@@ -150,3 +168,13 @@ def test_reversible_equals_stored_under_fsdp_with_random_gammas_and_dropout(fsdp
     assert torch.equal(loss_r, loss_s)  # the same forward, bit for bit
     for a, b in zip(grads_r, grads_s):
         assert relative(a, b) < 1e-5
+
+
+def test_a_checkpoint_is_sharded_and_gathered_back_bit_for_bit(fsdp_results):
+    (weights, optimizer), (weights_after, optimizer_after) = fsdp_results["checkpoint"]
+    assert weights.keys() == weights_after.keys() and all(torch.equal(weights[k], weights_after[k]) for k in weights)
+    assert optimizer["param_groups"] == optimizer_after["param_groups"]  # lr 0.1 too: the restored run's
+    assert optimizer["state"].keys() == optimizer_after["state"].keys()
+    for i, state in optimizer["state"].items():
+        assert state.keys() == optimizer_after["state"][i].keys()
+        assert all(torch.equal(v, optimizer_after["state"][i][k]) for k, v in state.items())
