@@ -11,12 +11,11 @@ block k >= 1, a random gamma_k (e.g. +-1/2) and computes
     x_{k+1}  = gamma_k (x_{k-1} + s_{k-1} 2^-l)
                + Q_l[(1 - gamma_k) x_k + (1 + gamma_k) h_k(x_k)]            (21)
 
-where Q_l rounds to multiples of 2^-l (17) and the side information s_{k-1} (20) makes
-the product with gamma_k exact (23). Every x_{k-1} is then rebuilt bit for bit from
-(x_k, x_{k+1}) by (24), so training keeps no activations: the backward pass recomputes the
-blocks one at a time from the top. At inference E[gamma] = 0 gives the standard transformer (25).
+where Q_l rounds to multiples of 2^-l (17) and the side information s_{k-1} (20) makes the
+product exact (23), so that (24) rebuilds x_{k-1} from (x_k, x_{k+1}) bit for bit: training keeps
+no activations. At inference E[gamma] = 0 gives the standard transformer (25).
 
-Any block works: h_k is block.residual(x, ...) if it has one, else block(x, ...) - x.
+Any block works: h_k is block.residual(x, ...) if it has one, else block(x, ...) - x:
 
     config = BDIAConfig(gammas=(-0.5, 0.5), bits=9, reversible=True)
     x = run_blocks(self.blocks, x, config)      # instead of: for b in self.blocks: x = b(x)
@@ -38,7 +37,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 # -----------------------------------------------------------------------------
-# Q_l, eq. (17), with the straight-through gradient
+# Q_l, eq. (17), with the straight-through gradient, and the side information (20)
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -57,11 +56,6 @@ def quantize(x, bits):
         return x
     return _RoundSTE.apply(x * 2.0**bits) / 2.0**bits  # powers of two: the multiply and divide are exact
 
-
-# -----------------------------------------------------------------------------
-# Side information, eq. (20)
-
-
 def side_info(x, bits, m):
     """s = (-x / 2^-l) mod 2^m, eq. (20) for |gamma| = 2^-m (for m = 1 the parity of x / 2^-l).
     x / 2^-l is an integer n, n + s a multiple of 2^m, so gamma (x + s 2^-l) is on the grid with
@@ -69,31 +63,19 @@ def side_info(x, bits, m):
     integers = torch.int64 if x.dtype == torch.float64 else torch.int32
     return (x.detach() * -(2.0**bits)).to(integers) & (2**m - 1)
 
-
-def power_of_two_exponent(gamma):
-    """m if |gamma| == 2^-m for an integer m >= 1, else None."""
-    m = -math.log2(abs(gamma)) if gamma != 0 else 0.5
-    return int(m) if m == int(m) and m >= 1 else None
-
-
 def side_bits(gammas):
-    """Bits of side information per element: m when every nonzero gamma is +-2^-m (the largest m),
-    else None: then (21) rounds gamma x_{k-1} instead (only training with stored activations)."""
-    ms = [power_of_two_exponent(g) for g in gammas if g != 0]
-    return max(ms) if ms and None not in ms else None
-
+    """Bits of side information per element: m when every nonzero gamma is +-2^-m, m >= 1 (the
+    largest m), else None: then (21) rounds gamma x_{k-1} instead (stored activations only)."""
+    ms = [-math.log2(abs(g)) for g in gammas if g != 0]
+    return int(max(ms)) if ms and all(m == int(m) >= 1 for m in ms) else None
 
 def pack_bits(s, m):
     """The values 0 <= s < 2^m of an integer tensor, m bits each: (m, ceil(n / 8)) uint8 bit planes."""
-    n = s.numel()
-    if n % 8:
-        s = torch.cat([s.reshape(-1), s.new_zeros(8 - n % 8)])
-    flags = s.reshape(1, -1, 8)
+    flags = torch.cat([s.reshape(-1), s.new_zeros(-s.numel() % 8)]).view(1, -1, 8)
     if m > 1:
         flags = torch.cat([(flags >> j) & 1 for j in range(m)])
     places = torch.arange(8, dtype=flags.dtype, device=s.device)  # of 8 flags in a byte
     return (flags << places).sum(dim=-1, dtype=torch.uint8)
-
 
 def unpack_bits(packed, m, shape, dtype=torch.uint8):
     """Inverse of pack_bits: the m-bit values as a tensor of `shape`."""
@@ -109,35 +91,29 @@ def unpack_bits(packed, m, shape, dtype=torch.uint8):
 
 
 def mixed_term(x, h, gamma, bits):
-    """Q_l[(1 - gamma) x + (1 + gamma) h], the rounded term of (21) and (24). The forward and
-    the rebuild both call this one function on the same bits, so both round the very same
-    number: that is what makes (24) exact."""
+    """Q_l[(1 - gamma) x + (1 + gamma) h] of (21) and (24): one function for both, so both round the
+    very same number, which makes (24) exact."""
     return quantize((1 - gamma) * x + (1 + gamma) * h, bits)
 
-
 def bdia_step(x_prev, x, h, gamma, bits, side=None):
-    """x_{k+1} from (x_{k-1}, x_k, h_k(x_k)) and gamma_k (a number, or per sample): eq. (21), or (10)
-    when bits is None. side None: gamma x_{k-1} is rounded instead (gammas that are not +-2^-m)."""
+    """x_{k+1} by (21), or (10) when bits is None; gamma_k a number or per sample. side None: gamma
+    x_{k-1} is rounded instead (gammas that are not +-2^-m)."""
     if bits is None:
         return gamma * x_prev + (1 - gamma) * x + (1 + gamma) * h  # (10)
     if side is None:
         return quantize(gamma * x_prev, bits) + mixed_term(x, h, gamma, bits)
     return gamma * (x_prev + side * 2.0**-bits) + mixed_term(x, h, gamma, bits)  # (21), exact by (23)
 
-
 def bdia_unstep(x_next, x, h, gamma, bits, side=None):
-    """x_{k-1} from (x_k, x_{k+1}, h_k(x_k)): eq. (24), exact; or (16) when bits is None, whose
-    float error doubles every block (paper Fig. 2)."""
+    """x_{k-1} by (24), exact; or by (16) when bits is None, whose float error doubles per block (Fig. 2)."""
     if bits is None:
         return (x_next - (1 - gamma) * x - (1 + gamma) * h) / gamma  # (16)
     return (x_next - mixed_term(x, h, gamma, bits)) / gamma - side * 2.0**-bits  # (24)
-
 
 def draw_gammas(config, batch, depth, device, dtype):
     """gamma_k for every sample and block k = 1..K-1, uniformly from config.gammas: (batch, K-1)."""
     table = torch.tensor(config.gammas, device=device, dtype=dtype)
     return table[torch.randint(len(table), (batch, max(depth - 1, 0)), device=device)]
-
 
 def gamma_of_block(gammas, k, x):
     """Block k's gamma_k, per sample: column k - 1 of the (batch, K-1) table, shaped to broadcast over x."""
@@ -145,20 +121,16 @@ def gamma_of_block(gammas, k, x):
 
 
 # -----------------------------------------------------------------------------
-# Configuration
+# The stack: plain, BDIA training, BDIA inference
 
 
 @dataclass(frozen=True)
 class BDIAConfig:
-    """How a stack of blocks is trained and evaluated with BDIA.
-
-    gammas:     the values gamma_k is drawn from, uniformly, per sample and block k >= 1.
-    bits:       l, the quantization precision 2^-l (17); None for no quantization (10),
-                which needs reversible=False (the inverse (16) is not exact).
-    reversible: online back-propagation: activations are rebuilt by (24), not stored.
-                Needs bits and all gammas of one magnitude 2^-m, m >= 1.
-    eval_gamma: the constant gamma at inference; 0 is the standard transformer (25).
-    """
+    """gammas:     the values gamma_k is drawn from, uniformly, per sample and block k >= 1.
+    bits:       l, the quantization precision 2^-l (17); None: no quantization (10), reversible=False.
+    reversible: online back-propagation, the activations rebuilt by (24), not stored: needs bits
+                and all gammas of one magnitude 2^-m, m >= 1.
+    eval_gamma: the constant gamma at inference; 0 is the standard transformer (25)."""
 
     gammas: tuple = (-0.5, 0.5)
     bits: int = 9
@@ -170,21 +142,13 @@ class BDIAConfig:
         check_config(self)
 
 
-# -----------------------------------------------------------------------------
-# The stack: plain, BDIA training, BDIA inference
-
-
 def run_blocks(blocks, x, config, *context, **kwargs):
     """Run blocks (an nn.ModuleList, nn.Sequential, BDIAStack, a slice of one, a list) on x; return x_K.
-
-    config None: the plain stack, x = block(x, *context, **kwargs).
-    training (the blocks' own mode): BDIA, eqs. (18)-(21), or (19) and (10) when bits is None;
-        with config.reversible (and grad enabled) the activations are rebuilt by (24) in backward.
-    eval: eq. (25) with gamma = config.eval_gamma (0 is the standard transformer).
-
-    Context, positional (encoder memory, masks) and keyword (rotary embeddings, flags), goes to
-    every block as it is; its tensors that require grad, also nested in a tuple, list or dict,
-    get their gradient summed over the blocks, in reversible training too."""
+    config None: the plain stack, x = block(x, *context, **kwargs). Training (the blocks' own mode):
+    BDIA (18)-(21), or (10) when bits is None; reversible: the activations rebuilt by (24) in backward.
+    Eval: (25) with gamma = config.eval_gamma. Context, positional (encoder memory, masks) and keyword
+    (rotary embeddings), goes to every block; its tensors that require grad (also nested in a tuple,
+    list or dict) get their gradient summed over the blocks, in reversible training too."""
     blocks, training = blocks_and_mode(blocks)
     if config is None or not blocks:
         for block in blocks:
@@ -201,7 +165,6 @@ def run_blocks(blocks, x, config, *context, **kwargs):
         x_prev, x = x, bdia_block(block, k, x_prev, x, gammas, config, context, kwargs)[0]
     return x
 
-
 def blocks_and_mode(blocks):
     """The blocks as a list, and their own mode (training or not), not the container's: a slice
     of an nn.ModuleList is a new container, in training mode whatever the model's."""
@@ -214,11 +177,9 @@ def blocks_and_mode(blocks):
                          "on the whole model")
     return list(blocks), modes == {True}
 
-
 def output_of(y):
     """A block's output: the residual stream, the first element if it returns a tuple or list."""
     return y[0] if isinstance(y, (tuple, list)) else y
-
 
 def residual_of(block, x, context, kwargs):
     """h_k(x_k): block.residual(x, ...) if the block defines it, else block(x, ...) - x, cast to
@@ -231,7 +192,6 @@ def residual_of(block, x, context, kwargs):
         h = output_of(block(x, *context, **kwargs)) - x
     return h if h.dtype == x.dtype else h.to(x.dtype)
 
-
 def register_residual_with_fsdp(block):
     """FSDP2: fully_shard gathers a module's parameters only around its forward, so a sharded
     block's residual is registered once as a forward method too (else it runs on the shards).
@@ -239,7 +199,6 @@ def register_residual_with_fsdp(block):
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is not None and isinstance(block, fsdp.FSDPModule) and "residual" not in vars(block):
         fsdp.register_fsdp_forward_method(block, "residual")  # sets the wrapped method on the instance
-
 
 def bdia_block(block, k, x_prev, x, gammas, config, context, kwargs):
     """Block k of BDIA training: x_{k+1} by (19) for k = 0, else by (21) (or (10)).
@@ -251,11 +210,9 @@ def bdia_block(block, k, x_prev, x, gammas, config, context, kwargs):
     side = None if config.bits is None or m is None else side_info(x_prev, config.bits, m)  # (20)
     return bdia_step(x_prev, x, h, gamma_of_block(gammas, k, x), config.bits, side), side  # (21)
 
-
 def bdia_inference(blocks, x, config, context, kwargs):
-    """Eq. (25), x_{k+1} = Q_l[block(x_k)], when eval_gamma is 0: with bits None the plain stack bit
-    for bit. A constant eval_gamma (paper Fig. 1) runs (10), or with bits (21) without side
-    information, which only serves the inverse (24)."""
+    """(25), x_{k+1} = Q_l[block(x_k)], when eval_gamma is 0: with bits None the plain stack bit for bit.
+    A constant eval_gamma (Fig. 1) runs (10), or (21) without side information (it serves only (24))."""
     gamma, bits = config.eval_gamma, config.bits
     x_prev, x = None, quantize(x, bits)  # (18)
     for k, block in enumerate(blocks):
@@ -295,13 +252,10 @@ class BDIAStack(nn.Sequential):
 # -----------------------------------------------------------------------------
 # Online back-propagation
 #
-# Each block is one autograd Function, ReversibleBlock: inputs (x_{k-1}, x_k), the context
-# tensors and the block's trainable parameters; output x_{k+1}. Its forward keeps no
-# activation, only the packed side bits s_{k-1} (and the RNG state if the block drew random
-# numbers). Autograd runs the blocks' backwards from the top down; block k's backward takes
-# (x_k, x_{k+1}) from the stack's Tape, recomputes h_k(x_k), rebuilds x_{k-1} by (24) for
-# block k-1, and returns the gradients of its inputs. Parameter gradients thus arrive block
-# by block (DDP's hooks fire as for a plain model), context gradients are summed by autograd.
+# Each block is one autograd Function whose inputs are x_{k-1}, x_k, the context tensors and the
+# block's parameters, and which keeps only the packed side bits (and the RNG state if the block
+# drew). Autograd runs the backwards from the top; each rebuilds x_{k-1} by (24) for the one
+# below, so parameter gradients arrive block by block (DDP's hooks fire as for a plain model).
 
 
 def reversible_stack(blocks, x, gammas, config, context, kwargs):
@@ -318,8 +272,8 @@ def reversible_stack(blocks, x, gammas, config, context, kwargs):
 
 
 class Tape:
-    """What the blocks of one reversible forward share: the config, the gammas, the context, the
-    activations rebuilt so far (at first the top pair), x_0's fingerprint, |x_k| for the guard."""
+    """What one reversible forward's blocks share: config, gammas, context, the activations rebuilt
+    so far (at first the top pair), x_0's fingerprint, |x_k| for the range guard."""
 
     def __init__(self, x0, gammas, config, context, kwargs):
         self.config, self.gammas, self.m = config, gammas, side_bits(config.gammas)
@@ -337,25 +291,17 @@ class Tape:
     def take(self, k):
         """(x_{k+1}, x_k) for the backward of block k; x_{k+1} is not needed after it."""
         if k + 1 not in self.rebuilt:
-            raise BDIAError("BDIA: this reversible graph was already back-propagated; it cannot be back-"
-                            "propagated twice (retain_graph=True is not supported with reversible=True)")
+            raise BDIAError("BDIA: this reversible graph was already back-propagated (retain_graph=True)")
         return self.rebuilt.pop(k + 1), self.rebuilt[k]
 
 
 class ReversibleBlock(torch.autograd.Function):
-    """Block k of a reversible stack: (x_{k-1}, x_k) -> x_{k+1}, no activations kept.
-    Inputs: tape, block, k, x_prev, x, *context tensors, *trainable parameters."""
+    """Block k of a reversible stack: (tape, block, k, x_{k-1}, x_k, *context, *parameters) -> x_{k+1}."""
 
     @staticmethod
     def forward(ctx, tape, block, k, x_prev, x, *tensors_and_params):
-        context, kwargs = tape.context()
-        bits, rng = tape.config.bits, generator_states(x.device)  # draws are replayed by observation
-        h = residual_of(block, x, context, kwargs)
-        if k == 0:
-            x_next, side = x + quantize(h, bits), None  # (19)
-        else:
-            side = side_info(x_prev, bits, tape.m)  # (20)
-            x_next = bdia_step(x_prev, x, h, gamma_of_block(tape.gammas, k, x), bits, side)  # (21)
+        rng = generator_states(x.device)  # the block's random draws are replayed by observation
+        x_next, side = bdia_block(block, k, x_prev, x, tape.gammas, tape.config, *tape.context())  # (19), (21)
         tape.magnitudes.append(x_next.detach().abs().amax())
         ctx.save_for_backward(None if side is None else pack_bits(side, tape.m))  # m bits per element
         drew = any(a is not None and not torch.equal(a, b) for a, b in zip(rng, generator_states(x.device)))
@@ -408,14 +354,10 @@ class ReversibleBlock(torch.autograd.Function):
 
 
 def recomputed_grads(block, h, grad_h, x_leaf, params, leaves, n_params):
-    """dL/dx_k, dL/dparams and dL/dleaves of the recomputed h_k(x_k), given grad_h = dL/dh_k;
-    params: the block's trainable parameters as the recomputation saw them.
-
-    The parameter gradients are returned, for the Function to pass on. But where FSDP2 shards
-    the block or its sub-modules (fully_shard), its hooks gather the parameters around the
-    recomputation, which thus runs on FSDP's unsharded copies, and reduce-scatter those copies'
-    .grad right after it: the gradients then go into that .grad here (autograd.backward), and
-    the Function returns none for the n_params parameters it was given (FSDP's shards)."""
+    """dL/dx_k, dL/dparams, dL/dleaves of the recomputed h_k (params as the recomputation saw them).
+    FSDP2 (fully_shard on the block or its sub-modules): the recomputation ran on FSDP's unsharded
+    copies, whose .grad FSDP reduce-scatters into the shards right after it; so the gradients go
+    into that .grad here, and the Function returns none for its n_params inputs (the shards)."""
     if not fsdp_shards_within(block):
         grad_x, *grads = torch.autograd.grad(h, [x_leaf, *params, *leaves], grad_h, allow_unused=True)
         return grad_x, grads[: len(params)], grads[len(params) :]
@@ -424,20 +366,17 @@ def recomputed_grads(block, h, grad_h, x_leaf, params, leaves, n_params):
 
 
 def fsdp_shards_within(block):
-    """True if FSDP2's fully_shard wraps the block or one of its sub-modules (then FSDP gathers
-    and reduce-scatters inside the block's recomputation). torch.distributed.fsdp is looked at
-    only if the user loaded it: this file needs no torch.distributed."""
+    """Whether FSDP2's fully_shard wraps the block or a sub-module of it (torch.distributed.fsdp is
+    looked at only if the user loaded it: this file needs no torch.distributed)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in block.modules())
 
 
 _CHECKED = weakref.WeakSet()  # blocks whose recomputed graph was looked at once
 
-
 def check_reads_only_its_inputs(block, k, h, inputs):
-    """A tensor that requires grad, that h_k's graph reaches and that is not one of the
-    Function's inputs (a parameter kept outside the block, a tensor in a closure) would get no
-    gradient from the reversible backward: refuse it, once per block, instead."""
+    """A tensor that requires grad, that h_k's graph reaches and that is not among the Function's
+    inputs (a parameter kept outside the block) would get no gradient: refuse it, once per block."""
     if block in _CHECKED:
         return
     own, seen, nodes = {id(t) for t in inputs}, set(), [h.grad_fn]
@@ -449,22 +388,19 @@ def check_reads_only_its_inputs(block, k, h, inputs):
         leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor that gets .grad
         if leaf is not None and id(leaf) not in own:
             raise BDIAError(f"BDIA: block {k} ({type(block).__name__}) reads a tensor of shape {tuple(leaf.shape)} "
-                            "that requires grad but is neither its parameter nor context, so reversible training "
-                            "would give it no gradient; pass it to run_blocks as context, or make it a parameter "
-                            "of the block (a wrapper module per layer), or use reversible=False")
+                            "that requires grad but is neither its parameter nor context: reversible=True would "
+                            "give it no gradient; pass it as context or make it a parameter of the block")
         nodes.extend(next_node for next_node, _ in node.next_functions)
     _CHECKED.add(block)
-
 
 def generator_states(device):
     """The CPU generator's state, and that of x's CUDA device (what a block's draws change)."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
-
 @contextlib.contextmanager
 def replayed_generators(state, device):
-    """Within: the generators as they were before the block's forward (state None: as they
-    are). After: the caller's generators as they were, untouched by the replay."""
+    """Within: the generators as before the block's forward (state None: as they are); after: as
+    the caller had them."""
     with torch.random.fork_rng([device] if device.type == "cuda" else [], enabled=state is not None):
         if state is not None:
             torch.set_rng_state(state[0])
@@ -495,7 +431,6 @@ class ReconstructionError(BDIAError):
 
 def check_config(c):
     """A configuration that cannot work is a ValueError that says why (BDIAConfig calls this)."""
-    ms, fix = [power_of_two_exponent(g) for g in c.gammas], f"gammas={c.gammas}; or reversible=False"
     if not c.gammas:
         raise ValueError("BDIAConfig: gammas is empty; give e.g. (-0.5, 0.5)")
     if c.bits is not None and (not isinstance(c.bits, int) or c.bits >= mantissa_bits(torch.float64)):
@@ -504,20 +439,17 @@ def check_config(c):
         warnings.warn(f"BDIAConfig: the mean of gammas {c.gammas} is not 0, but inference uses E[gamma] = 0 (25)",
                       stacklevel=4)
     if c.reversible and c.bits is None:
-        raise ValueError("BDIAConfig: reversible=True needs bits: without quantization (16) is inexact; or "
-                         "reversible=False")
-    if c.reversible and (None in ms or len(set(ms)) > 1 or max(ms) > 8):
-        raise ValueError(f"BDIAConfig: reversible=True needs all gammas +-2^-m, one m from 1 to 8 (Prop. 4.3), {fix}")
-
+        raise ValueError("BDIAConfig: reversible=True needs bits, as (16) is inexact; set bits=9 or reversible=False")
+    if c.reversible and (len({abs(g) for g in c.gammas}) > 1 or not 1 <= (side_bits(c.gammas) or 0) <= 8):
+        raise ValueError(f"BDIAConfig: reversible=True needs all gammas +-2^-m, one m from 1 to 8 (Prop. 4.3; not 0, "
+                         f"as (24) divides by gamma), got gammas={c.gammas}; or reversible=False")
 
 def mantissa_bits(dtype):
     return round(-math.log2(torch.finfo(dtype).eps))  # 23 for float32, 52 for float64
 
-
 def exact_limit(dtype, bits):
     """|x| below which `dtype` holds every multiple of 2^-l exactly: 2^(mantissa - l)."""
     return 2.0 ** (mantissa_bits(dtype) - bits)
-
 
 def check_stream(x, bits):
     """The residual stream's dtype must hold the 2^-l grid (Lemma 4.2): float32 or float64."""
@@ -525,9 +457,8 @@ def check_stream(x, bits):
         raise PrecisionError(f"BDIA with bits={bits} needs a float32 or float64 residual stream, got {x.dtype}; "
                              "keep x in float32 and run the blocks under torch.autocast")
     if bits is not None and exact_limit(x.dtype, bits) <= 1:
-        raise PrecisionError(f"BDIA: {x.dtype} holds the 2^-{bits} grid only for |x| < {exact_limit(x.dtype, bits):g}; "
-                             f"use bits <= {mantissa_bits(x.dtype) - 3} (the paper uses 9)")
-
+        raise PrecisionError(f"BDIA: {x.dtype} holds the 2^-{bits} grid only for |x| < "
+                             f"{exact_limit(x.dtype, bits):g}; use bits <= {mantissa_bits(x.dtype) - 3}")
 
 def check_magnitudes(magnitudes, x, bits):
     """Raise if some x_k left the range where x.dtype holds the 2^-l grid exactly (Lemma 4.2):
@@ -536,20 +467,21 @@ def check_magnitudes(magnitudes, x, bits):
     if bool((magnitudes < limit).all()):  # one device sync per step; NaN fails too
         return
     k = int((~(magnitudes < limit)).nonzero()[0])
-    where, size = "the input of the stack (x_0)" if k == 0 else f"the output of block {k - 1} (x_{k})", magnitudes[k].item()
+    size = magnitudes[k].item()
+    where = "the input of the stack (x_0)" if k == 0 else f"the output of block {k - 1} (x_{k})"
     if not math.isfinite(size) or size > 2.0**20:  # no sensible l needs |x| this large in a normalised stream
         raise DivergedError(f"BDIA: |x| reached {size:.4g} at {where}: training diverged. Lower the learning "
                             "rate or clip gradients, and resume from the last checkpoint")
+    fewer = math.floor(mantissa_bits(x.dtype) - math.log2(size)) - 1
     raise PrecisionError(f"BDIA: |x| reached {size:.4g} at {where}, but {x.dtype} holds the 2^-{bits} grid only below "
-                         f"{limit:g}; use fewer bits (at most bits={math.floor(mantissa_bits(x.dtype) - math.log2(size)) - 1}"
-                         " for this |x|), normalise the stack's input, or a float64 stream")
-
+                         f"{limit:g}; use fewer bits (at most bits={fewer} for this |x|) or normalise the stack's input")
 
 def fingerprint(x):
     """The sum of x's bit patterns modulo 2^32 (2^64 for float64): any single-element change alters
-    it, with no temporary wider than x (+ 0.0 makes -0.0 and 0.0, one number, one pattern)."""
+    it, with no temporary wider than x (+ 0.0 makes -0.0 and 0.0, one number, one pattern). Integer
+    addition wraps around, so the order of the sum does not matter."""
     bits = (x.detach() + 0.0).view(torch.int64 if x.dtype == torch.float64 else torch.int32)
-    return bits.sum(dtype=bits.dtype)  # integer addition wraps around: the order of the sum does not matter
+    return bits.sum(dtype=bits.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -564,27 +496,23 @@ def reconstruction_errors(depth=12, dim=256, heads=8, batch=4, seq=64, bits=9, s
     blocks = [nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, batch_first=True, norm_first=True)
               for _ in range(depth)]
     x0 = torch.randn(batch, seq, dim)
-    gammas = draw_gammas(BDIAConfig(), batch, depth, x0.device, x0.dtype)
-    errors = {}
+    gammas, errors = draw_gammas(BDIAConfig(), batch, depth, x0.device, x0.dtype), {}
     for name, b in (("eq16", None), ("eq24", bits)):
-        config = BDIAConfig(bits=b, reversible=False)
-        xs, sides = [quantize(x0, b)], []  # sides[k]: the s_{k-1} block k used
-        for k, block in enumerate(blocks):  # forward, keeping every x_k for comparison
-            x_next, side = bdia_block(block, k, xs[k - 1] if k else None, xs[k], gammas, config, (), {})
-            xs.append(x_next)
-            sides.append(side)
-        rebuilt = {depth: xs[depth], depth - 1: xs[depth - 1]}
-        for k in range(depth - 1, 0, -1):  # backward, from the top pair only
+        config, xs, sides = BDIAConfig(bits=b, reversible=False), [quantize(x0, b)], []  # every x_k, s_{k-1}
+        for k, block in enumerate(blocks):
+            x_next, side = bdia_block(block, k, xs[k - 1], xs[k], gammas, config, (), {})  # x_prev unused at k = 0
+            xs, sides = xs + [x_next], sides + [side]
+        rebuilt = list(xs)  # then from the top pair down, each x_{k-1} by (24) or (16)
+        for k in range(depth - 1, 0, -1):
             h = residual_of(blocks[k], rebuilt[k], (), {})
             rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gamma_of_block(gammas, k, h), b, sides[k])
-        errors[name] = [(rebuilt[k] - xs[k]).abs().max().item() for k in range(depth + 1)]
+        errors[name] = [(r - x).abs().max().item() for r, x in zip(rebuilt, xs)]
     return errors
 
 
 if __name__ == "__main__":
     errors = reconstruction_errors()
-    print("Reconstruction error max|rebuilt x_k - x_k| of a 12-block pre-norm transformer stack")
-    print("trained with BDIA, gammas +-0.5, width 256, float32 (paper Fig. 2 and 6)")
+    print("max|rebuilt x_k - x_k|, 12 pre-norm transformer blocks, BDIA, gammas +-0.5, float32 (Fig. 2, 6)")
     print(f"{'x_k':>5} {'eq. (16), no quantization':>28} {'eq. (24), l = 9':>18}")
     for k in range(len(errors["eq16"]) - 1, -1, -1):
         print(f"{k:>5} {errors['eq16'][k]:>28.3e} {errors['eq24'][k]:>18.3e}")

@@ -116,7 +116,7 @@ def test_side_information_of_a_float64_stream_beyond_int32():
 @pytest.mark.parametrize("gamma", [0.5, -0.5, 0.25, -0.125])
 @pytest.mark.parametrize("bits", [9, 0, -2])
 def test_prop_4_4_eq_24_inverts_eq_21_exactly(gamma, bits):
-    m = bdia.power_of_two_exponent(gamma)
+    m = bdia.side_bits((gamma,))
     x_prev, x, h = grid((500,), bits, seed=1), grid((500,), bits, seed=2), torch.randn(500, generator=torch.Generator().manual_seed(3))
     s = bdia.side_info(x_prev, bits, m)
     x_next = bdia.bdia_step(x_prev, x, h, gamma, bits, s)
@@ -155,7 +155,7 @@ def test_side_information_is_packed_to_m_bits_per_element(m, n):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(bits=None), "needs bits: without quantization"),
+        (dict(bits=None), "needs bits"),
         (dict(gammas=(-0.5, 0.0, 0.5)), r"all gammas \+-2\^-m"),
         (dict(gammas=(-0.6, 0.6)), r"all gammas \+-2\^-m"),
         (dict(gammas=(-1.0, 1.0)), r"all gammas \+-2\^-m"),
