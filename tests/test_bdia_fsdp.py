@@ -38,6 +38,7 @@ CASES = {
     "gpt-stored": ("gpt", "stored", "blocks", 1),
     "gpt-reversible": ("gpt", "reversible", "blocks", 1),
     "gpt-reversible-sub-modules": ("gpt", "reversible", "sub-modules", 1),
+    "gpt-reversible-prefetch": ("gpt", "reversible", "prefetch", 1),  # the next block gathered ahead
     "gpt-reversible-root-only": ("gpt", "reversible", "root", 1),
     "gpt-reversible-grad-accum": ("gpt", "reversible", "blocks", 2),
     "seq2seq-reversible": ("seq2seq", "reversible", "blocks", 1),
@@ -74,11 +75,15 @@ def shard(model, kind, sharding):
 
     stacks = [model.transformer.h] if kind == "gpt" else [model.encoder, model.decoder]
     for block in (b for stack in stacks for b in stack):
-        if sharding == "blocks":
+        if sharding in ("blocks", "prefetch"):
             fully_shard(block)
         elif sharding == "sub-modules":
             fully_shard(block.attn)
             fully_shard(block.mlp)
+    if sharding == "prefetch":  # each block gathers the next one's parameters before that one's forward
+        for stack in stacks:
+            for block, following in zip(stack, stack[1:]):
+                block.set_modules_to_forward_prefetch([following])
     return fully_shard(model)
 
 
