@@ -355,6 +355,9 @@ def train(args):
     device, out = torch.device(args.device), Path(args.out_dir)
     ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
     torch.manual_seed(args.seed)
+    if Path(args.init_from).is_dir() and (missing := gpt2.missing_files(args.init_from, tokenizer=not args.tokenizer)):
+        raise data.DataError(f"--init-from {args.init_from} lacks {gpt2.and_list(missing)}: put {'it' if len(missing) == 1 else 'them'} "
+                             "there" + (" (--tokenizer DIR may give the tokenizer's)" if not args.tokenizer else ""))
     try:
         tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
     except ValueError as e:  # a vocabulary that is not JSON, or not UTF-8
@@ -378,7 +381,10 @@ def train(args):
     log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] <= start_epoch - 1)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{mode_name(args)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-          f"({n_train / 1e6:.3f}M trained), {len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, {device}")
+          f"({n_train / 1e6:.3f}M trained), {len(train_ex)} training examples, {device}"
+          + (f", epochs {start_epoch}..{args.epochs}" if start_epoch <= args.epochs else ""))
+    if start_epoch > args.epochs:
+        print(runlib.finished(out, start_epoch - 1, args.epochs, "epoch", "--epochs"))
 
     for epoch in range(start_epoch, args.epochs + 1):
         with runlib.at(f"epoch {epoch}", out):  # an error names this epoch and the intact checkpoint before it

@@ -290,7 +290,10 @@ def train(args):
     log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
     print(f"{mode}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(images.train_x)} "
-          f"training images, {args.dataset}, {device}, epochs {start_epoch}..{args.epochs}")
+          f"training images, {args.dataset}, {device}" + (f", epochs {start_epoch}..{args.epochs}"
+                                                         if start_epoch <= args.epochs else ""))
+    if start_epoch > args.epochs:
+        print(runlib.finished(out, start_epoch - 1, args.epochs, "epoch", "--epochs"))
 
     epoch_seconds, val_acc = [], None
     for epoch in range(start_epoch, args.epochs + 1):
@@ -317,9 +320,7 @@ def train(args):
 
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
         runlib.write_gamma_sweep(out, gamma_sweep(model, images, args))
-    if val_acc is None:
-        print(f"checkpoint already at epoch {args.epochs}")
-    else:
+    if val_acc is not None:
         print(f"best val acc {best_acc:.4f}, final val acc {val_acc:.4f}, peak memory "
               f"{runlib.peak_memory_mb(device):.0f} MB, {np.mean(epoch_seconds):.1f} s/epoch")
 
