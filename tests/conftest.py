@@ -103,3 +103,21 @@ def fashion_mnist(monkeypatch):
         return folder
 
     return write
+
+
+@pytest.fixture
+def rates_trained_with(monkeypatch):
+    """rates_trained_with(OptimizerClass) -> a list that gets the learning rate of every step
+    optimizers of that class take (the step itself runs as it would)."""
+
+    def spy(cls):
+        rates, real_step = [], cls.step
+
+        def step(self, *args, **kwargs):
+            rates.append(self.param_groups[0]["lr"])
+            return real_step(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "step", step)
+        return rates
+
+    return spy

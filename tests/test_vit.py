@@ -52,6 +52,14 @@ def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch, kill_after):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_each_log_line_gives_the_rate_its_epoch_trained_with(tmp_path, cifar_dir, rates_trained_with):
+    rates = rates_trained_with(train_vit.SETAdam)
+    log = run(tmp_path, cifar_dir, "--epochs", "3", "--lr", "1e-3")
+    per_epoch = len(rates) // 3  # 80 images in batches of 16
+    assert per_epoch == 5 and len(set(rates[:per_epoch])) == 1
+    assert [r["lr"] for r in log] == rates[::per_epoch] and len(set(rates[::per_epoch])) == 3  # cosine over epochs
+
+
 def test_gamma_sweep_after_training(tmp_path, cifar_dir, capsys):
     run(tmp_path, cifar_dir, "--bdia", "--epochs", "1", "--eval-gammas", "-0.5", "0", "0.5")
     sweep = json.loads((tmp_path / "out" / "gamma_sweep.json").read_text())
