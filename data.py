@@ -297,9 +297,9 @@ def prepare_char_data(text, folder):
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
     split = int(0.9 * len(ids))
     folder.mkdir(parents=True, exist_ok=True)
-    ids[:split].tofile(folder / "train.bin")
-    ids[split:].tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps({"vocab_size": len(chars), "itos": chars}))
+    atomic_write(folder / "train.bin", ids[:split].tofile)  # atomic: a full disk names the file, leaves no half of it
+    atomic_write(folder / "val.bin", ids[split:].tofile)
+    atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps({"vocab_size": len(chars), "itos": chars})))
     return folder
 
 

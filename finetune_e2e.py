@@ -302,15 +302,20 @@ def evaluate(args, model, tok, test_pairs, device):
     scores = metrics.e2e_scores(hypotheses, references)
     # The E2E challenge's measure_scores.py format: one output per MR; the references of each MR
     # on consecutive lines, an empty line between MRs (both files in the same MR order)
-    (out / "predictions.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    (out / "references.txt").write_text("\n".join("".join(r + "\n" for r in refs) for refs in references), encoding="utf-8")
+    write_text(out / "predictions.txt", "".join(h + "\n" for h in hypotheses))
+    write_text(out / "references.txt", "\n".join("".join(r + "\n" for r in refs) for refs in references))
     result = dict(mode=mode_name(args), scores=scores, contexts=len(contexts), references=sum(map(len, references)),
                   decode_seconds=seconds, beam=args.beam, length_penalty=args.length_penalty,
                   no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=args.max_new_tokens,
                   init_from=str(args.init_from), note="METEOR not computed (needs Java and WordNet)")
-    (out / "e2e_scores.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "e2e_scores.json", json.dumps(result, indent=2))
     print(format_table([result]))
     return result
+
+
+def write_text(path, text):
+    """UTF-8 text, atomically (a full disk is an OSError that names the file)."""
+    data.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def format_table(results):

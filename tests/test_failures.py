@@ -426,6 +426,21 @@ def test_a_log_line_the_disk_refuses_is_one_line_and_leaves_the_log_whole(places
     assert saved(found["out"]) == before  # the part of the line that was written is cut off again
 
 
+FINISHED = {"vit": "(epoch 1, --epochs 1)", "gpt": "(iteration 10, --max-iters 10)", "translate": "(epoch 1, --epochs 1)",
+            "e2e": "(epoch 1, --epochs 1)"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_of_a_finished_run_says_it_is_finished_and_changes_nothing(script, places, capsys):
+    found = places(script)
+    before = saved(found["out"])
+    capsys.readouterr()
+    SCRIPTS[script].main(fill([*FLAGS[script], "--resume", *(BINS if script == "gpt" else [])], found))
+    out = capsys.readouterr().out
+    assert f"the run in {found['out']} is finished {FINISHED[script]}: nothing left to train; a larger" in out, out
+    assert "..10" not in out and "..1" not in out and saved(found["out"]) == before
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_second_run_on_a_held_folder_names_the_process_and_touches_nothing(script, places, capsys):
     found = places(script)
