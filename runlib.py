@@ -250,7 +250,10 @@ def lock_file(path, flag):
     """The open, flock-ed path, with this process's id in it."""
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+")
+        try:
+            f = open(path, "a+")
+        except FileNotFoundError:  # the run that held it ended and removed its new folder just now
+            continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -6,8 +6,9 @@ Image classification with ViT, BDIA-ViT and RevViT (paper 5.2: Tables 2-5, Fig. 
     python train_vit.py --model revvit               # RevViT
     python train_vit.py --bdia --dataset cifar100 --eval-gammas -0.5 -0.25 0 0.25 0.5
 
-A small run that finishes on a CPU in under a minute (Fashion-MNIST, offline when Debian's
-dataset-fashion-mnist is installed):
+A small run that finishes on a CPU in under a minute (Fashion-MNIST: offline from Debian's copy,
+`apt-get install dataset-fashion-mnist`, or from the four idx-ubyte.gz files put into
+DATA_DIR/fashion-mnist/; downloaded there when online):
 
     python train_vit.py --bdia --dataset fashion-mnist --limit-train 1000 --limit-val 500 --epochs 2 \\
         --depth 2 --dim 64 --heads 4 --mlp-dim 128 --out-dir out/vit-small
@@ -43,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=["vit", "revvit"], default="vit", help="revvit: the reversible baseline")
     p.add_argument("--no-rev-backprop", action="store_true", help="RevViT: store activations instead")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "fashion-mnist"], default="cifar10",
-                   help="fashion-mnist is read offline from Debian's dataset-fashion-mnist when installed")
+                   help="fashion-mnist is read offline from Debian's dataset-fashion-mnist when installed "
+                        "(/usr/share/datasets/fashion-mnist), else from DATA_DIR/fashion-mnist")
     p.add_argument("--data-dir", default="data", help="where the data set is (or is downloaded to)")
     p.add_argument("--limit-train", type=int, default=0, help="train on the first N training images (0: all)")
     p.add_argument("--limit-val", type=int, default=0, help="evaluate on the first N test images (0: all)")
