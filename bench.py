@@ -6,8 +6,6 @@ user would choose between:
     checkpoint  torch.utils.checkpoint around each block (the usual memory saver)
     bdia        BDIA training with stored activations (eqs. 18-21)
     bdia-rev    BDIA with online back-propagation (activations rebuilt by eq. 24)
-    bdia-fused  bdia-rev with its arithmetic compiled (bdia_fused.fuse; not in the
-                default --modes: compiling takes a minute)
     revvit      RevViT's two-stream reversible blocks with their own online back-propagation
                 (the paper's reversible baseline; vit family only)
 
@@ -21,11 +19,10 @@ large as the parameters, would set the peak of a small batch in every mode alike
 --kernels counts, instead, what each mode adds per block and training step beyond the
 block's own computation, on any device: operations (aten ops on a CPU, kernels on CUDA) per
 block, from two depths' difference, minus those of the mode without BDIA that runs the block
-as often (bdia - plain; bdia-rev, bdia-fused and revvit - checkpoint, which all recompute
-the block once). On a CPU, bdia-fused's count is that of the kernels torch.compile generated.
+as often (bdia - plain; bdia-rev and revvit - checkpoint, which both recompute the block once).
 
     python bench.py --family gpt --depths 6,12,24,48 --device cpu
-    python bench.py --kernels --modes plain,checkpoint,bdia,bdia-rev,bdia-fused --dim 64
+    python bench.py --kernels --modes plain,checkpoint,bdia,bdia-rev --dim 64
 """
 
 import argparse
@@ -40,14 +37,11 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-import bdia
-import bdia_fused
 import runlib
 from bdia import BDIAConfig, run_blocks, side_bits
 from models import Block, RevBlock, run_rev_blocks
 
 MODES = ("plain", "checkpoint", "bdia", "bdia-rev", "revvit")
-ALL_MODES = (*MODES, "bdia-fused")
 FAMILIES = {  # (width, heads, MLP width, tokens, causal)
     "vit": (512, 8, 512, 65, False),  # the paper's ViT on CIFAR: 64 patches + CLS
     "gpt": (768, 12, 3072, 256, True),  # nanoGPT-like
@@ -77,8 +71,7 @@ def forward(mode, blocks, x):
         for block in blocks:
             x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
         return x
-    config = BDIAConfig(reversible=mode != "bdia")
-    return run_blocks(blocks, x, bdia_fused.fuse(config) if mode == "bdia-fused" else config)
+    return run_blocks(blocks, x, BDIAConfig(reversible=mode == "bdia-rev"))
 
 
 def make_step(args, mode, depth, device):
@@ -114,9 +107,7 @@ VIEWS = {"aten::" + op for op in (
     "expand_as detach alias lift_fresh reshape _reshape_alias _unsafe_view contiguous unbind split chunk narrow "
     "flatten unflatten view_as item _local_scalar_dense is_nonzero resolve_conj resolve_neg "
     "requires_grad_ result_type").split()}  # no arithmetic: metadata, views, host reads
-FUSED_CALLS = {bdia_fused.grid_mixed: 2, bdia_fused.grid_step: 1, bdia_fused.grid_unstep: 1, bdia_fused.grad_h: 1,
-               bdia_fused.grad_inputs: 1}
-BASELINE = {"bdia": "plain", "bdia-rev": "checkpoint", "bdia-fused": "checkpoint", "revvit": "checkpoint"}
+BASELINE = {"bdia": "plain", "bdia-rev": "checkpoint", "revvit": "checkpoint"}
 
 
 def operations(args, mode, depth, device):
@@ -124,7 +115,7 @@ def operations(args, mode, depth, device):
     if device.type == "cpu":  # kineto, the profiler's backend, logs each start and stop ("USDT: ...") and, in a
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # CUDA build without a GPU, an error; 6 is above its levels
     step, _ = make_step(args, mode, depth, device)
-    step()  # warm-up (and, for bdia-fused, compilation)
+    step()  # warm-up
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
@@ -136,26 +127,6 @@ def operations(args, mode, depth, device):
     return sum(1 for _ in top)
 
 
-def fused_kernels():
-    """Kernels torch.compile generates for one block and step of bdia-fused (a CPU profile
-    does not see inside compiled code): those of each compiled function times its calls."""
-    import torch._inductor.metrics as metrics
-
-    x_prev, x, h = (bdia.quantize(torch.randn(2, 8, 16), 9) for _ in range(3))
-    g = bdia.Gamma.of(torch.full((2, 1), 0.5), 9).block(1, x)
-    mixed = bdia_fused.grid_mixed(x, h, g)
-    x_next, packed, _ = bdia_fused.grid_step(x_prev, mixed, g, 9, 1)
-    inputs = {bdia_fused.grid_mixed: (x, h, g), bdia_fused.grid_step: (x_prev, mixed, g, 9, 1),
-              bdia_fused.grid_unstep: (x_next, mixed, g, packed, 9, 1), bdia_fused.grad_h: (x, g),
-              bdia_fused.grad_inputs: (x.clone(), h, g)}
-    total = 0
-    for fn, calls in FUSED_CALLS.items():
-        before = metrics.generated_kernel_count
-        torch.compile(fn)(*inputs[fn])
-        total += calls * (metrics.generated_kernel_count - before)
-    return total
-
-
 def count_kernels(args, device):
     """Per mode: operations per block and step, and those beyond the block's own computation."""
     shallow, deep = 2, 4
@@ -165,10 +136,8 @@ def count_kernels(args, device):
     for mode in args.modes:
         base = BASELINE.get(mode)
         added = per_block[mode] - per_block[base] if base in per_block else None
-        if mode == "bdia-fused" and device.type == "cpu":
-            added = fused_kernels()  # the compiled code's kernels; its aten ops would count 0
         rows.append(dict(mode=mode, per_block=per_block[mode], baseline=base, added=added))
-    unit = "kernels (CUDA profiler)" if device.type == "cuda" else "aten ops (CPU profiler; bdia-fused: generated kernels)"
+    unit = "kernels (CUDA profiler)" if device.type == "cuda" else "aten ops (CPU profiler)"
     print(f"\n{args.family} stack, {device_name(device)}: {unit} per block and training step")
     print(f"{'mode':>11} {'per block':>10} {'baseline':>11} {'added':>6}")
     for r in rows:
@@ -258,7 +227,7 @@ def side_info_bytes(args, depth):
 def main():
     p = runlib.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="vit")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(ALL_MODES)} "
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} "
                    "(revvit: vit family)")
     p.add_argument("--depths", default="6,12,24,48")
     p.add_argument("--batch-size", type=int, default=32)
@@ -279,8 +248,8 @@ def main():
     args.modes = args.modes.split(",")
     if args.family == "gpt" and "revvit" in args.modes:
         args.modes.remove("revvit")  # RevViT is the ViT family's baseline
-    if bad := [m for m in args.modes if m not in ALL_MODES]:
-        p.error(f"unknown mode(s) {bad}; choose from {', '.join(ALL_MODES)}")
+    if bad := [m for m in args.modes if m not in MODES]:
+        p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     if not args.modes:
         p.error("--modes revvit is the vit family's baseline: with --family gpt no mode is left to run")
     try:
@@ -328,7 +297,7 @@ def run(args, depths):
             mem = None if args.no_memory else memory_in_fresh_process(args, mode, depth)
             row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20,
                        state_mb=state_bytes(args, mode, depth) / 2**20)
-            if mode in ("bdia-rev", "bdia-fused"):
+            if mode == "bdia-rev":
                 row["side_info_mb"] = side_info_bytes(args, depth) / 2**20
                 row["side_info_share"] = mem and side_info_bytes(args, depth) / mem
             results.append(row)

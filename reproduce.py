@@ -12,12 +12,14 @@ the paper's own setup (preset paper, no --flags), a note where there is nothing 
     python reproduce.py table2 --preset cpu-overfit --jobs 2 \\
         --flags="--no-augment --limit-train 1000 --optimizer adam --lr 1e-3 --batch-size 32 --epochs 200"  # overfits
     python reproduce.py table3-gpt --preset cpu-overfit     # Table 3's gammas on appf's GPT
+    python reproduce.py table4-gpt --preset cpu-overfit     # Table 4's quantization levels on appf's GPT
     python reproduce.py table2 --dry-run                    # print the commands only
 
 Tables: table2 (ViT, BDIA-ViT, RevViT), table3 (gammas), table4 (quantization l),
 table5 (dropout), fig1 (a constant gamma at inference), fig5 (translation), appf (GPT);
-table3-gpt and table5-gpt: Tables 3 and 5's gammas and dropout rates on appf's GPT, where
-the plain model overfits on a CPU (they read appf's finished runs where the flags are the same).
+table3-gpt, table4-gpt and table5-gpt: Tables 3, 4 and 5's gammas, quantization levels and
+dropout rates on appf's GPT, where the plain model overfits on a CPU (they read appf's finished
+runs where the flags are the same).
 Presets: paper (the paper's setup; CIFAR is downloaded, fig5 needs the Kaggle CSV in
 data/eng_-french.csv, appf nanoGPT's OpenWebText .bin files in data/openwebtext);
 cpu (a few minutes: tiny models, few epochs, offline data: the machinery at work, not a
@@ -218,14 +220,15 @@ def appf(preset):
                  "the paper gives Fig. 9 as curves only; `python plot.py curves` draws them from log.jsonl")
 
 
-def gpt_ablation(name, title, preset, configs, cells, borrowed):
+def gpt_ablation(name, title, preset, configs, cells, borrowed, papers="Tables 3 and 5"):
     """A table of GPT runs on appf's data and model: configs {key: extra flags}, and the
-    runs borrowed from appf {key: appf's key}, whose flags are appf's own."""
+    runs borrowed from appf {key: appf's key}, whose flags are appf's own; `papers` names the
+    paper's tables (of ViT accuracies) that it varies."""
     runs = {key: ("train_gpt.py", [*appf(preset).runs["GPT2"][1], *extra]) for key, extra in configs.items()}
     runs.update({key: appf(preset).runs[other] for key, other in borrowed.items()})
     measures = (("val. loss", "final_val_loss"), ("iteration of best", "best_at"), ("train loss", "final_train_loss"))
     return Table(name, title, runs, [(row, m, key, k, None) for row, key in cells for m, k in measures],
-                 "the paper's figures are ViT accuracies on CIFAR (Tables 3 and 5): nothing here to compare them with",
+                 f"the paper's figures are ViT accuracies on CIFAR ({papers}): nothing here to compare them with",
                  {key: ("appf", other) for key, other in borrowed.items()})
 
 
@@ -236,6 +239,21 @@ def table3_gpt(preset):
     cells = [(f"gamma {g}", g) for g in TABLE3] + [(f"gamma {bridge} (appf's BDIA-GPT2)", bridge)]
     return gpt_ablation("table3-gpt", "Table 3 on appf's GPT: gamma_k without quantization or online "
                         "back-propagation, validation loss", preset, TABLE3, cells, {bridge: "BDIA-GPT2"})
+
+
+def table4_gpt(preset):
+    """Table 4's quantization levels l on appf's GPT: BDIA-GPT2 (+-0.5, reversible) and, as table4's
+    "ViT with quantization", GPT2 with every block output rounded to 2^-l in training too (gamma 0,
+    stored activations: eq. (25)); beside them appf's own pair, BDIA-GPT2 at l = 9 and the
+    unquantized GPT2."""
+    configs = {}
+    for l in ("5", "0", "-2"):
+        configs[f"GPT2/{l}"] = ["--bdia", "--gammas", "0", "--bits", l, "--no-reversible"]  # eq. (25) in training
+        configs[f"BDIA-GPT2/{l}"] = ["--bdia", "--bits", l]
+    cells = [("GPT2, no quantization (appf's GPT2)", "GPT2/none"), ("BDIA-GPT2, l = 9 (appf's BDIA-GPT2)", "BDIA-GPT2/9")]
+    cells += [(f"{m}, l = {l}", f"{m}/{l}") for l in ("5", "0", "-2") for m in ("GPT2", "BDIA-GPT2")]
+    return gpt_ablation("table4-gpt", "Table 4 on appf's GPT: quantization level l, validation loss", preset,
+                        configs, cells, {"GPT2/none": "GPT2", "BDIA-GPT2/9": "BDIA-GPT2"}, papers="Table 4")
 
 
 def table5_gpt(preset):
@@ -249,7 +267,7 @@ def table5_gpt(preset):
 
 
 TABLES = {"table2": table2, "table3": table3, "table4": table4, "table5": table5, "fig1": fig1, "fig5": fig5, "appf": appf,
-          "table3-gpt": table3_gpt, "table5-gpt": table5_gpt}
+          "table3-gpt": table3_gpt, "table4-gpt": table4_gpt, "table5-gpt": table5_gpt}
 
 # -----------------------------------------------------------------------------
 # Runs: finished, interrupted or new

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed
 
-import bdia_fused
 from bdia import BDIAConfig, BDIAError, DivergedError, PrecisionError, exact_limit, mantissa_bits
 from data import DataError, atomic_write
 
@@ -115,8 +114,8 @@ class ArgumentParser(argparse.ArgumentParser):
         g = self.add_argument_group("run")
         g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
         g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the blocks (the residual stream stays float32)")
-        g.add_argument("--compile", action="store_true", help="torch.compile the model; with reversible --bdia, "
-                       "BDIA's arithmetic instead (bdia_fused)")
+        g.add_argument("--compile", action="store_true", help="torch.compile the model (plain, or --bdia with "
+                       "--no-reversible)")
         g.add_argument("--seed", type=int, default=1337, help="initial weights, data order, dropout and gammas")
         g.add_argument("--out-dir", default=out_dir, help="log.jsonl and ckpt.pt; one run at a time")
         speed = "--batch-size, --grad-accum" if any(a.dest == "grad_accum" for a in self._actions) else "--batch-size"
@@ -149,9 +148,8 @@ class ArgumentParser(argparse.ArgumentParser):
                        f"|x| < 2^(23 - l) <= 1, which a normalised stream exceeds; use --bits "
                        f"{mantissa_bits(torch.float32) - 3} or less (the paper uses 9)")
         if args.compile and args.bdia_config is not None and args.bdia_config.reversible:
-            # torch.compile cannot hold the reversible Function's state across forward and
-            # backward in a whole-model graph: --compile compiles BDIA's arithmetic instead
-            args.bdia_config = bdia_fused.fuse(args.bdia_config)
+            self.error("--compile cannot be used with reversible --bdia: compiled code may round differently in the "
+                       "forward and in the recomputation of (24); drop --compile, or add --no-reversible")
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cuda" and not torch.cuda.is_available():
@@ -202,10 +200,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def compiled(model, args):
-    """torch.compile(model) with --compile, but for reversible BDIA, whose arithmetic parse()
-    compiled instead (a whole-model graph cannot hold the reversible Function's state)."""
-    fused = args.bdia_config is not None and args.bdia_config.reversible
-    return torch.compile(model) if args.compile and not fused else model
+    """torch.compile(model) with --compile (parse() refuses it with reversible BDIA)."""
+    return torch.compile(model) if args.compile else model
 
 
 def as_saved(value):

@@ -67,7 +67,7 @@ def test_the_progress_bar_counts_optimizer_steps_to_max_iters(tmp_path, text_fil
     assert "6/6 [" in bar and "/7 [" not in bar
 
 
-@pytest.mark.parametrize("flags", [[], ["--bdia"], ["--bdia", "--no-reversible", "--bias"]])
+@pytest.mark.parametrize("flags", [[], ["--bdia"], ["--bdia", "--no-reversible", "--bias"], ["--bdia", "--amp"]])
 def test_training_on_a_text_file_learns(tmp_path, text_file, flags):
     rows = run(tmp_path, "--text-file", str(text_file), "--max-iters", "60", "--eval-interval", "30", *flags)
     assert [r["iter"] for r in rows] == [0, 30, 60]
@@ -159,6 +159,7 @@ def test_bin_files_with_meta_pkl_and_train_fraction(tmp_path):
         (["--text-file", "TEXT", "--n-embd", "33"], "divisible"),
         ([], "give the data"),
         (["--text-file", "TEXT", "--resume"], "without --resume"),
+        (["--text-file", "TEXT", "--bdia", "--compile"], "--compile cannot be used with reversible --bdia"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path, text_file, capsys, flags, message):

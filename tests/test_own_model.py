@@ -1,5 +1,5 @@
-"""README's "BDIA in your own model": its three recipes, run as written there, on blocks
-this project did not write. Each recipe must (a) at inference with gamma 0 and bits None be
+"""README's "BDIA in your own model": its three recipes, run as written there (the first, a
+complete script, is run from the README itself), on blocks this project did not write. Each recipe must (a) at inference with gamma 0 and bits None be
 the plain model bit for bit, and (b) train reversibly: the same loss, bit for bit, as
 stored-activation BDIA under the same seed, and every gradient (block 0's included) within
 1e-5. Hugging Face's GPT2Block and LlamaDecoderLayer are built from small configs (no
@@ -43,36 +43,35 @@ def assert_trains_reversibly_as_stored(model, loss_of, set_config):
 # ----------------------------------------------------------------------------- recipe 1: your own blocks
 
 
-class MyBlock(nn.Module):
-    """nanoGPT-like: forward only (no residual method), functional dropout."""
-
-    def __init__(self, dim, p=0.1):
-        super().__init__()
-        self.ln_1, self.ln_2, self.p = nn.LayerNorm(dim), nn.LayerNorm(dim), p
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x):
-        q, k, v = self.qkv(self.ln_1(x)).chunk(3, dim=-1)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0))
-        return x + F.dropout(self.fc2(F.gelu(self.fc1(self.ln_2(x)))), self.p, self.training)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class MyTransformer(nn.Module):
-    def __init__(self, dim, depth, bdia=None):
-        super().__init__()
-        self.embed, self.head = nn.Linear(3, dim), nn.Linear(dim, 10)
-        self.blocks = nn.ModuleList(MyBlock(dim) for _ in range(depth))
-        self.bdia = bdia  # BDIAConfig() for BDIA, None: the plain model
+def readme_recipes():
+    """The Python code blocks of the README's section "BDIA in your own model"."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("## BDIA in your own model")[1].split("\n## ")[0]
+    return [block.split("```")[0] for block in section.split("```python")[1:]]
 
-    def forward(self, x):
-        x = self.embed(x)  # keep the residual stream float32
-        x = run_blocks(self.blocks, x, self.bdia)  # was: for block in self.blocks: x = block(x)
-        return self.head(x.mean(dim=1))
+
+def run_recipe_1():
+    """Recipe 1 exactly as the README has it: it trains three steps and prints their losses."""
+    namespace = {"__name__": "readme_recipe_1"}
+    exec(compile(readme_recipes()[0], "README.md recipe 1", "exec"), namespace)
+    return namespace
+
+
+def test_recipe_1_runs_as_written_and_prints_its_losses(capsys):
+    torch.manual_seed(0)
+    run_recipe_1()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["step 0", "step 1", "step 2"]
+    losses = [float(line.split("loss ")[1]) for line in lines]
+    assert all(0 < loss < 10 for loss in losses) and losses[2] < losses[0]
 
 
 @pytest.mark.parametrize("depth", [1, 2, 8])
-def test_recipe_1_your_own_blocks(depth):
+def test_recipe_1_your_own_blocks(depth, capsys):
+    MyTransformer = run_recipe_1()["MyTransformer"]  # noqa: N806: the README's class
     torch.manual_seed(0)
     model, x, y = MyTransformer(16, depth), torch.randn(4, 6, 3), torch.arange(4)
     plain = model.eval()(x)
@@ -181,15 +180,13 @@ def test_recipe_3_a_hugging_face_model_whose_forward_loops_over_its_layers(name,
 
 
 def test_the_readme_recipes_are_the_code_these_tests_run():
-    """Each code line of the README's recipes (imports aside) is a line of this file, comments
-    included, up to spacing: an edit to a recipe that is not made here fails."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
-        section = f.read().split("## BDIA in your own model")[1].split("\n## ")[0]
+    """Recipe 1 runs from the README itself; each code line of recipes 2 and 3 (imports aside)
+    is a line of this file, comments included, up to spacing: an edit to a recipe that is not
+    made here fails."""
     with open(os.path.abspath(__file__)) as f:
         here = {" ".join(line.split()) for line in f}
-    recipes = [block.split("```")[0] for block in section.split("```python")[1:]]
+    recipes = readme_recipes()
     assert len(recipes) == 3
-    lines = [" ".join(line.split()) for recipe in recipes for line in recipe.splitlines()]
+    lines = [" ".join(line.split()) for recipe in recipes[1:] for line in recipe.splitlines()]
     missing = [line for line in lines if line and not line.startswith(("from ", "import ")) and line not in here]
     assert not missing, f"README recipe lines not run by these tests: {missing}"

@@ -181,3 +181,34 @@ def test_a_second_reproduce_on_a_table_folder_a_live_one_holds_is_one_line_exit_
                    "it to end or stop it, or use another --runs-dir\n")
     reproduce.main(["appf", "--preset", "cpu", "--seeds", "1", "--runs-dir", str(tmp_path / "runs"), "--dry-run"])
     assert capsys.readouterr().out.count("python ") == 2  # a dry run only reads, and the lock is free again
+
+
+def test_table4_gpt_runs_six_quantized_configurations_beside_appfs_finished_pair(tmp_path, capsys):
+    """table4-gpt: GPT2 rounded to 2^-l in training (gamma 0, stored activations, as table4's
+    "ViT with quantization") and reversible BDIA-GPT2 at l = 5, 0, -2, appf's finished GPT2 and
+    BDIA-GPT2 (l = 9) read from appf's folder, neither run again."""
+    appf = reproduce.appf("cpu-overfit")
+    table = reproduce.table4_gpt("cpu-overfit")
+    assert table.runs["GPT2/none"] == appf.runs["GPT2"] and table.runs["BDIA-GPT2/9"] == appf.runs["BDIA-GPT2"]
+    runs = tmp_path / "runs"
+    for model, loss in (("GPT2", 1.96), ("BDIA-GPT2", 1.77)):  # finished: the last iteration of the preset
+        write_log(runs / "appf-cpu-overfit" / model / "seed1", [dict(iter=i, train_loss=1.0, val_loss=loss - i / 1e4)
+                                                                for i in (0, 1250, 2500)])
+    reproduce.main(["table4-gpt", "--preset", "cpu-overfit", "--seeds", "1", "--runs-dir", str(runs), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "done     GPT2/none seed 1" in out and "done     BDIA-GPT2/9 seed 1" in out
+    commands = [line for line in out.splitlines() if line.startswith("python ")]
+    appf_flags = " ".join(appf.runs["GPT2"][1][2:])  # after --text-file RUN/licenses.txt
+    expected = {"GPT2/5": "--bdia --gammas 0 --bits 5 --no-reversible", "BDIA-GPT2/5": "--bdia --bits 5",
+                "GPT2/0": "--bdia --gammas 0 --bits 0 --no-reversible", "BDIA-GPT2/0": "--bdia --bits 0",
+                "GPT2/-2": "--bdia --gammas 0 --bits -2 --no-reversible", "BDIA-GPT2/-2": "--bdia --bits -2"}
+    assert len(commands) == 6 and "appf-cpu-overfit" not in out.split("done     BDIA-GPT2/9 seed 1")[1]
+    for c, (key, flags) in zip(commands, expected.items()):
+        assert c.endswith(f"{appf_flags} {flags} --seed 1 --out-dir {os.path.relpath(runs)}/table4-gpt-cpu-overfit/{key}/seed1")
+    reproduce.main(["table4-gpt", "--preset", "cpu-overfit", "--seeds", "1", "--runs-dir", str(runs), "--table-only"])
+    read = {(c["run"], c["metric"]): c["values"]
+            for c in json.loads((runs / "table4-gpt-cpu-overfit" / "table.json").read_text())["cells"]}
+    assert read["GPT2/none", "final_val_loss"] == [1.96 - 0.25] and read["BDIA-GPT2/9", "best_at"] == [2500]
+    assert read["BDIA-GPT2/-2", "final_val_loss"] == [None]
+    markdown = (runs / "table4-gpt-cpu-overfit" / "table.md").read_text()
+    assert "| BDIA-GPT2, l = 9 (appf's BDIA-GPT2) | 1.5200" in markdown and "| GPT2, l = -2 | not run |" in markdown
