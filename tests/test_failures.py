@@ -281,7 +281,7 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
                                   ["epoch 2: BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED],
                                   bdia_run("translate")),
     # finetune_e2e.py
-    "e2e: reversible gamma 0": ("e2e", ["--bdia", "--gammas", "-0.5", "0", "0.5"], ["reversible=True cannot use gamma 0", "reversible=False --no-reversible"],
+    "e2e: reversible gamma 0": ("e2e", ["--bdia", "--gammas", "-0.5", "0", "0.5"], ["reversible=True needs all gammas +-2^-m", "reversible=False --no-reversible"],
                                 None),
     "e2e: --epochs 0": ("e2e", ["--epochs", "0"], ["--epochs must be at least 1"], None),
     "e2e: --batch-size 0": ("e2e", ["--batch-size", "0"], ["--batch-size must be at least 1"], None),
@@ -459,7 +459,7 @@ def test_bits_beyond_the_measured_range_say_fewer_bits(places, capsys, monkeypat
     bdia_run("vit")(found)
     monkeypatch.setattr(train_vit, "train_epoch", too_large)
     argv = fill([*FLAGS["vit"], "--bits", "20", "--resume", "--epochs", "2"], found)  # --bits may change on --resume
-    fails(train_vit.main, argv, capsys, "train_vit.py: error: epoch 2: BDIA: |x| reached 100", "Use fewer bits",
+    fails(train_vit.main, argv, capsys, "train_vit.py: error: epoch 2: BDIA: |x| reached 100", "use fewer bits",
           "(epoch 1) is intact: continue with --resume and a smaller --bits")
 
 
