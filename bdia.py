@@ -411,8 +411,8 @@ def check_config(c):
     if c.reversible and c.bits is None:
         raise ValueError("BDIAConfig: reversible=True needs bits, as (16) is inexact; set bits=9 or reversible=False")
     if c.reversible and (len({abs(g) for g in c.gammas}) > 1 or not 1 <= (side_bits(c.gammas) or 0) <= 8):
-        raise ValueError(f"BDIAConfig: reversible=True needs all gammas +-2^-m, one m from 1 to 8 (Prop. 4.3), got "
-                         f"gammas={c.gammas}; or reversible=False")
+        raise ValueError(f"BDIAConfig: reversible=True needs all gammas +-2^-m, one m from 1 to 8 (Prop. 4.3; not 0, "
+                         f"as (24) divides by gamma), got gammas={c.gammas}; or reversible=False")
 
 def mantissa_bits(dtype):
     return round(-math.log2(torch.finfo(dtype).eps))  # 23 for float32, 52 for float64

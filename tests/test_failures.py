@@ -281,8 +281,8 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
                                   ["epoch 2: BDIA: |x| reached", "(epoch 1) is intact", *DIVERGED],
                                   bdia_run("translate")),
     # finetune_e2e.py
-    "e2e: reversible gamma 0": ("e2e", ["--bdia", "--gammas", "-0.5", "0", "0.5"], ["reversible=True needs all gammas +-2^-m", "reversible=False --no-reversible"],
-                                None),
+    "e2e: reversible gamma 0": ("e2e", ["--bdia", "--gammas", "-0.5", "0", "0.5"],
+                                ["reversible=True needs all gammas +-2^-m", "not 0", "reversible=False --no-reversible"], None),
     "e2e: --epochs 0": ("e2e", ["--epochs", "0"], ["--epochs must be at least 1"], None),
     "e2e: --batch-size 0": ("e2e", ["--batch-size", "0"], ["--batch-size must be at least 1"], None),
     "e2e: missing train file": ("e2e", ["--train-file", "{tmp}/missing.csv"], ["no such data file"], None),
