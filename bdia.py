@@ -71,7 +71,8 @@ def side_bits(gammas):
 
 def pack_bits(s, m):
     """The values 0 <= s < 2^m of an integer tensor, m bits each: (m, ceil(n / 8)) uint8 bit planes."""
-    flags = torch.cat([s.reshape(-1), s.new_zeros(-s.numel() % 8)]).view(1, -1, 8)
+    s = s.reshape(-1) if s.numel() % 8 == 0 else torch.cat([s.reshape(-1), s.new_zeros(-s.numel() % 8)])
+    flags = s.view(1, -1, 8)
     if m > 1:
         flags = torch.cat([(flags >> j) & 1 for j in range(m)])
     places = torch.arange(8, dtype=flags.dtype, device=s.device)  # of 8 flags in a byte

@@ -16,7 +16,9 @@ import csv
 import gettext
 import gzip
 import hashlib
+import http.client
 import json
+import math
 import os
 import pickle
 import random
@@ -27,6 +29,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,10 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write names no file: name the one it was for
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -64,22 +71,49 @@ def file_digest(path, algorithm):
     return h.hexdigest()
 
 
+def what_is_wrong(path, size=None, name=None):
+    """Why a file (to be called `name`) fails its checksum, in a few words, from the file itself:
+    fewer bytes than published, a gzip stream that ends early (truncated) or does not decompress
+    (corrupt)."""
+    path = Path(path)
+    n = path.stat().st_size
+    if size and n < size:
+        return f"truncated: {n} of {size} bytes"
+    if size and n > size:
+        return f"{n} bytes, not the {size} published"
+    if (name or path.name).endswith(".gz"):
+        try:
+            with gzip.open(path) as f:
+                while f.read(1 << 24):
+                    pass
+        except EOFError:
+            return f"truncated: its gzip stream ends early, at {n} bytes"
+        except (OSError, zlib.error):  # gzip.BadGzipFile is an OSError
+            return "corrupt: it does not decompress"
+    return "checksum mismatch: it is damaged, or another file of that name"
+
+
 def download(url, dest, md5=None, sha256=None, size=None, manual=""):
     """Fetch `url` to `dest` with a progress bar, verify its checksum (and size, where only
-    that is published), and only then move it into place; an existing verified `dest` is
-    used as is. `manual` says how to get the file by hand; it ends every error message."""
+    that is published), and only then move it into place. An existing `dest` is used when it
+    verifies; one that does not is a DataError naming it (never silently fetched over). `manual`
+    says how to get the file by hand; it ends every error message."""
     from tqdm import tqdm
 
     dest = Path(dest)
     expected = [(alg, digest) for alg, digest in (("md5", md5), ("sha256", sha256)) if digest]
+    checksum = "/".join(alg for alg, _ in expected) or "size"
 
     def verified(path):
         right_size = size is None or path.stat().st_size == size
         return right_size and all(file_digest(path, alg) == digest for alg, digest in expected)
 
-    if dest.is_file() and verified(dest):
-        return dest
     hint = f" To get it by hand: {manual}" if manual else ""
+    if dest.is_file():
+        if verified(dest):
+            return dest
+        raise DataError(f"{dest} fails its {checksum} check ({what_is_wrong(dest, size)}): delete it and run again "
+                        f"to download it.{hint}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
@@ -90,10 +124,12 @@ def download(url, dest, md5=None, sha256=None, size=None, manual=""):
                     out.write(chunk)
                     bar.update(len(chunk))
         if not verified(part):
-            raise DataError(f"{url} arrived corrupted (checksum mismatch).{hint}")
+            raise DataError(f"{url} arrived damaged ({checksum} check: {what_is_wrong(part, size or total, dest.name)}) and was "
+                            f"discarded, {dest} not written: run again to download it again.{hint}")
         shutil.move(part, dest)
-    except OSError as e:  # URLError is an OSError: offline, DNS, HTTP errors
-        raise DataError(f"cannot download {url} ({e}).{hint}") from e
+    except (OSError, http.client.HTTPException) as e:  # offline, DNS, HTTP errors; a connection cut short
+        raise DataError(f"cannot download {url} ({e!r}).{hint}" if isinstance(e, http.client.HTTPException)
+                        else f"cannot download {url} ({e}).{hint}") from e
     finally:
         part.unlink(missing_ok=True)
     return dest
@@ -147,11 +183,11 @@ CIFAR = {
                      train=["train"], test=["test"], labels=b"fine_labels", classes=100),
 }
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-FASHION_FILES = {  # name: md5
-    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+FASHION_FILES = {  # name: md5 as published, md5 of Debian's copy (the same data; its gzip header names no file)
+    "train-images-idx3-ubyte.gz": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "cf8536b0aa1a6ac5fa3f23001093305c"),
+    "train-labels-idx1-ubyte.gz": ("25c81989df183df01b3e8a0aad5dffbe", "10bea18fdb374794d4bb42e356e600c9"),
+    "t10k-images-idx3-ubyte.gz": ("bef4ecab320f06d8554ea6380940ec79", "f78720b4224f21cce2f2ccf2d7a94c9a"),
+    "t10k-labels-idx1-ubyte.gz": ("bb300cfdad3c16e7a12a480ee83cd310", "0d30e22e447f3c33dab9ed536400ac01"),
 }
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
 CLASSES = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10}
@@ -170,7 +206,7 @@ def load_cifar(name, data_dir):
     spec, data_dir = CIFAR[name], Path(data_dir)
     folder = data_dir / spec["folder"]
     if not folder.is_dir():
-        tarball = data_dir / Path(spec["url"]).name
+        tarball = data_dir / Path(spec["url"]).name  # one already there is checked, not skipped
         download(spec["url"], tarball, md5=spec["md5"], manual=(
             f"download {spec['url']} on a machine with network and put the tarball, or its extracted "
             f"folder {spec['folder']}/, into {data_dir}/"))
@@ -189,41 +225,60 @@ def load_cifar(name, data_dir):
                 images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.append(np.asarray(batch[spec["labels"]], dtype=np.int64))
             except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-                raise DataError(f"cannot read {folder / f} ({e!r}); delete {folder} and run again to re-download")
+                raise DataError(f"cannot read {folder / f}: it is truncated, corrupt or not a CIFAR batch "
+                                f"({type(e).__name__}: {e}); "
+                                f"delete {folder} and run again to extract (or download) it again") from e
         return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
     return (*read(spec["train"]), *read(spec["test"]))
 
 
 def read_idx(path):
-    """An idx-ubyte(.gz) file (MNIST format) as a uint8 array."""
+    """An idx-ubyte(.gz) file (MNIST format) as a uint8 array; a file that is not one is a
+    ValueError."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
+    if len(data) < 4 or data[:3] != b"\0\0\x08":
+        raise ValueError("not an idx file of bytes")
     ndim = data[3]
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) != 4 + 4 * ndim + math.prod(shape):
+        raise ValueError(f"{len(data)} bytes do not hold the {'x'.join(map(str, shape))} its header gives")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def load_fashion_mnist(data_dir):
+    """The four idx files from Debian's dataset-fashion-mnist when all are installed, else from
+    data_dir/fashion-mnist (downloaded when missing). Each is checked against its md5 (that
+    published, or that of Debian's copy) before it is read."""
     system = all((FASHION_SYSTEM_DIR / f).is_file() for f in FASHION_FILES)
     folder = FASHION_SYSTEM_DIR if system else Path(data_dir) / "fashion-mnist"
-    for f, md5 in FASHION_FILES.items():
-        if not (folder / f).is_file():
-            download(FASHION_URL + f, folder / f, md5=md5, manual=(
-                "install Debian's dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist/) or "
-                f"put the four idx-ubyte.gz files into {folder}/"))
+    manual = ("install Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`: the files land in "
+              f"{FASHION_SYSTEM_DIR}/) or put the four idx-ubyte.gz files of {FASHION_URL} into {folder}/")
+    fix = "reinstall it (`apt-get install --reinstall dataset-fashion-mnist`)" if system else "delete it and run again"
+    for f, md5s in FASHION_FILES.items():
+        path = folder / f
+        if not path.is_file():
+            download(FASHION_URL + f, path, md5=md5s[0], manual=manual)
+        elif file_digest(path, "md5") not in md5s:
+            raise DataError(f"{path} fails its md5 check ({what_is_wrong(path)}): {fix}. To get it by hand: {manual}")
 
-    def read(images, labels):
+    def read(name):
         try:
-            x = torch.from_numpy(read_idx(folder / images).copy()).unsqueeze(1)
-            y = torch.from_numpy(read_idx(folder / labels).astype(np.int64))
-        except (OSError, ValueError, IndexError, EOFError) as e:
-            raise DataError(f"cannot read Fashion-MNIST in {folder} ({e!r})")
-        return torch.nn.functional.pad(x, (2, 2, 2, 2)), y
+            return read_idx(folder / name)
+        except (OSError, ValueError, IndexError, EOFError, zlib.error) as e:
+            raise DataError(f"cannot read {folder / name} ({type(e).__name__}: {e}): {fix}") from e
 
-    return (*read("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-            *read("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+    def split(images, labels):
+        x, y = read(images), read(labels)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{folder / images} and {folder / labels} are not images and their labels: {fix}")
+        x = torch.from_numpy(x.copy()).unsqueeze(1)
+        return torch.nn.functional.pad(x, (2, 2, 2, 2)), torch.from_numpy(y.astype(np.int64))
+
+    return (*split("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+            *split("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
 
 
 # -----------------------------------------------------------------------------
@@ -242,9 +297,9 @@ def prepare_char_data(text, folder):
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
     split = int(0.9 * len(ids))
     folder.mkdir(parents=True, exist_ok=True)
-    ids[:split].tofile(folder / "train.bin")
-    ids[split:].tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps({"vocab_size": len(chars), "itos": chars}))
+    atomic_write(folder / "train.bin", ids[:split].tofile)  # atomic: a full disk names the file, leaves no half of it
+    atomic_write(folder / "val.bin", ids[split:].tofile)
+    atomic_write(folder / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps({"vocab_size": len(chars), "itos": chars})))
     return folder
 
 

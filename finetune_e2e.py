@@ -350,15 +350,20 @@ def evaluate(args, model, tok, test_pairs, device):
     scores = metrics.e2e_scores(hypotheses, references)
     # The E2E challenge's measure_scores.py format: one output per MR; the references of each MR
     # on consecutive lines, an empty line between MRs (both files in the same MR order)
-    (out / "predictions.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    (out / "references.txt").write_text("\n".join("".join(r + "\n" for r in refs) for refs in references), encoding="utf-8")
+    write_text(out / "predictions.txt", "".join(h + "\n" for h in hypotheses))
+    write_text(out / "references.txt", "\n".join("".join(r + "\n" for r in refs) for refs in references))
     result = dict(mode=mode_name(args), scores=scores, contexts=len(contexts), references=sum(map(len, references)),
                   decode_seconds=seconds, beam=args.beam, length_penalty=args.length_penalty,
                   no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=args.max_new_tokens,
                   init_from=str(args.init_from), note="METEOR not computed (needs Java and WordNet)")
-    (out / "e2e_scores.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "e2e_scores.json", json.dumps(result, indent=2))
     print(format_table([result]))
     return result
+
+
+def write_text(path, text):
+    """UTF-8 text, atomically (a full disk is an OSError that names the file)."""
+    data.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def format_table(results):
@@ -405,6 +410,9 @@ def train(args):
     out, main_process = Path(args.out_dir), dist.rank == 0
     ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
     torch.manual_seed(args.seed + dist.rank)  # --fsdp: rank 0's adapters are broadcast; dropout and gammas differ
+    if Path(args.init_from).is_dir() and (missing := gpt2.missing_files(args.init_from, tokenizer=not args.tokenizer)):
+        raise data.DataError(f"--init-from {args.init_from} lacks {gpt2.and_list(missing)}: put {'it' if len(missing) == 1 else 'them'} "
+                             "there" + (" (--tokenizer DIR may give the tokenizer's)" if not args.tokenizer else ""))
     try:
         tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
     except ValueError as e:  # a vocabulary that is not JSON, or not UTF-8
@@ -432,8 +440,10 @@ def train(args):
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if main_process:
         print(f"{mode_name(args)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"({n_train / 1e6:.3f}M trained), {len(train_ex)} training examples, epochs {start_epoch}..{args.epochs}, "
-              f"{dist.world_size} process(es) on {device}")
+              f"({n_train / 1e6:.3f}M trained), {len(train_ex)} training examples, {dist.world_size} process(es) on "
+              f"{device}" + (f", epochs {start_epoch}..{args.epochs}" if start_epoch <= args.epochs else ""))
+        if start_epoch > args.epochs:
+            print(runlib.finished(out, start_epoch - 1, args.epochs, "epoch", "--epochs"))
 
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     for epoch in range(start_epoch, args.epochs + 1):

@@ -39,6 +39,7 @@ GPT2_MODELS = {  # name -> (n_layer, n_head, n_embd); all have vocab 50257 and 1
     "gpt2-large": (36, 20, 1280),
     "gpt2-xl": (48, 25, 1600),
 }
+BPE_FILES = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))  # OpenAI's, Hugging Face's
 HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
 DEFAULT_CACHE = os.environ.get("BDIA_CACHE", os.path.join("data", "hf"))
 
@@ -237,6 +238,33 @@ def git_blob_sha1(path):
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")  # what from_pretrained + load_tokenizer fetch
+
+
+def hub_manual(name, folder):
+    """How to get a hub model's files by hand: every one of them that `folder` lacks."""
+    missing = [f for f in HUB_FILES if not (Path(folder) / f).is_file()]
+    have = [f for f in HUB_FILES if f not in missing]
+    return (f"download {and_list(missing)} from https://huggingface.co/openai-community/{name}/tree/main into {folder}/"
+            f"{f' (beside its {and_list(have)})' if have else ''}, or pass a local folder that holds config.json, "
+            "model.safetensors (or pytorch_model.bin) and vocab.json + merges.txt (or encoder.json + vocab.bpe)")
+
+
+def missing_files(folder, tokenizer=True):
+    """What a local GPT-2 folder lacks of config.json, the weights and (tokenizer) the BPE files."""
+    folder = Path(folder)
+    needs = [("config.json",)] if folder.name not in GPT2_MODELS else []  # a hub name's shape is known
+    needs.append(("model.safetensors", "pytorch_model.bin"))
+    if tokenizer:
+        needs.append(tuple(" + ".join(pair) for pair in BPE_FILES[::-1]))
+    return [f"{first} (or {', '.join(rest)})" if rest else first for first, *rest in needs
+            if not any(all((folder / f).is_file() for f in option.split(" + ")) for option in (first, *rest))]
+
+
+def and_list(items):
+    return ", ".join(items[:-1]) + f" and {items[-1]}" if len(items) > 1 else "".join(items)
+
+
 def fetch_from_hub(name, files, cache_dir=DEFAULT_CACHE):
     """Download `files` of openai-community/<name> into cache_dir/<name> (once); returns that folder."""
     folder = Path(cache_dir) / name
@@ -245,8 +273,7 @@ def fetch_from_hub(name, files, cache_dir=DEFAULT_CACHE):
         if dest.is_file():
             continue
         url = HUB_URL.format(name=name, file=file)
-        manual = (f"download {url} (and config.json beside it) into {folder}, or pass a local folder "
-                  f"that holds model.safetensors or pytorch_model.bin and config.json")
+        manual = hub_manual(name, folder)
         try:
             kind, digest, size = hub_checksum(url)
             if kind == "sha256":
@@ -335,7 +362,7 @@ class GPT2Tokenizer:
     def from_dir(cls, folder):
         """From encoder.json + vocab.bpe (OpenAI) or vocab.json + merges.txt (Hugging Face)."""
         folder = Path(folder)
-        for vocab, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
+        for vocab, merges in BPE_FILES:
             if (folder / vocab).is_file() and (folder / merges).is_file():
                 return cls.from_files(folder / vocab, folder / merges)
         raise DataError(f"{folder} holds neither encoder.json + vocab.bpe nor vocab.json + merges.txt")

@@ -9,7 +9,7 @@ the paper's own setup (preset paper, no --flags), a note where there is nothing 
     python reproduce.py table2 --preset cpu --seeds 2       # minutes on a CPU, offline (Fashion-MNIST)
     python reproduce.py table2 --preset cpu-overfit --jobs 2    # 9 runs of about 15 CPU-core minutes
     python reproduce.py appf --preset cpu-overfit           # Appendix F on this machine's license texts
-    python reproduce.py table2 --preset cpu-overfit --jobs 2 \
+    python reproduce.py table2 --preset cpu-overfit --jobs 2 \\
         --flags="--no-augment --limit-train 1000 --optimizer adam --lr 1e-3 --batch-size 32 --epochs 200"  # overfits
     python reproduce.py table3-gpt --preset cpu-overfit     # Table 3's gammas on appf's GPT
     python reproduce.py table4-gpt --preset cpu-overfit     # Table 4's quantization levels on appf's GPT
@@ -31,7 +31,6 @@ Runs go to RUNS_DIR/TABLE-PRESET/CONFIG/seedN (log.jsonl, ckpt.pt); the table to
 RUNS_DIR/TABLE-PRESET/table.md and table.json.
 """
 
-import argparse
 import json
 import os
 import shlex
@@ -481,12 +480,12 @@ def build_table(table, args, base):
 
 
 def main(argv=None):
-    p = runlib.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", choices=TABLES)
-    p.add_argument("--preset", choices=PRESETS, default="paper")
-    p.add_argument("--seeds", type=int, default=3, help="runs per configuration, seeds 1..N (default 3, as the paper)")
+    p = runlib.ArgumentParser(description=__doc__)  # runlib's --help: the docstring's layout, and the defaults
+    p.add_argument("table", choices=TABLES, help="the table or figure to reproduce")
+    p.add_argument("--preset", choices=PRESETS, default="paper", help="the scale of the runs (see above)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per configuration, seeds 1..N")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")
-    p.add_argument("--runs-dir", default="runs", help="where the runs and tables go (default runs)")
+    p.add_argument("--runs-dir", default="runs", help="where the runs and tables go")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")
     p.add_argument("--table-only", action="store_true", help="print the table from the runs there are, run nothing")
     p.add_argument("--flags", default="", help='more flags for every run, after the preset\'s (so they override it), '

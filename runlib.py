@@ -21,6 +21,7 @@ import random
 import re
 import shlex
 import sys
+import zipfile
 from collections import namedtuple
 from pathlib import Path
 
@@ -53,10 +54,10 @@ MAY_CHANGE_ON_RESUME = {
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help keeps the docstring's layout and shows the defaults (not those of on/off switches
-    or of flags that are unset by default)."""
+    or of flags that are unset or empty by default)."""
 
     def _get_help_string(self, action):
-        if action.nargs == 0 or action.default is None:
+        if action.nargs == 0 or action.default is None or action.default == "":
             return action.help
         return super()._get_help_string(action)
 
@@ -103,6 +104,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def add_training_flags(self, out_dir, fsdp=False):
+        """The BDIA and run flags, after the script's own (--resume's help names --grad-accum where it is one);
+        fsdp: --fsdp too (train_gpt.py, finetune_e2e.py)."""
         g = self.add_argument_group("BDIA")
         g.add_argument("--bdia", action="store_true", help="train with BDIA (otherwise the plain model)")
         g.add_argument("--gammas", nargs="+", action=Numbers, default=(-0.5, 0.5), metavar="G",
@@ -120,8 +123,9 @@ class ArgumentParser(argparse.ArgumentParser):
                        "--no-reversible)")
         g.add_argument("--seed", type=int, default=1337, help="initial weights, data order, dropout and gammas")
         g.add_argument("--out-dir", default=out_dir, help="log.jsonl and ckpt.pt; one run at a time")
+        speed = "--batch-size, --grad-accum" if any(a.dest == "grad_accum" for a in self._actions) else "--batch-size"
         g.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt with its own flags; flags "
-                       "given beside it may change only the run's length, device and speed (--batch-size, --grad-accum, "
+                       f"given beside it may change only the run's length, device and speed ({speed}, "
                        "--amp, --compile), evaluation and decoding, file places, --lr, --grad-clip and --bits")
 
     def parse(self, argv=None, at_least_1=(), at_least_0=(), positive=(), fractions=()):
@@ -226,23 +230,52 @@ def folder_lock(folder, flag="--out-dir"):
     """Hold FOLDER/run.lock for the run: a second run on the folder stops at once (FolderInUse,
     naming the holder's process id, and `flag` as the way to another folder). The lock is an
     flock, which the OS releases when the holder dies, so a run that was killed does not block
-    --resume. Under torchrun rank 0 holds it."""
+    --resume (its run.lock stays behind, harmless). A run that ends, well or with an error,
+    removes run.lock, and the folder when the lock was all it held. Under torchrun rank 0
+    holds it."""
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    path = Path(folder) / "run.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    folder = Path(folder)
+    created = not folder.exists()
+    path = folder / "run.lock"
+    f = lock_file(path, flag)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a run waiting on this file sees it gone (lock_file)
+        f.close()
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something
+                folder.rmdir()
+
+
+def lock_file(path, flag):
+    """The open, flock-ed path, with this process's id in it."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(path, "a+")
+        except FileNotFoundError:  # the run that held it ended and removed its new folder just now
+            continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise FolderInUse(f"{folder} is in use by a running process ({f.read().strip() or 'process id unknown'}): "
-                              f"wait for it to end or stop it, or use another {flag}") from None
-        f.truncate(0)
-        f.write(f"process {os.getpid()}\n")
-        f.flush()
-        yield
+            holder = f.read().strip() or "process id unknown"
+            f.close()
+            raise FolderInUse(f"{path.parent} is in use by a running process ({holder}): wait for it to end or stop "
+                              f"it, or use another {flag}") from None
+        try:
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the run that held it ended and removed this file after it was opened: lock the new one
+    f.truncate(0)
+    f.write(f"process {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 # -----------------------------------------------------------------------------
@@ -253,16 +286,40 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, cannot be read or written, or belongs to another run."""
 
 
+class WriteWatch:
+    """A binary file for torch.save that keeps the OSError of a write that failed (a full disk,
+    a file size limit): torch's zip writer reports a short write as a RuntimeError of its own."""
+
+    def __init__(self, f):
+        self.f, self.failed = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.failed = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_checkpoint(path, args, **state):
     """torch.save of the run's state, its flags and every RNG state, atomically: a run killed
-    (or a disk filled) while saving keeps its previous checkpoint. Written through a Python file,
-    so that a full disk or a denied write is an OSError (torch's own writer raises a RuntimeError)."""
+    (or a disk filled) while saving keeps its previous checkpoint. A write the file system
+    refuses is a CheckpointError (torch turns it into a RuntimeError; WriteWatch sees the OSError)."""
     flags = {k: as_saved(v) for k, v in vars(args).items() if k not in ("script", "bdia_config")}
     state = dict(script=args.script, args=flags, **{"rng": random_states(), **state})
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            out = WriteWatch(f)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.failed is None:  # not a failed write: torch's own error
+                    raise
+                raise out.failed from None
 
     try:
         atomic_write(path, write)
@@ -281,17 +338,31 @@ def read_checkpoint(path, script, mmap=False):
         raise CheckpointError(f"no checkpoint at {path}: run without --resume to start a new run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        detail = None if isinstance(ckpt, dict) and "args" in ckpt else "no flags in it"
-    except Exception as e:  # torch.load's errors are of many types; none is more than "unreadable"
-        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    if detail:
-        raise CheckpointError(f"cannot read checkpoint {path} ({detail}): it is truncated, corrupt or not a "
-                              "checkpoint of these scripts; delete it or start a new --out-dir")
+        wrong = None if isinstance(ckpt, dict) and "args" in ckpt else "it holds no run flags: not a checkpoint of these scripts"
+    except Exception:  # torch.load's errors are of many types, and its text is advice for another case
+        wrong = checkpoint_damage(path)
+    if wrong:
+        raise CheckpointError(f"cannot read checkpoint {path}: {wrong}; delete it (a new run starts there) or use "
+                              "another --out-dir")
     if ckpt.get("script") != script:
         wrote = ckpt.get("script") or "an older version of these scripts or another program"
         raise CheckpointError(f"{path} was written by {wrote}, not {script}: use that script, or another --out-dir "
                               "for a new run")
     return ckpt
+
+
+def checkpoint_damage(path):
+    """What is wrong with a file torch.load cannot read, from the file itself: torch.save writes a
+    zip archive, whose directory is at its end."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if not start:
+        return "it is empty"
+    if start == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"it is truncated (a zip archive without its end, {path.stat().st_size} bytes)"
+    if start == b"PK\x03\x04":
+        return "it is corrupt (a zip archive whose contents torch cannot load)"
+    return "it is corrupt or not a checkpoint of these scripts (not the zip archive torch.save writes)"
 
 
 def restore(ckpt, model, optimizer, rank=None):
@@ -361,13 +432,29 @@ class JsonlLog:
             atomic_write(self.path, lambda tmp: Path(tmp).write_text(lines))
 
     def write(self, **fields):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(fields) + "\n")
+        """Append a line; a line the file system refuses (a full disk) is cut off again, so that
+        the log stays whole lines, and is a CheckpointError naming the log."""
+        line = memoryview((json.dumps(fields) + "\n").encode())
+        with open(self.path, "ab", buffering=0) as f:  # unbuffered: a failed write fails here, not at close
+            size = f.seek(0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[f.write(line):]  # a full disk may first take part of it
+            except OSError as e:
+                f.truncate(size)  # shrinking needs no space
+                raise CheckpointError(f"cannot write {self.path} ({e.strerror or e}): "
+                                      f"{continue_from(self.path.parent, 'the same flags')} once there is space") from e
 
     def read(self):
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def finished(out_dir, done, total, unit, flag):
+    """The line of a --resume whose checkpoint is at or past the end: nothing is left to train."""
+    return (f"the run in {out_dir} is finished ({unit} {done}, {flag} {total}): nothing left to train; a larger "
+            f"{flag} trains it further")
 
 
 def write_gamma_sweep(out_dir, sweep):

@@ -18,7 +18,8 @@ finishes on a CPU in under a minute:
 
 A data directory holds nanoGPT-style train.bin / val.bin (uint16 token ids) and, for
 character vocabularies, meta.json or meta.pkl. OUT_DIR/log.jsonl gets a line per
-evaluation; OUT_DIR/ckpt.pt is written atomically after each; --resume continues exactly.
+evaluation (iteration N: the losses before step N, and lr, the rate step N trains with, as
+nanoGPT's); OUT_DIR/ckpt.pt is written atomically after each; --resume continues exactly.
 Under torchrun N processes train as one with N times --batch-size: with DDP each holds the
 whole model, with --fsdp 1/N of its parameters, gradients and optimizer state. The checkpoint
 is the unsharded model's either way: it resumes with or without --fsdp, on any number of
@@ -260,8 +261,10 @@ def train(args):
     if main_process:  # lines after the checkpoint's iteration were written by a run killed before its next checkpoint
         log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["iter"] <= start_iter)
         print(f"{'BDIA-GPT' if args.bdia else 'GPT'}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"parameters, {len(train_tokens)} training tokens, {dist.world_size} process(es) on {device}, "
-              f"iterations {start_iter}..{args.max_iters}")
+              f"parameters, {len(train_tokens)} training tokens, {dist.world_size} process(es) on {device}"
+              + (f", iterations {start_iter}..{args.max_iters}" if start_iter < args.max_iters else ""))
+        if start_iter >= args.max_iters:
+            print(runlib.finished(out, start_iter, args.max_iters, "iteration", "--max-iters"))
         if device.type == "cpu" and sum(p.numel() for p in model.parameters()) > 20e6:
             print("note: a model this size takes seconds per step on a CPU, and each evaluation "
                   f"({args.eval_iters} batches per split) minutes; --help gives a small command for a CPU")
@@ -272,6 +275,12 @@ def train(args):
     bar = tqdm(total=args.max_iters, initial=start_iter, disable=not main_process, dynamic_ncols=True)
     t0, last_eval = time.perf_counter(), start_iter
     for it in range(start_iter, args.max_iters + 1):
+        # the learning rate follows from the iteration and the flags alone: a resumed run (maybe
+        # with a lower --lr after a divergence) continues the same schedule. The log line of
+        # iteration `it` (the losses before its step, as nanoGPT's) gives the rate its step trains with.
+        lr = runlib.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         # a resumed run does not evaluate start_iter again: the log has it, and the weights are the same
         evaluate = (it % args.eval_interval == 0 or it == args.max_iters) and not (args.resume and it == start_iter)
         if evaluate:
@@ -291,7 +300,7 @@ def train(args):
             elif main_process and it > start_iter:
                 model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
             if main_process:
-                log.write(iter=it, train_loss=losses["train"], val_loss=losses["val"], lr=optimizer.param_groups[0]["lr"],
+                log.write(iter=it, train_loss=losses["train"], val_loss=losses["val"], lr=lr,
                           seconds=seconds, tokens_per_s=tokens_per_iter * (it - last_eval) / seconds if it > last_eval else None,
                           peak_memory_mb=runlib.peak_memory_mb(device), device=device.type)
                 bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -301,11 +310,6 @@ def train(args):
             t0, last_eval = time.perf_counter(), it
         if it == args.max_iters:
             break
-        # the learning rate follows from the iteration and the flags alone: a resumed run (maybe
-        # with a lower --lr after a divergence) continues the same schedule
-        lr = runlib.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         with runlib.at(f"iteration {it}", out):
             loss = train_step(train_model, model, optimizer, train_tokens, runlib.step_generator(args.seed, it), args, dist,
                               device)

@@ -385,7 +385,10 @@ def train(args):
     total_steps = args.epochs * len(length_batches(train_ex, args.batch_size))
     mode = "plain" if args.bdia_config is None else f"bdia{'' if args.bdia_config.reversible else '-stored'}"
     print(f"{len(train_ex)} training / {len(val_ex)} validation pairs, vocab {len(src_vocab)} en / "
-          f"{len(tgt_vocab)} fr, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {mode}, {device}")
+          f"{len(tgt_vocab)} fr, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {mode}, {device}"
+          + (f", epochs {start_epoch}..{args.epochs}" if start_epoch <= args.epochs else ""))
+    if start_epoch > args.epochs:
+        print(runlib.finished(out, start_epoch - 1, args.epochs, "epoch", "--epochs"))
 
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
@@ -400,7 +403,8 @@ def train(args):
         fields.update(lr=lr, seconds=round(time.time() - t0, 2), mode=mode,
                       peak_memory_mb=round(runlib.peak_memory_mb(device), 1), device=device.type)
         log.write(**fields)  # Fig. 5 plots these: train and validation loss per epoch
-        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
+        bleu = f", val BLEU {fields['val_bleu']:.2f}" if "val_bleu" in fields else ""
+        print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {fields['val_loss']:.4f}{bleu}, {fields['seconds']:.1f} s")
         # the vocabularies travel with the weights: --translate and --resume need exactly these
         runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),
                              epoch=epoch, step=step, model_args=margs, lowercase=lowercase, src_vocab=src_vocab.itos,

@@ -6,8 +6,9 @@ Image classification with ViT, BDIA-ViT and RevViT (paper 5.2: Tables 2-5, Fig. 
     python train_vit.py --model revvit               # RevViT
     python train_vit.py --bdia --dataset cifar100 --eval-gammas -0.5 -0.25 0 0.25 0.5
 
-A small run that finishes on a CPU in under a minute (Fashion-MNIST, offline when Debian's
-dataset-fashion-mnist is installed):
+A small run that finishes on a CPU in under a minute (Fashion-MNIST: offline from Debian's copy,
+`apt-get install dataset-fashion-mnist`, or from the four idx-ubyte.gz files put into
+DATA_DIR/fashion-mnist/; downloaded there when online):
 
     python train_vit.py --bdia --dataset fashion-mnist --limit-train 1000 --limit-val 500 --epochs 2 \\
         --depth 2 --dim 64 --heads 4 --mlp-dim 128 --out-dir out/vit-small
@@ -43,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=["vit", "revvit"], default="vit", help="revvit: the reversible baseline")
     p.add_argument("--no-rev-backprop", action="store_true", help="RevViT: store activations instead")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "fashion-mnist"], default="cifar10",
-                   help="fashion-mnist is read offline from Debian's dataset-fashion-mnist when installed")
+                   help="fashion-mnist is read offline from Debian's dataset-fashion-mnist when installed "
+                        "(/usr/share/datasets/fashion-mnist), else from DATA_DIR/fashion-mnist")
     p.add_argument("--data-dir", default="data", help="where the data set is (or is downloaded to)")
     p.add_argument("--limit-train", type=int, default=0, help="train on the first N training images (0: all)")
     p.add_argument("--limit-val", type=int, default=0, help="evaluate on the first N test images (0: all)")
@@ -290,7 +292,10 @@ def train(args):
     log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
     print(f"{mode}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(images.train_x)} "
-          f"training images, {args.dataset}, {device}, epochs {start_epoch}..{args.epochs}")
+          f"training images, {args.dataset}, {device}" + (f", epochs {start_epoch}..{args.epochs}"
+                                                         if start_epoch <= args.epochs else ""))
+    if start_epoch > args.epochs:
+        print(runlib.finished(out, start_epoch - 1, args.epochs, "epoch", "--epochs"))
 
     epoch_seconds, val_acc = [], None
     for epoch in range(start_epoch, args.epochs + 1):
@@ -317,9 +322,7 @@ def train(args):
 
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
         runlib.write_gamma_sweep(out, gamma_sweep(model, images, args))
-    if val_acc is None:
-        print(f"checkpoint already at epoch {args.epochs}")
-    else:
+    if val_acc is not None:
         print(f"best val acc {best_acc:.4f}, final val acc {val_acc:.4f}, peak memory "
               f"{runlib.peak_memory_mb(device):.0f} MB, {np.mean(epoch_seconds):.1f} s/epoch")
 

@@ -1,10 +1,13 @@
 """data.py: verified downloads, atomic files and the pickles a user hands in, which may hold
 plain data only."""
 
+import gzip
 import hashlib
+import io
 import os
 import pickle
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ def test_download_verifies_and_never_leaves_a_partial_file(tmp_path):
     dest.unlink()
     with pytest.raises(data.DataError, match="checksum mismatch.*by hand: copy it"):
         data.download(source.as_uri(), dest, md5="0" * 32, manual="copy it")
-    with pytest.raises(data.DataError, match="checksum mismatch"):
+    with pytest.raises(data.DataError, match=r"arrived damaged \(size check: 3000 bytes, not the 2999 published\)"):
         data.download(source.as_uri(), dest, size=2999)
     with pytest.raises(data.DataError, match="cannot download"):
         data.download((tmp_path / "missing").as_uri(), dest)
@@ -71,3 +74,86 @@ def test_unzip_member_is_atomic_and_says_what_is_missing(tmp_path):
     with pytest.raises(data.DataError, match="no readable data/y.txt"):
         data.unzip_member(tmp_path / "a.zip", "data/y.txt", tmp_path / "out" / "y.txt")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.txt"]
+
+
+# -----------------------------------------------------------------------------
+# Damaged files are named, with what is wrong and what to do (issue 28)
+
+
+def cifar_tarball():
+    """The bytes of a tar.gz in the layout of CIFAR-10's (its md5 is not the published one)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        member = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        member.size = 60_000
+        tar.addfile(member, io.BytesIO(np.random.default_rng(0).integers(0, 256, 60_000, dtype=np.uint8).tobytes()))
+    return buffer.getvalue()
+
+
+def offline(*args, **kwargs):
+    raise OSError("network unreachable (tests run offline)")
+
+
+def corrupted(whole):
+    middle = len(whole) // 2
+    return whole[:middle] + bytes(b ^ 0xFF for b in whole[middle: middle + 64]) + whole[middle + 64:]
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda whole: whole[: len(whole) // 2], "truncated: its gzip stream ends early"),
+    (corrupted, "corrupt: it does not decompress"),
+    (lambda whole: gzip.compress(b"another file"), "checksum mismatch: it is damaged, or another file of that name"),
+])
+def test_a_damaged_cifar_tarball_in_the_data_dir_is_named_not_skipped(tmp_path, monkeypatch, damage, what):
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    tarball.write_bytes(damage(cifar_tarball()))
+    before = tarball.read_bytes()
+    with pytest.raises(data.DataError) as e:
+        data.load_images("cifar10", tmp_path)
+    assert str(e.value).startswith(f"{tarball} fails its md5 check ({what}")
+    assert "): delete it and run again to download it. To get it by hand: download https://" in str(e.value)
+    assert tarball.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [tarball.name]
+
+
+def test_a_download_that_arrives_truncated_names_it_and_leaves_nothing(tmp_path):
+    whole = cifar_tarball()
+    source = tmp_path / "source.tar.gz"
+    source.write_bytes(whole[: len(whole) // 2])  # the server sent half of it
+    dest = tmp_path / "data" / "file.tar.gz"
+    with pytest.raises(data.DataError) as e:
+        data.download(source.as_uri(), dest, md5=hashlib.md5(whole).hexdigest(), manual="copy it")
+    assert str(e.value).startswith(f"{source.as_uri()} arrived damaged (md5 check: truncated: its gzip stream ends "
+                                   f"early, at {len(whole) // 2} bytes) and was discarded, {dest} not written: run again")
+    with pytest.raises(data.DataError, match=r"arrived damaged \(size check: truncated: 5 of 9 bytes\)"):
+        source.write_bytes(b"12345")
+        data.download(source.as_uri(), dest, size=9)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda whole: whole[: len(whole) // 2], "truncated: its gzip stream ends early"),
+    (corrupted, "corrupt: it does not decompress"),
+])
+def test_fashion_mnist_files_are_checked_and_a_damaged_one_is_named(tmp_path, monkeypatch, fashion_mnist, damage, what):
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    folder = fashion_mnist(tmp_path / "fashion-mnist")
+    assert data.load_images("fashion-mnist", tmp_path)[0].shape == (20, 1, 32, 32)  # intact: read
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(data.DataError) as e:
+        data.load_images("fashion-mnist", tmp_path)
+    assert str(e.value).startswith(f"{path} fails its md5 check ({what}")
+    assert "): delete it and run again. To get it by hand: install Debian's dataset-fashion-mnist (`apt-get install " \
+           "dataset-fashion-mnist`" in str(e.value)
+
+
+def test_debians_fashion_mnist_files_are_checked_too(tmp_path, monkeypatch, fashion_mnist):
+    folder = fashion_mnist(tmp_path / "usr-share-datasets", system=True)
+    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", folder)
+    assert data.load_images("fashion-mnist", tmp_path / "elsewhere")[2].shape == (10, 1, 32, 32)
+    path = folder / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-9])  # the gzip trailer, and the last bytes of the stream, gone
+    with pytest.raises(data.DataError, match=f"^{path} fails its md5 check \\(truncated.*reinstall it "
+                                             r"\(`apt-get install --reinstall dataset-fashion-mnist`\)"):
+        data.load_images("fashion-mnist", tmp_path / "elsewhere")

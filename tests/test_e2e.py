@@ -390,6 +390,13 @@ def test_finetune_e2e_modes(checkpoint, e2e_dir, tmp_path, flags, mode, capsys):
     assert "Method" in capsys.readouterr().out
 
 
+def test_each_log_line_gives_the_rate_of_the_last_step_it_counts(checkpoint, e2e_dir, tmp_path, rates_trained_with):
+    rates = rates_trained_with(torch.optim.AdamW)
+    log = finetune(checkpoint, e2e_dir, tmp_path, "--no-test", "--eval-interval", "4")
+    assert [r["step"] for r in log] == [4, 6, 8, 12] and len(rates) == 12 and len(set(rates)) > 2
+    assert [r["lr"] for r in log] == [rates[r["step"] - 1] for r in log]
+
+
 def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path, monkeypatch, kill_after):
     flags = ["--lora-rank", "2", "--bdia", "--no-test"]
     whole = finetune(checkpoint, e2e_dir, tmp_path / "whole", *flags, "--export", str(tmp_path / "hf"))

@@ -10,6 +10,7 @@ log.jsonl) and DATA (its data). Flags may name {out}, {data}, {tmp}, {file} (a r
 file), and the checkpoints of the other scripts' runs: {vit}, {gpt}, {translate}, {e2e}."""
 
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -65,6 +66,7 @@ def quiet_and_offline(monkeypatch):
         raise OSError("network unreachable (tests run offline)")
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
+    monkeypatch.setattr("urllib.request.OpenerDirector.open", offline)  # the hub's HEAD requests
 
 
 # -----------------------------------------------------------------------------
@@ -157,6 +159,17 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def truncated_tarball(p):
+    """An interrupted download's tarball in --data-dir, without its extracted folder."""
+    shutil.rmtree(p["data"] / "cifar-10-batches-py")
+    whole = gzip.compress(os.urandom(50_000))
+    (p["data"] / "cifar-10-python.tar.gz").write_bytes(whole[: len(whole) // 2])
+
+
+def remove(*names):
+    return lambda p: [(p["data"] / name).unlink() for name in names]
+
+
 def garbage(path):
     path.write_bytes(b"\x80\x02 not what this file should hold \xff\x00" * 20)
 
@@ -207,6 +220,8 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
     "vit: no data, offline": ("vit", ["--data-dir", "{tmp}/nowhere"], ["cannot download", "cifar-10-batches-py"], None),
     "vit: truncated data batch": ("vit", [], ["cannot read", "data_batch_1"],
                                   in_data("cifar-10-batches-py/data_batch_1", truncate)),
+    "vit: truncated CIFAR tarball in --data-dir": ("vit", [], ["cifar-10-python.tar.gz fails its md5 check (truncated",
+                                                           "delete it and run again"], truncated_tarball),
     "vit: garbage data batch": ("vit", [], ["cannot read", "data_batch_2"],
                                 in_data("cifar-10-batches-py/data_batch_2", garbage)),
     "vit: --resume reads the checkpoint before the data": ("vit", ["--resume", "--data-dir", "{tmp}/nowhere"],
@@ -275,6 +290,11 @@ CATALOGUE = {  # case: (script, flags, what the line says, damage to the copies 
     "e2e: truncated config.json": ("e2e", [], ["cannot load --init-from", "config.json"], in_data("gpt2/config.json", truncate)),
     "e2e: truncated model.safetensors": ("e2e", [], ["model.safetensors", "truncated"],
                                          in_data("gpt2/model.safetensors", truncate)),
+    "e2e: --init-from a folder without its tokenizer and weights": (
+        "e2e", [], ["gpt2 lacks model.safetensors (or pytorch_model.bin) and vocab.json + merges.txt (or encoder.json"],
+        remove("gpt2/merges.txt", "gpt2/model.safetensors")),
+    "e2e: a hub model, offline": ("e2e", ["--init-from", "gpt2", "--cache-dir", "{tmp}/hf"],
+                                  ["download config.json, model.safetensors, vocab.json and merges.txt from"], None),
     "e2e: truncated checkpoint": ("e2e", ["--resume"], ["cannot read checkpoint"], in_out("ckpt.pt", truncate)),
     "e2e: FT checkpoint resumed with LoRA": ("e2e", ["--resume", "--lora-rank", "2"], [*REFUSED, "--lora-rank 2 differs"],
                                              None),
@@ -373,25 +393,52 @@ def test_cuda_out_of_memory_names_the_flags_that_lower_memory(script, places, ca
     assert saved(found["out"]) == before
 
 
+LIMIT = 16384  # bytes a file may grow to in the child: more than a log, less than a checkpoint
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
-def test_a_full_disk_or_denied_write_of_the_checkpoint_keeps_the_previous_one(script, code, places, capsys,
-                                                                              monkeypatch):
-    real_save = torch.save
-
-    def write_fails(obj, f, *args, **kwargs):  # half written, then the disk is full (or the write denied)
-        real_save(obj, f, *args, **kwargs)
-        f.truncate(f.tell() // 2)
-        raise OSError(code, os.strerror(code))
-
+def test_a_full_disk_while_the_checkpoint_is_written_is_one_line_and_keeps_the_previous_one(script, places,
+                                                                                          with_file_size_limit):
+    """The file system itself refuses the write (a child with RLIMIT_FSIZE: EFBIG, as ENOSPC on a
+    full disk), and torch's zip writer turns that into a RuntimeError: still one line, exit 2."""
     found = places(script)
-    before = (found["out"] / "ckpt.pt").read_bytes()
-    monkeypatch.setattr(torch, "save", write_fails)
     ckpt = found["out"] / "ckpt.pt"
-    fails(SCRIPTS[script].main, fill([*FLAGS[script], "--resume", *NEXT[script]], found), capsys,
-          f"{SCRIPTS[script].SCRIPT}: error: cannot write {ckpt} ({os.strerror(code)}): {ckpt} (", ") is intact: "
-          "continue with --resume")
-    assert ckpt.read_bytes() == before and [p.name for p in found["out"].glob("ckpt*")] == ["ckpt.pt"]
+    before = saved(found["out"])
+    assert len(before["ckpt.pt"]) > LIMIT > len(before["log.jsonl"]) + 1000
+    run = with_file_size_limit(LIMIT, SCRIPTS[script].SCRIPT, *fill([*FLAGS[script], "--resume", *NEXT[script]], found))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.split("\n")[-2].startswith(
+        f"{SCRIPTS[script].SCRIPT}: error: cannot write {ckpt} ({os.strerror(errno.EFBIG)}): {ckpt} ("), run.stderr
+    assert ") is intact: continue with --resume and the same flags once there is space" in run.stderr
+    assert ckpt.read_bytes() == before["ckpt.pt"] and [p.name for p in found["out"].glob("ckpt*")] == ["ckpt.pt"]
+
+
+def test_a_log_line_the_disk_refuses_is_one_line_and_leaves_the_log_whole(places, with_file_size_limit):
+    found = places("vit")
+    before = saved(found["out"])
+    log = found["out"] / "log.jsonl"
+    run = with_file_size_limit(len(before["log.jsonl"]) + 10, "train_vit.py",  # 10 bytes of the next line fit
+                               *fill([*FLAGS["vit"], "--resume", "--epochs", "2"], found))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.split("\n")[-2] == (
+        f"train_vit.py: error: cannot write {log} ({os.strerror(errno.EFBIG)}): {found['out'] / 'ckpt.pt'} (epoch 1) is "
+        "intact: continue with --resume and the same flags once there is space"), run.stderr
+    assert saved(found["out"]) == before  # the part of the line that was written is cut off again
+
+
+FINISHED = {"vit": "(epoch 1, --epochs 1)", "gpt": "(iteration 10, --max-iters 10)", "translate": "(epoch 1, --epochs 1)",
+            "e2e": "(epoch 1, --epochs 1)"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_of_a_finished_run_says_it_is_finished_and_changes_nothing(script, places, capsys):
+    found = places(script)
+    before = saved(found["out"])
+    capsys.readouterr()
+    SCRIPTS[script].main(fill([*FLAGS[script], "--resume", *(BINS if script == "gpt" else [])], found))
+    out = capsys.readouterr().out
+    assert f"the run in {found['out']} is finished {FINISHED[script]}: nothing left to train; a larger" in out, out
+    assert "..10" not in out and "..1" not in out and saved(found["out"]) == before
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

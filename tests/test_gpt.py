@@ -51,6 +51,16 @@ def test_reversible_gradients_match_stored_and_eval_is_the_plain_gpt():
     assert torch.equal(model(idx)[0], plain)
 
 
+def test_each_log_line_gives_the_rate_its_iterations_step_trains_with(tmp_path, text_file, rates_trained_with):
+    """As nanoGPT's: the line of iteration N holds the losses before step N and the rate step N
+    trains with (iteration 0: the warm-up's first, not the optimizer's initial --lr)."""
+    rates = rates_trained_with(torch.optim.AdamW)
+    log = run(tmp_path, "--text-file", str(text_file), "--max-iters", "12", "--eval-interval", "4")
+    assert [r["iter"] for r in log] == [0, 4, 8, 12] and len(rates) == 12
+    assert [r["lr"] for r in log[:3]] == [rates[0], rates[4], rates[8]]
+    assert log[0]["lr"] == pytest.approx(3e-3 / 5) and log[3]["lr"] == pytest.approx(6e-5)  # the schedule's ends
+
+
 def test_the_progress_bar_counts_optimizer_steps_to_max_iters(tmp_path, text_file, capsys):
     run(tmp_path, "--text-file", str(text_file), "--max-iters", "6", "--eval-interval", "3")
     bar = capsys.readouterr().err

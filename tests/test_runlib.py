@@ -2,7 +2,9 @@
 lock, checkpoints (atomic, every RNG state, a full disk), the log, schedules."""
 
 import argparse
+import contextlib
 import errno
+import fcntl
 import os
 import random
 import shlex
@@ -160,38 +162,35 @@ def test_checkpoint_is_atomic_and_loads_safely(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-def test_torch_save_into_a_python_file_on_a_full_disk_raises_oserror():
-    """Why save_checkpoint writes through a Python file: torch's own writer raises RuntimeError."""
-    with pytest.raises(OSError) as e:
-        with open("/dev/full", "wb") as f:
-            torch.save({"w": torch.zeros(1000)}, f)
-    assert e.value.errno == errno.ENOSPC
+def test_torch_save_turns_a_refused_write_into_a_runtimeerror_and_writewatch_keeps_the_oserror():
+    """Why save_checkpoint watches its file: on a short write torch's zip writer raises its own
+    RuntimeError ("unexpected pos ..."), and only the file saw the OSError."""
+    with open("/dev/full", "wb") as f:  # a device whose every write fails with ENOSPC
+        out = runlib.WriteWatch(f)
+        with pytest.raises(RuntimeError):
+            torch.save({"w": torch.zeros(1 << 16)}, out)  # larger than the file's buffer: written inside torch.save
+        with contextlib.suppress(OSError):  # the buffer's rest cannot be flushed either
+            f.close()
+    assert isinstance(out.failed, OSError) and out.failed.errno == errno.ENOSPC
 
 
-def test_a_full_disk_while_saving_is_one_line_and_resume_works_once_there_is_space(tmp_path, text_file, capsys,
-                                                                                    monkeypatch):
+def test_a_full_disk_while_saving_is_one_line_and_resume_works_once_there_is_space(tmp_path, text_file,
+                                                                                    with_file_size_limit):
     flags = ["--text-file", str(text_file), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
              "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "5", "--device", "cpu", "--out-dir",
              str(tmp_path)]
     train_gpt.main([*flags, "--max-iters", "5"])
     before = (tmp_path / "ckpt.pt").read_bytes()
-    real_save = torch.save
-
-    def disk_full(obj, f, *a, **k):  # half of it written, then the disk is full
-        real_save(obj, f, *a, **k)
-        f.truncate(f.tell() // 2)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(SystemExit) as e:
-        train_gpt.main([*flags, "--max-iters", "10", "--resume"])
-    err = capsys.readouterr().err.split("\n")[-2]  # after the progress bar, closed
-    assert e.value.code == 2 and err.startswith(f"train_gpt.py: error: cannot write {tmp_path / 'ckpt.pt'} (No space left on device): "
-                          f"{tmp_path / 'ckpt.pt'} (iteration 5) is intact: continue with --resume"), err
-    assert (tmp_path / "ckpt.pt").read_bytes() == before and sorted(p.name for p in tmp_path.glob("ckpt*")) == ["ckpt.pt"]
-    monkeypatch.undo()  # space again
-    train_gpt.main([*flags, "--max-iters", "10", "--resume"])
-    assert runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"] == 10
+    assert len(before) > 8192  # so the next one cannot be written under the limit
+    run = with_file_size_limit(8192, "train_gpt.py", *flags, "--max-iters", "10", "--resume")
+    ckpt = tmp_path / "ckpt.pt"
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.split("\n")[-2] == (  # after the progress bar, closed
+        f"train_gpt.py: error: cannot write {ckpt} ({os.strerror(errno.EFBIG)}): {ckpt} (iteration 5) is intact: "
+        "continue with --resume and the same flags once there is space (or permission)"), run.stderr
+    assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.glob("ckpt*")) == ["ckpt.pt"]
+    train_gpt.main([*flags, "--max-iters", "10", "--resume"])  # space again
+    assert runlib.read_checkpoint(ckpt, "train_gpt.py")["iter"] == 10
 
 
 def test_checkpoint_errors_say_what_to_do(tmp_path):
@@ -200,6 +199,22 @@ def test_checkpoint_errors_say_what_to_do(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(runlib.CheckpointError, match="cannot read checkpoint"):
         runlib.read_checkpoint(tmp_path / "bad.pt", "test.py")
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda data: data[: len(data) // 2], "it is truncated (a zip archive without its end"),
+    (lambda data: b"", "it is empty"),
+    (lambda data: b"\x80\x02" + data[2:], "it is corrupt or not a checkpoint of these scripts"),
+])
+def test_an_unreadable_checkpoint_is_said_in_our_words_with_its_name_and_the_fix(tmp_path, damage, what):
+    path = tmp_path / "ckpt.pt"
+    runlib.save_checkpoint(path, parse([]), w=torch.ones(1000))
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(runlib.CheckpointError) as e:
+        runlib.read_checkpoint(path, "test.py")
+    assert str(e.value).startswith(f"cannot read checkpoint {path}: {what}")
+    assert str(e.value).endswith("; delete it (a new run starts there) or use another --out-dir")
+    assert "If you are seeing this" not in str(e.value) and "PytorchStreamReader" not in str(e.value)
 
 
 def test_random_states_round_trip_through_a_checkpoint(tmp_path):
@@ -253,6 +268,53 @@ def test_the_readme_gives_the_same_small_command(script, capsys):
     block = readme.split("finishes on a CPU in under a minute:")[1].split("```")[1]
     commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").strip().splitlines()]
     assert small_command(script, capsys) in commands
+
+
+def test_a_run_that_fails_before_training_leaves_no_lock_nor_a_new_empty_folder(tmp_path, text_file, capsys):
+    with pytest.raises(SystemExit):  # a new --out-dir: the lock was all the run put there
+        train_gpt.main(["--text-file", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "new"), "--device", "cpu"])
+    assert not (tmp_path / "new").exists()
+    flags = ["--text-file", str(text_file), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+             "--batch-size", "4", "--eval-iters", "1", "--max-iters", "2", "--device", "cpu", "--out-dir", str(tmp_path)]
+    train_gpt.main(flags)  # a run that ends well removes its lock too
+    assert not (tmp_path / "run.lock").exists() and (tmp_path / "ckpt.pt").is_file()
+    with pytest.raises(SystemExit):
+        train_gpt.main([*flags, "--resume", "--n-layer", "2"])  # refused: the folder and its files stay
+    assert not (tmp_path / "run.lock").exists() and (tmp_path / "ckpt.pt").is_file()
+
+
+def test_a_run_that_waited_on_a_removed_lock_file_locks_the_new_one(tmp_path):
+    """The lock file is removed while held; a run that opened it just before finds it gone and
+    locks the file that is there now, so that two runs never hold the folder at once."""
+    stale = open(tmp_path / "run.lock", "a+")  # opened by a run that is about to lock it
+    with runlib.folder_lock(tmp_path):  # this run holds it (the same file) and, ending, removes it
+        pass
+    fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the stale run now locks a file that is no longer there
+    with runlib.folder_lock(tmp_path):  # a third run is not blocked by it
+        with pytest.raises(runlib.FolderInUse):
+            with runlib.folder_lock(tmp_path):
+                pass
+    stale.close()
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.SCRIPT)
+def test_resume_in_the_help_names_grad_accum_only_where_it_is_a_flag(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert ("--grad-accum" in text) == (script is train_gpt)
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, text_file, capsys):
+    flags = ["--text-file", str(text_file), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+             "--batch-size", "4", "--eval-iters", "1", "--max-iters", "2", "--device", "cpu", "--out-dir", str(tmp_path)]
+    train_gpt.main(flags)
+    log = (tmp_path / "log.jsonl").read_bytes()
+    capsys.readouterr()
+    train_gpt.main([*flags, "--resume"])
+    out = capsys.readouterr().out
+    assert f"the run in {tmp_path} is finished (iteration 2, --max-iters 2): nothing left to train" in out, out
+    assert "iterations 2..2" not in out and (tmp_path / "log.jsonl").read_bytes() == log
 
 
 def test_a_killed_run_leaves_its_lock_and_resume_continues(tmp_path, text_file):

@@ -362,6 +362,18 @@ def test_resume_continues_exactly(tmp_path, bdia):
     assert ckpt["epoch"] == 2 and ckpt["args"]["bdia"] == bool(bdia)
 
 
+def test_each_log_line_gives_the_rate_of_the_last_step_it_counts(tmp_path, rates_trained_with, capsys):
+    rates = rates_trained_with(torch.optim.Adam)
+    data = write_corpus(tmp_path / "pairs.txt")
+    run_script("--data", data, "--epochs", 2, "--cosine", "--warmup", 2, "--out-dir", tmp_path, *TINY)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log][-1] == len(rates) and len(set(rates)) > 2
+    assert [r["lr"] for r in log] == [rates[r["step"] - 1] for r in log]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2"]  # like the other scripts' epoch lines
+    assert all(", val loss " in line and ", val BLEU " in line and line.endswith(" s") for line in lines)
+
+
 def test_bleu_decoding_leaves_training_as_it_is(tmp_path):
     """BLEU's greedy decoding draws no random numbers: --bleu-every changes the log, not the run."""
     data = write_corpus(tmp_path / "pairs.txt")

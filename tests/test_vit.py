@@ -1,6 +1,5 @@
 """ViT, RevViT and train_vit.py on tiny models and tiny data files the tests write."""
 
-import gzip
 import json
 import os
 import sys
@@ -53,6 +52,14 @@ def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch, kill_after):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_each_log_line_gives_the_rate_its_epoch_trained_with(tmp_path, cifar_dir, rates_trained_with):
+    rates = rates_trained_with(train_vit.SETAdam)
+    log = run(tmp_path, cifar_dir, "--epochs", "3", "--lr", "1e-3")
+    per_epoch = len(rates) // 3  # 80 images in batches of 16
+    assert per_epoch == 5 and len(set(rates[:per_epoch])) == 1
+    assert [r["lr"] for r in log] == rates[::per_epoch] and len(set(rates[::per_epoch])) == 3  # cosine over epochs
+
+
 def test_gamma_sweep_after_training(tmp_path, cifar_dir, capsys):
     run(tmp_path, cifar_dir, "--bdia", "--epochs", "1", "--eval-gammas", "-0.5", "0", "0.5")
     sweep = json.loads((tmp_path / "out" / "gamma_sweep.json").read_text())
@@ -60,20 +67,8 @@ def test_gamma_sweep_after_training(tmp_path, cifar_dir, capsys):
     assert "gamma at inference" in capsys.readouterr().out
 
 
-def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
-    folder = tmp_path / "fashion-mnist"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-
-    def write_idx(name, array):
-        header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-        with gzip.open(folder / name, "wb") as f:
-            f.write(header + array.astype(np.uint8).tobytes())
-
-    for split, n in (("train", 20), ("t10k", 10)):
-        write_idx(f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "absent")
+def test_fashion_mnist_from_idx_files(tmp_path, fashion_mnist):
+    fashion_mnist(tmp_path / "fashion-mnist")
     train_x, train_y, val_x, val_y = data.load_images("fashion-mnist", tmp_path)
     assert train_x.shape == (20, 1, 32, 32) and val_y.shape == (10,) and train_x.dtype == torch.uint8
     train_vit.main([*TINY, "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--epochs", "1",
