@@ -41,13 +41,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y):
-        return torch.round(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad  # straight-through: Q_l's gradient is taken as the identity
+    forward = staticmethod(lambda ctx, y: torch.round(y))
+    backward = staticmethod(lambda ctx, grad: grad)  # straight-through: Q_l's gradient is taken as the identity
 
 
 def quantize(x, bits):
@@ -57,15 +52,13 @@ def quantize(x, bits):
     return _RoundSTE.apply(x * 2.0**bits) / 2.0**bits  # powers of two: the multiply and divide are exact
 
 def side_info(x, bits, m):
-    """s = (-x / 2^-l) mod 2^m, eq. (20) for |gamma| = 2^-m (for m = 1 the parity of x / 2^-l).
-    x / 2^-l is an integer n, n + s a multiple of 2^m, so gamma (x + s 2^-l) is on the grid with
-    no rounding (Prop. 4.3). s is the low m bits of -n (int64 for float64, whose n can pass 2^31)."""
+    """s = (-x / 2^-l) mod 2^m, eq. (20) for |gamma| = 2^-m: the low m bits of -n, n = x / 2^-l, so that
+    n + s is a multiple of 2^m and gamma (x + s 2^-l) is on the grid with no rounding (Prop. 4.3)."""
     integers = torch.int64 if x.dtype == torch.float64 else torch.int32
     return (x.detach() * -(2.0**bits)).to(integers) & (2**m - 1)
 
 def side_bits(gammas):
-    """Bits of side information per element: m when every nonzero gamma is +-2^-m, m >= 1 (the
-    largest m), else None: then (21) rounds gamma x_{k-1} instead (stored activations only)."""
+    """Side bits per element: m when every nonzero gamma is +-2^-m, m >= 1 (the largest m), else None."""
     ms = [-math.log2(abs(g)) for g in gammas if g != 0]
     return int(max(ms)) if ms and all(m == int(m) >= 1 for m in ms) else None
 
@@ -83,7 +76,7 @@ def unpack_bits(packed, m, shape, dtype=torch.uint8):
     flags = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     s = flags[0]
     for j in range(1, m):
-        s = s | (flags[j] << j)
+        s |= flags[j] << j
     return s.reshape(-1)[: math.prod(shape)].view(shape).to(dtype)
 
 
@@ -97,8 +90,7 @@ def mixed_term(x, h, gamma, bits):
     return quantize((1 - gamma) * x + (1 + gamma) * h, bits)
 
 def bdia_step(x_prev, x, h, gamma, bits, side=None):
-    """x_{k+1} by (21), or (10) when bits is None; gamma_k a number or per sample. side None: gamma
-    x_{k-1} is rounded instead (gammas that are not +-2^-m)."""
+    """x_{k+1} by (21), or (10) when bits is None; side None: gamma x_{k-1} rounded (gammas not +-2^-m)."""
     if bits is None:
         return gamma * x_prev + (1 - gamma) * x + (1 + gamma) * h  # (10)
     if side is None:
@@ -167,8 +159,7 @@ def run_blocks(blocks, x, config, *context, **kwargs):
     return x
 
 def blocks_and_mode(blocks):
-    """The blocks as a list, and their own mode (training or not), not the container's: a slice
-    of an nn.ModuleList is a new container, in training mode whatever the model's."""
+    """The blocks as a list, and their own mode (a slice of an nn.ModuleList is a new, training container)."""
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList, list, tuple)) or not all(
             isinstance(block, nn.Module) for block in blocks):
         raise TypeError("run_blocks: pass the blocks as an nn.ModuleList, nn.Sequential or list of nn.Modules")
@@ -183,27 +174,23 @@ def output_of(y):
     return y[0] if isinstance(y, (tuple, list)) else y
 
 def residual_of(block, x, context, kwargs):
-    """h_k(x_k): block.residual(x, ...) if the block defines it, else block(x, ...) - x, cast to
-    x's dtype (the block may run under autocast). The subtraction's float error, below 2^-l
-    wherever the range guard lets x be, is the same in the recomputation: (24) stays exact."""
+    """h_k(x_k): block.residual(x, ...) if the block has it, else block(x, ...) - x (whose float error
+    the recomputation repeats bit for bit), in x's dtype (the block may run under autocast)."""
     if hasattr(block, "residual"):
-        register_residual_with_fsdp(block)  # FSDP2
+        if fsdp_sharded(block) and "residual" not in vars(block):  # FSDP2 gathers parameters only around forward
+            sys.modules["torch.distributed.fsdp"].register_fsdp_forward_method(block, "residual")
         h = block.residual(x, *context, **kwargs)
     else:
         h = output_of(block(x, *context, **kwargs)) - x
     return h if h.dtype == x.dtype else h.to(x.dtype)
 
-def register_residual_with_fsdp(block):
-    """FSDP2: fully_shard gathers a module's parameters only around its forward, so a sharded
-    block's residual is registered once as a forward method too (else it runs on the shards).
-    A no-op for any other block (torch.distributed.fsdp is looked at only if the user loaded it)."""
+def fsdp_sharded(module):
+    """Whether FSDP2's fully_shard wraps the module (torch.distributed.fsdp is looked at only if loaded)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
-    if fsdp is not None and isinstance(block, fsdp.FSDPModule) and "residual" not in vars(block):
-        fsdp.register_fsdp_forward_method(block, "residual")  # sets the wrapped method on the instance
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 def bdia_block(block, k, x_prev, x, gammas, config, context, kwargs):
-    """Block k of BDIA training: x_{k+1} by (19) for k = 0, else by (21) (or (10)).
-    Returns x_{k+1} and the side information s_{k-1} (20) it used (None if none)."""
+    """Block k of BDIA training: x_{k+1} by (19), (21) or (10), and the s_{k-1} (20) it used (or None)."""
     h = residual_of(block, x, context, kwargs)
     if k == 0:
         return x + quantize(h, config.bits), None  # (19)
@@ -246,17 +233,13 @@ class BDIAStack(nn.Sequential):
             item.config = self.config
         return item
 
-    def extra_repr(self):
-        return f"config={self.config}"
-
 
 # -----------------------------------------------------------------------------
 # Online back-propagation
 #
-# Each block is one autograd Function whose inputs are x_{k-1}, x_k, the context tensors and the
-# block's parameters, and which keeps only the packed side bits (and the RNG state if the block
-# drew). Autograd runs the backwards from the top; each rebuilds x_{k-1} by (24) for the one
-# below, so parameter gradients arrive block by block (DDP's hooks fire as for a plain model).
+# One autograd Function per block, inputs x_{k-1}, x_k, the context and the block's parameters,
+# keeps only the packed side bits. Each backward, from the top, rebuilds x_{k-1} by (24) for the
+# one below: parameter gradients arrive block by block (DDP's hooks fire as for a plain model).
 
 
 def reversible_stack(blocks, x, gammas, config, context, kwargs):
@@ -273,8 +256,7 @@ def reversible_stack(blocks, x, gammas, config, context, kwargs):
 
 
 class Tape:
-    """What one reversible forward's blocks share: config, gammas, context, the activations rebuilt
-    so far (at first the top pair), x_0's fingerprint, |x_k| for the range guard."""
+    """What one reversible stack shares: config, gammas, context, the rebuilt x_k, x_0's fingerprint, |x_k|."""
 
     def __init__(self, x0, gammas, config, context, kwargs):
         self.config, self.gammas, self.m = config, gammas, side_bits(config.gammas)
@@ -289,11 +271,6 @@ class Tape:
         tensors = iter(self.tensors if tensors is None else tensors)
         return tree_unflatten([next(tensors) if torch.is_tensor(t) else t for t in self.leaves], self.spec)
 
-    def take(self, k):
-        """(x_{k+1}, x_k) for the backward of block k; x_{k+1} is not needed after it."""
-        if k + 1 not in self.rebuilt:
-            raise BDIAError("BDIA: this reversible graph was already back-propagated (retain_graph=True)")
-        return self.rebuilt.pop(k + 1), self.rebuilt[k]
 
 
 class ReversibleBlock(torch.autograd.Function):
@@ -309,7 +286,7 @@ class ReversibleBlock(torch.autograd.Function):
         ctx.rng = rng if drew else None  # kept only where the block drew
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         ctx.tape, ctx.block, ctx.k = tape, block, k
-        ctx.n_params = len(tensors_and_params) - len(tape.tensors)  # FSDP2: see recomputed_grads
+        ctx.n_params = len(tensors_and_params) - len(tape.tensors)  # FSDP2: its shards get no gradient here
         return x_next
 
     @staticmethod
@@ -320,7 +297,9 @@ class ReversibleBlock(torch.autograd.Function):
         (packed_side,) = ctx.saved_tensors
         _, _, _, prev_needs_grad, _, *inputs_need_grad = ctx.needs_input_grad
         context_needs_grad = inputs_need_grad[: len(tape.tensors)]
-        x_next, x = tape.take(k)  # rebuilt by block k+1's backward (or the top pair)
+        if k + 1 not in tape.rebuilt:
+            raise BDIAError("BDIA: this reversible graph was already back-propagated (retain_graph=True)")
+        x_next, x = tape.rebuilt.pop(k + 1), tape.rebuilt[k]  # rebuilt by block k+1's backward, or the top pair
         x_leaf = x.detach().requires_grad_()
         leaves = [t.detach().requires_grad_() if need else t for t, need in zip(tape.tensors, context_needs_grad)]
         with replayed_generators(ctx.rng, x.device), torch.enable_grad():
@@ -343,34 +322,20 @@ class ReversibleBlock(torch.autograd.Function):
             grad_h = (1 + gamma) * grad_next  # (21): dL/dh_k
         del x_next
 
-        grad_x, grad_params, grad_context = recomputed_grads(block, h, grad_h, x_leaf, params, grad_leaves, ctx.n_params)
+        if any(fsdp_sharded(m) for m in block.modules()):  # FSDP2 reduce-scatters the .grad of the unsharded
+            torch.autograd.backward(h, grad_h, inputs=[x_leaf, *params, *grad_leaves])  # copies into its shards
+            grad_x, grad_params, grads = x_leaf.grad, [None] * ctx.n_params, [t.grad for t in grad_leaves]
+        else:
+            grad_x, *grads = torch.autograd.grad(h, [x_leaf, *params, *grad_leaves], grad_h, allow_unused=True)
+            grad_params, grads = grads[: len(params)], grads[len(params) :]
         grad_x = torch.zeros_like(grad_next) if grad_x is None else grad_x  # dL/dh_k dh_k/dx_k
-        grad_context = iter(grad_context)
+        grad_context = iter(grads)
         if k == 0:
             grad_x, grad_prev = grad_next + grad_x, None  # (19)
         else:
             grad_x, grad_prev = (1 - gamma) * grad_next + grad_x, gamma * grad_next  # (21): dL/dx_k, dL/dx_{k-1}
         grad_context = [next(grad_context) if need else None for need in context_needs_grad]
         return None, None, None, grad_prev if prev_needs_grad else None, grad_x, *grad_context, *grad_params
-
-
-def recomputed_grads(block, h, grad_h, x_leaf, params, leaves, n_params):
-    """dL/dx_k, dL/dparams, dL/dleaves of the recomputed h_k (params as the recomputation saw them).
-    FSDP2 (fully_shard on the block or its sub-modules): the recomputation ran on FSDP's unsharded
-    copies, whose .grad FSDP reduce-scatters into the shards right after it; so the gradients go
-    into that .grad here, and the Function returns none for its n_params inputs (the shards)."""
-    if not fsdp_shards_within(block):
-        grad_x, *grads = torch.autograd.grad(h, [x_leaf, *params, *leaves], grad_h, allow_unused=True)
-        return grad_x, grads[: len(params)], grads[len(params) :]
-    torch.autograd.backward(h, grad_h, inputs=[x_leaf, *params, *leaves])  # FSDP2: into the unsharded copies
-    return x_leaf.grad, [None] * n_params, [t.grad for t in leaves]
-
-
-def fsdp_shards_within(block):
-    """Whether FSDP2's fully_shard wraps the block or a sub-module of it (torch.distributed.fsdp is
-    looked at only if the user loaded it: this file needs no torch.distributed)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in block.modules())
 
 
 _CHECKED = weakref.WeakSet()  # blocks whose recomputed graph was looked at once
@@ -400,8 +365,7 @@ def generator_states(device):
 
 @contextlib.contextmanager
 def replayed_generators(state, device):
-    """Within: the generators as before the block's forward (state None: as they are); after: as
-    the caller had them."""
+    """Within: the generators as before the block's forward (state None: as they are); after: as before."""
     with torch.random.fork_rng([device] if device.type == "cuda" else [], enabled=state is not None):
         if state is not None:
             torch.set_rng_state(state[0])
@@ -462,8 +426,7 @@ def check_stream(x, bits):
                              f"{exact_limit(x.dtype, bits):g}; use bits <= {mantissa_bits(x.dtype) - 3}")
 
 def check_magnitudes(magnitudes, x, bits):
-    """Raise if some x_k left the range where x.dtype holds the 2^-l grid exactly (Lemma 4.2):
-    DivergedError for a NaN, an infinity or |x| beyond 2^20, else PrecisionError."""
+    """An x_k beyond the range where x.dtype holds the grid (Lemma 4.2): DivergedError, else PrecisionError."""
     limit, magnitudes = exact_limit(x.dtype, bits), torch.stack(magnitudes)
     if bool((magnitudes < limit).all()):  # one device sync per step; NaN fails too
         return
@@ -474,13 +437,12 @@ def check_magnitudes(magnitudes, x, bits):
         raise DivergedError(f"BDIA: |x| reached {size:.4g} at {where}: training diverged. Lower the learning "
                             "rate or clip gradients, and resume from the last checkpoint")
     fewer = math.floor(mantissa_bits(x.dtype) - math.log2(size)) - 1
-    raise PrecisionError(f"BDIA: |x| reached {size:.4g} at {where}, but {x.dtype} holds the 2^-{bits} grid only below "
-                         f"{limit:g}; use fewer bits (at most bits={fewer} for this |x|) or normalise the stack's input")
+    raise PrecisionError(f"BDIA: |x| reached {size:.4g} at {where}, but {x.dtype} holds the 2^-{bits} grid only "
+                         f"below {limit:g}; use fewer bits (at most bits={fewer} for this |x|) or normalise the input")
 
 def fingerprint(x):
-    """The sum of x's bit patterns modulo 2^32 (2^64 for float64): any single-element change alters
-    it, with no temporary wider than x (+ 0.0 makes -0.0 and 0.0, one number, one pattern). Integer
-    addition wraps around, so the order of the sum does not matter."""
+    """The sum of x's bit patterns modulo 2^32 (wrapping: in any order): any one element's change alters it,
+    with no temporary wider than x (+ 0.0 makes -0.0 and 0.0, one number, one pattern; float64: 2^64)."""
     bits = (x.detach() + 0.0).view(torch.int64 if x.dtype == torch.float64 else torch.int32)
     return bits.sum(dtype=bits.dtype)
 
@@ -494,10 +456,9 @@ def reconstruction_errors(depth=12, dim=256, heads=8, batch=4, seq=64, bits=9, s
     """Per block k, max |rebuilt x_k - x_k| when reversing a stack of pre-norm transformer blocks
     trained with gammas +-1/2, by (16) (no quantization, float32) and by (24) (bits, side information)."""
     torch.manual_seed(seed)
-    blocks = [nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0.0, batch_first=True, norm_first=True)
+    blocks = [nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0, batch_first=True, norm_first=True)
               for _ in range(depth)]
-    x0 = torch.randn(batch, seq, dim)
-    gammas, errors = draw_gammas(BDIAConfig(), batch, depth, x0.device, x0.dtype), {}
+    x0, gammas, errors = torch.randn(batch, seq, dim), draw_gammas(BDIAConfig(), batch, depth, "cpu", torch.float32), {}
     for name, b in (("eq16", None), ("eq24", bits)):
         config, xs, sides = BDIAConfig(bits=b, reversible=False), [quantize(x0, b)], []  # every x_k, s_{k-1}
         for k, block in enumerate(blocks):
