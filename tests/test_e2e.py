@@ -412,6 +412,7 @@ def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path,
     assert not torch.equal(exported.transformer.h[0].attn.c_attn.weight, checkpoint[1].transformer.h[0].attn.c_attn.weight)
 
 
+@pytest.mark.filterwarnings("ignore:BDIAConfig. the mean of gammas")  # one gamma, on purpose (below)
 def test_fsdp_under_torchrun_matches_one_process_with_the_global_batch(checkpoint, e2e_dir, tmp_path):
     # 21 examples in global batches of 10: the last batch leaves process 0 nothing (it runs with
     # weight 0). One gamma: each sample's gamma is then the same however the batch is split.
