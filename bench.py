@@ -225,20 +225,22 @@ def side_info_bytes(args, depth):
 
 
 def main():
-    p = runlib.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=FAMILIES, default="vit")
+    p = runlib.ArgumentParser(description=__doc__)  # runlib's --help: the docstring's layout, and the defaults
+    p.add_argument("--family", choices=FAMILIES, default="vit", help="vit: the paper's ViT block (512 wide, 65 tokens); "
+                   "gpt: a nanoGPT block (768 wide, 256 tokens, causal)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} "
                    "(revvit: vit family)")
-    p.add_argument("--depths", default="6,12,24,48")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--depths", default="6,12,24,48", help="comma-separated numbers of blocks")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     p.add_argument("--dim", type=int, default=None, help="override the family's width (MLP becomes 4x)")
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--mlp-dim", type=int, default=None)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--heads", type=int, default=None, help="override the family's attention heads")
+    p.add_argument("--mlp-dim", type=int, default=None, help="override the family's MLP width")
+    p.add_argument("--dropout", type=float, default=0.0, help="in every block (CPU dropout is slow: 0 compares engines)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda where available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast in the blocks")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     p.add_argument("--kernels", action="store_true", help="count the operations BDIA adds per block and step, "
                    "instead of timing and memory")
