@@ -136,7 +136,7 @@ class BDIAConfig:
 
 
 def run_blocks(blocks, x, config, *context, **kwargs):
-    """Run blocks (an nn.ModuleList, nn.Sequential, BDIAStack, a slice of one, a list) on x; return x_K.
+    """Run blocks (an nn.ModuleList, nn.Sequential, BDIAStack, a slice, a list) on x, batch first; return x_K.
     config None: the plain stack, x = block(x, *context, **kwargs). Training (the blocks' own mode):
     BDIA (18)-(21), or (10) when bits is None; reversible: the activations rebuilt by (24) in backward.
     Eval: (25) with gamma = config.eval_gamma. Context, positional (encoder memory, masks) and keyword
@@ -150,7 +150,7 @@ def run_blocks(blocks, x, config, *context, **kwargs):
     if not training:
         return bdia_inference(blocks, x, config, context, kwargs)
     check_stream(x, config.bits)
-    gammas = draw_gammas(config, x.shape[0], len(blocks), x.device, x.dtype)
+    gammas = draw_gammas(config, x.shape[0], len(blocks), x.device, x.dtype)  # per sample x[i]
     if config.reversible and torch.is_grad_enabled():
         return reversible_stack(blocks, x, gammas, config, context, kwargs)
     x_prev, x = None, quantize(x, config.bits)  # (18)

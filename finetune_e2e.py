@@ -36,6 +36,7 @@ model's (it resumes with or without --fsdp); after training rank 0 alone exports
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def parse_args(argv=None):
                    at_least_0=("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit",
                                "no_repeat_ngram", "length_penalty", "eval_interval", "weight_decay", "grad_clip"),
                    positive=("lr",), fractions=("dropout", "lora_dropout", "label_smoothing"))
+    if "RANK" in os.environ and not args.fsdp and not args.table:  # else every process would run the whole job
+        p.error("under torchrun finetune_e2e.py trains with --fsdp only: add --fsdp, or run it without torchrun")
     return args
 
 

@@ -266,15 +266,22 @@ def lock_file(path, flag):
             f.close()
             raise FolderInUse(f"{path.parent} is in use by a running process ({holder}): wait for it to end or stop "
                               f"it, or use another {flag}") from None
+        except BaseException:  # another error of flock (no locks on this file system): not left open
+            f.close()
+            raise
         try:
             if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
                 break
         except FileNotFoundError:
             pass
         f.close()  # the run that held it ended and removed this file after it was opened: lock the new one
-    f.truncate(0)
-    f.write(f"process {os.getpid()}\n")
-    f.flush()
+    try:
+        f.truncate(0)
+        f.write(f"process {os.getpid()}\n")
+        f.flush()
+    except BaseException:  # a full disk: the error goes on, the file is not left open
+        f.close()
+        raise
     return f
 
 

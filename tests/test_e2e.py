@@ -525,6 +525,16 @@ def test_lora_repo_line_format_and_mr_conversion(tmp_path):
     assert y[0].tolist() == [-1] * (n_ctx - 1) + ids[n_ctx:]  # loss on the completion (and its eos) only
 
 
+def test_under_torchrun_without_fsdp_is_one_line_not_n_runs_on_one_folder(checkpoint, e2e_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets in each process
+    argv = ["--init-from", str(checkpoint[0]), "--data-dir", str(e2e_dir), "--out-dir", str(tmp_path / "o"), *TINY]
+    with pytest.raises(SystemExit) as e:
+        finetune_e2e.main(argv)
+    assert e.value.code == 2 and "trains with --fsdp only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--train-file", "missing.csv"], "no such data file"),
     (["--init-from", "no-such-model"], "not one of gpt2"),

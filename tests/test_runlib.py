@@ -284,8 +284,10 @@ def test_a_run_that_fails_before_training_leaves_no_lock_nor_a_new_empty_folder(
 
 
 def test_a_run_that_waited_on_a_removed_lock_file_locks_the_new_one(tmp_path):
-    """The lock file is removed while held; a run that opened it just before finds it gone and
-    locks the file that is there now, so that two runs never hold the folder at once."""
+    """A run removes its lock file when it ends; a process that opened that file before and locks
+    it afterwards holds a file that is no longer there, which blocks no later run: the folder is
+    locked on the file at its path. (The retry in runlib.lock_file, for a run that opened the file
+    just before it was removed, is not driven here: no test can stop a run between open and flock.)"""
     stale = open(tmp_path / "run.lock", "a+")  # opened by a run that is about to lock it
     with runlib.folder_lock(tmp_path):  # this run holds it (the same file) and, ending, removes it
         pass
