@@ -272,7 +272,6 @@ class Tape:
         return tree_unflatten([next(tensors) if torch.is_tensor(t) else t for t in self.leaves], self.spec)
 
 
-
 class ReversibleBlock(torch.autograd.Function):
     """Block k of a reversible stack: (tape, block, k, x_{k-1}, x_k, *context, *parameters) -> x_{k+1}."""
 
