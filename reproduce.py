@@ -361,7 +361,8 @@ def run_all(table, args, base):
 
 
 def metric(folder, name):
-    """One number from a finished run's folder: accuracies in %, memory in MB, time in s."""
+    """One number from a run's folder (the table asks finished runs only): accuracies in %, memory
+    in MB, time in s."""
     rows = read_log(folder)
     if not rows:
         return None
@@ -440,10 +441,16 @@ def build_table(table, args, base):
         return [run_folder(table, key, base) / f"seed{s}" for s in range(1, args.seeds + 1)]
 
     def record(row, column, key, name, paper):
-        values = [metric(folder, name) for folder in seed_folders(key)]
+        script, flags = table.runs[key]
+        done = [finished(script, flags, folder) for folder in seed_folders(key)]
+        values = [metric(folder, name) if d else None for folder, d in zip(seed_folders(key), done)]
         text, mean, std = summarize(values, name)
-        if mean is None and any(map(read_log, seed_folders(key))):
+        unfinished = sum(not d and bool(read_log(folder)) for folder, d in zip(seed_folders(key), done))
+        if mean is None and any(done):
             text = "not logged"  # the runs are there, this measure is not in their logs (e.g. --bleu-every 0)
+        elif unfinished:  # a run in progress or interrupted: its last evaluation is not the end of training
+            text = text.replace(" seeds]", f" seeds; {unfinished} unfinished]") if mean is not None else \
+                f"unfinished ({unfinished} of {len(done)} seeds)"
         records.append(dict(row=row, column=column, run=key, metric=name, values=values, mean=mean, std=std, paper=paper))
         return text, mean is not None
 
@@ -487,7 +494,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cpu_count / jobs threads)")
     p.add_argument("--runs-dir", default="runs", help="where the runs and tables go")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")
-    p.add_argument("--table-only", action="store_true", help="print the table from the runs there are, run nothing")
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of the finished runs there are (unfinished ones counted, not averaged), run nothing")
     p.add_argument("--flags", default="", help='more flags for every run, after the preset\'s (so they override it), '
                    'e.g. --flags="--no-randaug --limit-train 1000"; the runs get a folder of their own')
     args = p.parse_args(argv)

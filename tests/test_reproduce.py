@@ -125,7 +125,7 @@ def test_paper_numbers_only_beside_the_papers_setup_and_time_as_a_median(tmp_pat
     runs = tmp_path / "runs"
     for dataset in ("cifar10", "cifar100"):
         for model in ("RevViT", "ViT", "BDIA-ViT"):
-            for seed, seconds in ((1, [30, 31, 300]), (2, [32, 33, 34]), (3, [29, 30, 31])):  # one slow epoch
+            for seed, seconds in ((1, [31] * 399 + [300]), (2, [33] * 400), (3, [30] * 400)):  # finished; one slow epoch
                 write_log(runs / "table2-paper" / dataset / model / f"seed{seed}",
                           [dict(epoch=e + 1, val_acc=0.8 + 0.01 * seed, val_loss=0.5, train_loss=0.4, epoch_seconds=s, peak_memory_mb=500.0 + seed)
                            for e, s in enumerate(seconds)])
@@ -156,11 +156,12 @@ def test_paper_numbers_only_beside_the_papers_setup_and_time_as_a_median(tmp_pat
 
 def test_fig5_shows_the_last_and_best_logged_bleu_and_says_when_runs_logged_none(tmp_path, capsys):
     runs = tmp_path / "runs"
-    for seed, bleus in ((1, [10.0, 14.0, 13.0]), (2, [11.0, 12.0, 15.0])):  # BLEU every 5 epochs, and at the end
+    for seed, bleus in ((1, [10.0] * 10 + [14.0, 13.0]), (2, [11.0] * 10 + [12.0, 15.0])):  # every 5 epochs, and at the end
         write_log(runs / "fig5-cpu-overfit" / "Transformer" / f"seed{seed}",
                   [dict(epoch=e, train_loss=2.0, val_loss=3.5, **({"val_bleu": bleus[e // 5 - 1]} if e % 5 == 0 else {}))
-                   for e in range(1, 16)])
-    write_log(runs / "fig5-cpu-overfit" / "BDIA" / "seed1", [dict(epoch=1, train_loss=2.0, val_loss=3.6)])  # --bleu-every 0
+                   for e in range(1, 61)])
+    write_log(runs / "fig5-cpu-overfit" / "BDIA" / "seed1",  # --bleu-every 0
+              [dict(epoch=e, train_loss=2.0, val_loss=3.6) for e in range(1, 61)])
     reproduce.main(["fig5", "--preset", "cpu-overfit", "--seeds", "2", "--runs-dir", str(runs), "--table-only"])
     rows = (runs / "fig5-cpu-overfit" / "table.md").read_text().split("\n\n")[1].splitlines()
     assert rows[0].endswith("| val. BLEU |")
@@ -212,3 +213,20 @@ def test_table4_gpt_runs_six_quantized_configurations_beside_appfs_finished_pair
     assert read["BDIA-GPT2/-2", "final_val_loss"] == [None]
     markdown = (runs / "table4-gpt-cpu-overfit" / "table.md").read_text()
     assert "| BDIA-GPT2, l = 9 (appf's BDIA-GPT2) | 1.5200" in markdown and "| GPT2, l = -2 | not run |" in markdown
+
+
+def test_a_run_in_progress_or_interrupted_is_left_out_of_the_table_and_said_so(tmp_path, capsys):
+    """The table is of the end of training: a run whose log stops short of the preset's last
+    iteration (still running, or killed) is not averaged in as if it had ended there."""
+    runs = tmp_path / "runs"
+    for seed, last in ((1, 2500), (2, 2500), (3, 600)):  # seed 3 stopped at iteration 600
+        write_log(runs / "appf-cpu-overfit" / "GPT2" / f"seed{seed}",
+                  [dict(iter=i, train_loss=1.0, val_loss=2.0 - seed / 10 if i == 2500 else 4.0) for i in range(0, last + 1, 100)])
+    write_log(runs / "appf-cpu-overfit" / "BDIA-GPT2" / "seed1", [dict(iter=0, train_loss=4.4, val_loss=4.4)])
+    reproduce.main(["appf", "--preset", "cpu-overfit", "--seeds", "3", "--runs-dir", str(runs), "--table-only"])
+    read = {(c["run"], c["metric"]): c["values"]
+            for c in json.loads((runs / "appf-cpu-overfit" / "table.json").read_text())["cells"]}
+    assert read["GPT2", "final_val_loss"] == [1.9, 1.8, None] and read["BDIA-GPT2", "final_val_loss"] == [None] * 3
+    rows = (runs / "appf-cpu-overfit" / "table.md").read_text()
+    assert "| 1.8500 +- 0.0707 [2 of 3 seeds; 1 unfinished] (best 1.8500 +- 0.0707 [2 of 3 seeds; 1 unfinished])" in rows
+    assert "unfinished (1 of 3 seeds)" in rows
