@@ -33,6 +33,7 @@ With --fsdp under torchrun, N processes train as one with N times --batch-size, 
 model's (it resumes with or without --fsdp); after training rank 0 alone exports and decodes.
 """
 
+import gc
 import hashlib
 import json
 import math
@@ -498,3 +499,4 @@ def unsharded_model(model, args, device, main_process, needed):
 
 if __name__ == "__main__":
     main()
+    gc.collect()  # --fsdp: the sharded model lives in reference cycles; freed now, not as Python exits (seen: SIGABRT)
