@@ -392,13 +392,14 @@ UNITS = {"peak_memory": " MB", "epoch_time": " s"}
 BEST = {"final_acc": "best_acc", "final_val_loss": "best_val_loss", "final_bleu": "best_bleu"}
 
 
-def summarize(values, name):
+def summarize(values, name, unfinished=0):
     """('mean +- std' of the seeds' values, mean, std), 'k of n seeds' said where only some have
-    one; 'not run' when none has."""
+    one, and how many runs are unfinished (left out); 'not run' when none has."""
     seeds, values = len(values), [v for v in values if v is not None]
     if not values:
-        return "not run", None, None
-    some = f" [{len(values)} of {seeds} seeds]" if len(values) < seeds else ""
+        return (f"unfinished ({unfinished} of {seeds} seeds)" if unfinished else "not run"), None, None
+    some = f" [{len(values)} of {seeds} seeds{f'; {unfinished} unfinished' if unfinished else ''}]" \
+        if len(values) < seeds else ""
     if name == "epoch_time":  # the seeds' medians over epochs, their median: one slow seed (a busy machine) moves nothing
         return f"{statistics.median(values):.1f} s{some}", statistics.median(values), None
     mean = statistics.fmean(values)
@@ -440,17 +441,21 @@ def build_table(table, args, base):
     def seed_folders(key):
         return [run_folder(table, key, base) / f"seed{s}" for s in range(1, args.seeds + 1)]
 
+    status = {}  # key -> each seed's (folder, finished, logged anything), read once a table
+
+    def seed_status(key):
+        if key not in status:
+            script, flags = table.runs[key]
+            status[key] = [(folder, finished(script, flags, folder), bool(read_log(folder))) for folder in seed_folders(key)]
+        return status[key]
+
     def record(row, column, key, name, paper):
-        script, flags = table.runs[key]
-        done = [finished(script, flags, folder) for folder in seed_folders(key)]
-        values = [metric(folder, name) if d else None for folder, d in zip(seed_folders(key), done)]
-        text, mean, std = summarize(values, name)
-        unfinished = sum(not d and bool(read_log(folder)) for folder, d in zip(seed_folders(key), done))
-        if mean is None and any(done):
+        # the table is of the end of training: a run in progress or interrupted is counted, not read
+        values = [metric(folder, name) if done else None for folder, done, _ in seed_status(key)]
+        unfinished = sum(started and not done for _, done, started in seed_status(key))
+        text, mean, std = summarize(values, name, unfinished)
+        if mean is None and any(done for _, done, _ in seed_status(key)):
             text = "not logged"  # the runs are there, this measure is not in their logs (e.g. --bleu-every 0)
-        elif unfinished:  # a run in progress or interrupted: its last evaluation is not the end of training
-            text = text.replace(" seeds]", f" seeds; {unfinished} unfinished]") if mean is not None else \
-                f"unfinished ({unfinished} of {len(done)} seeds)"
         records.append(dict(row=row, column=column, run=key, metric=name, values=values, mean=mean, std=std, paper=paper))
         return text, mean is not None
 
