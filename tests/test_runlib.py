@@ -287,7 +287,7 @@ def test_a_run_that_waited_on_a_removed_lock_file_locks_the_new_one(tmp_path):
     """A run removes its lock file when it ends; a process that opened that file before and locks
     it afterwards holds a file that is no longer there, which blocks no later run: the folder is
     locked on the file at its path. (The retry in runlib.lock_file, for a run that opened the file
-    just before it was removed, is not driven here: no test can stop a run between open and flock.)"""
+    just before it was removed, cannot be stopped at from a test; the race below drives it.)"""
     stale = open(tmp_path / "run.lock", "a+")  # opened by a run that is about to lock it
     with runlib.folder_lock(tmp_path):  # this run holds it (the same file) and, ending, removes it
         pass
@@ -297,6 +297,39 @@ def test_a_run_that_waited_on_a_removed_lock_file_locks_the_new_one(tmp_path):
             with runlib.folder_lock(tmp_path):
                 pass
     stale.close()
+
+
+RACE = """
+import os, sys
+sys.path.insert(0, sys.argv[3])
+import runlib
+folder, inside = sys.argv[1], sys.argv[2]
+held = 0
+for _ in range(300):
+    try:
+        with runlib.folder_lock(folder):
+            fd = os.open(inside, os.O_CREAT | os.O_EXCL)  # FileExistsError: another run holds it too
+            os.close(fd)
+            os.unlink(inside)
+            held += 1
+    except runlib.FolderInUse:
+        pass
+print(held)
+"""
+
+
+def test_runs_racing_for_one_folder_never_hold_it_at_once(tmp_path):
+    """Three processes take and give back one --out-dir 300 times each, as fast as they can: the
+    run.lock one opened is removed under it before its flock (runlib.lock_file's retry on the
+    file at the path: without it, this failed in 3 of 3 tries), and no two ever hold the folder at once
+    (a file made with O_EXCL while held would exist already)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, "-c", RACE, str(tmp_path / "out"), str(tmp_path / "held"), root]
+    racers = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [racer.communicate(timeout=120) for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0, 0], [err for _, err in results]
+    assert all(int(out) > 0 for out, _ in results)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no run.lock left behind
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.SCRIPT)
