@@ -220,14 +220,15 @@ def test_reversible_backward_rebuilds_every_activation_bit_for_bit(depth, gammas
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 7])
 @pytest.mark.parametrize("gammas", [(-0.5, 0.5), (-0.25, 0.25)])
-def test_reversible_and_stored_modes_agree(depth, gammas):
+@pytest.mark.parametrize("bits", [9, 0, -2])  # Table 4's levels
+def test_reversible_and_stored_modes_agree(depth, gammas, bits):
     blocks = make_stack(depth, dropout=0.1).train()
     x = torch.randn(4, 3, 8, requires_grad=True)
     memory = torch.randn(4, 5, 8, requires_grad=True)
     results = []
     for reversible in (True, False):
         x.grad = memory.grad = None
-        config = BDIAConfig(gammas=gammas, reversible=reversible)
+        config = BDIAConfig(gammas=gammas, bits=bits, reversible=reversible)
         results.append(run_and_backward(blocks, x, config, 123, memory))
     (out_r, leaves_r, params_r), (out_s, leaves_s, params_s) = results
     assert torch.equal(out_r, out_s)
