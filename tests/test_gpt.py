@@ -21,6 +21,12 @@ from models import GPT  # noqa: E402
 torch.set_num_threads(1)
 TINY = ["--n-layer", "3", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8",
         "--eval-iters", "4", "--lr", "3e-3", "--warmup-iters", "5", "--device", "cpu"]
+# How far a run split over processes may drift from one process over a few Adam steps. The
+# gradients agree to float rounding (tests/test_bdia_fsdp.py checks one step to 1e-5 relative), but
+# Q_l's steps and Adam magnify rounding: on an AVX2-only CPU, one process's reversible and stored
+# runs of the FSDP test below differ by 4e-5 in loss and 6e-5 in a weight after 4 steps. Wiring
+# errors are far beyond that: half the global batch is off by 5e-3 in loss and 2.5e-2 in a weight.
+DRIFT = 2e-4
 
 
 def run(tmp_path, *flags, out="out"):
@@ -128,7 +134,7 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
         single = run(tmp_path, *flags[len(TINY):], "--batch-size", "16", out="single")
     ddp_rows = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     for a, b in zip(ddp_rows, single):
-        assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["train_loss"] - b["train_loss"]) < 1e-5
+        assert abs(a["val_loss"] - b["val_loss"]) < DRIFT and abs(a["train_loss"] - b["train_loss"]) < DRIFT
 
 
 def test_fsdp_under_torchrun_matches_one_process_with_the_global_batch_and_resumes_without_fsdp(tmp_path, text_file):
@@ -151,10 +157,10 @@ def test_fsdp_under_torchrun_matches_one_process_with_the_global_batch_and_resum
     resumed = [json.loads(line) for line in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in fsdp_rows] == [0, 2, 4] and [r["iter"] for r in resumed] == [0, 2, 4, 6]
     for a, b in zip(resumed, single):  # FSDP's iterations 0-4, then one process's 6
-        assert abs(a["val_loss"] - b["val_loss"]) < 1e-5 and abs(a["train_loss"] - b["train_loss"]) < 1e-5
+        assert abs(a["val_loss"] - b["val_loss"]) < DRIFT and abs(a["train_loss"] - b["train_loss"]) < DRIFT
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("fsdp", "single"))
     assert a["model"].keys() == b["model"].keys() and a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    assert all((a["model"][k] - b["model"][k]).abs().max() < 1e-5 for k in b["model"])
+    assert all((a["model"][k] - b["model"][k]).abs().max() < DRIFT for k in b["model"])
 
 
 def test_bin_files_with_meta_pkl_and_train_fraction(tmp_path):
