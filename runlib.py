@@ -253,11 +253,11 @@ def folder_lock(folder, flag="--out-dir"):
 def lock_file(path, flag):
     """The open, flock-ed path, with this process's id in it."""
     while True:
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             f = open(path, "a+")
-        except FileNotFoundError:  # the run that held it ended and removed its new folder just now
-            continue
+        except (FileNotFoundError, FileExistsError):  # the run that held it ended and removed its new folder just
+            continue  # now (mkdir: after it found the folder there, before it saw it was a folder)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
