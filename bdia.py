@@ -25,6 +25,7 @@ This file imports only torch and the standard library: copy it into your project
 """
 
 import contextlib
+import functools
 import math
 import sys
 import warnings
@@ -68,16 +69,20 @@ def pack_bits(s, m):
     flags = s.view(1, -1, 8)
     if m > 1:
         flags = torch.cat([(flags >> j) & 1 for j in range(m)])
-    places = torch.arange(8, dtype=flags.dtype, device=s.device)  # of 8 flags in a byte
-    return (flags << places).sum(dim=-1, dtype=torch.uint8)
+    return (flags << places(s.device, flags.dtype)).sum(dim=-1, dtype=torch.uint8)
 
 def unpack_bits(packed, m, shape, dtype=torch.uint8):
     """Inverse of pack_bits: the m-bit values as a tensor of `shape`."""
-    flags = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    flags = (packed.unsqueeze(-1) >> places(packed.device, torch.uint8)) & 1
     s = flags[0]
     for j in range(1, m):
         s |= flags[j] << j
     return s.reshape(-1)[: math.prod(shape)].view(shape).to(dtype)
+
+@functools.cache
+def places(device, dtype):
+    """0, 1, ..., 7: the places of 8 flags in a byte (made once per device and dtype, not per call)."""
+    return torch.arange(8, dtype=dtype, device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -152,7 +157,12 @@ def run_blocks(blocks, x, config, *context, **kwargs):
     check_stream(x, config.bits)
     gammas = draw_gammas(config, x.shape[0], len(blocks), x.device, x.dtype)  # per sample x[i]
     if config.reversible and torch.is_grad_enabled():
-        return reversible_stack(blocks, x, gammas, config, context, kwargs)
+        # Under torch.compile(model) the stack runs eagerly: dynamo would compile the blocks it calls in the
+        # forward but not in backward's recomputation (run by loss.backward(), outside the compiled region), and
+        # rounding otherwise there, break (24). Blocks compiled on their own (block.compile()) run compiled.
+        compiling = torch.compiler.is_compiling()
+        stack = torch.compiler.disable(reversible_stack) if compiling else reversible_stack
+        return stack(blocks, x, gammas, config, context, kwargs, compiling)
     x_prev, x = None, quantize(x, config.bits)  # (18)
     for k, block in enumerate(blocks):
         x_prev, x = x, bdia_block(block, k, x_prev, x, gammas, config, context, kwargs)[0]
@@ -175,8 +185,9 @@ def output_of(y):
 
 def residual_of(block, x, context, kwargs):
     """h_k(x_k): block.residual(x, ...) if the block has it, else block(x, ...) - x (whose float error
-    the recomputation repeats bit for bit), in x's dtype (the block may run under autocast)."""
-    if hasattr(block, "residual"):
+    the recomputation repeats bit for bit), in x's dtype (the block may run under autocast). A compiled
+    block (block.compile(), torch.compile(block)) is called as compiled: block(x, ...) - x."""
+    if hasattr(block, "residual") and not compiled(block):
         if fsdp_sharded(block) and "residual" not in vars(block):  # FSDP2 gathers parameters only around forward
             sys.modules["torch.distributed.fsdp"].register_fsdp_forward_method(block, "residual")
         h = block.residual(x, *context, **kwargs)
@@ -184,14 +195,21 @@ def residual_of(block, x, context, kwargs):
         h = output_of(block(x, *context, **kwargs)) - x
     return h if h.dtype == x.dtype else h.to(x.dtype)
 
+def compiled(block):
+    """Whether block.compile() or torch.compile(block) compiled the block's call (residual() is not)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return getattr(block, "_compiled_call_impl", None) is not None or (
+        dynamo is not None and isinstance(block, dynamo.eval_frame.OptimizedModule))
+
 def fsdp_sharded(module):
     """Whether FSDP2's fully_shard wraps the module (torch.distributed.fsdp is looked at only if loaded)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
-def bdia_block(block, k, x_prev, x, gammas, config, context, kwargs):
-    """Block k of BDIA training: x_{k+1} by (19), (21) or (10), and the s_{k-1} (20) it used (or None)."""
-    h = residual_of(block, x, context, kwargs)
+def bdia_block(block, k, x_prev, x, gammas, config, context, kwargs, h=None):
+    """Block k of BDIA training: x_{k+1} by (19), (21) or (10), and the s_{k-1} (20) it used (or None);
+    h: h_k(x_k) if computed already."""
+    h = residual_of(block, x, context, kwargs) if h is None else h
     if k == 0:
         return x + quantize(h, config.bits), None  # (19)
     m = side_bits(config.gammas)
@@ -242,10 +260,10 @@ class BDIAStack(nn.Sequential):
 # one below: parameter gradients arrive block by block (DDP's hooks fire as for a plain model).
 
 
-def reversible_stack(blocks, x, gammas, config, context, kwargs):
+def reversible_stack(blocks, x, gammas, config, context, kwargs, compiling=False):
     """BDIA training (18)-(21) whose backward rebuilds the activations by (24)."""
     x_prev, x = None, quantize(x, config.bits)  # (18)
-    tape = Tape(x, gammas, config, context, kwargs)
+    tape = Tape(x, gammas, config, context, kwargs, compiling or any(compiled(b) for b in blocks))
     for k, block in enumerate(blocks):
         params = [p for p in block.parameters() if p.requires_grad]
         x_prev, x = x, ReversibleBlock.apply(tape, block, k, x_prev, x, *tape.tensors, *params)
@@ -256,15 +274,16 @@ def reversible_stack(blocks, x, gammas, config, context, kwargs):
 
 
 class Tape:
-    """What one reversible stack shares: config, gammas, context, the rebuilt x_k, x_0's fingerprint, |x_k|."""
+    """What one reversible stack shares: config, gammas, context, the rebuilt x_k, |x_k|, and what checks
+    the recomputation: x_0's fingerprint, and per block whether h_k came out as in the forward."""
 
-    def __init__(self, x0, gammas, config, context, kwargs):
-        self.config, self.gammas, self.m = config, gammas, side_bits(config.gammas)
+    def __init__(self, x0, gammas, config, context, kwargs, compiled):
+        self.config, self.gammas, self.m, self.compiled = config, gammas, side_bits(config.gammas), compiled
         self.leaves, self.spec = tree_flatten((context, kwargs))  # context tensors, also nested ones
         self.tensors = [t for t in self.leaves if torch.is_tensor(t)]
-        self.fingerprint = fingerprint(x0)
-        self.magnitudes = [x0.detach().abs().amax()]  # NaN stays NaN
-        self.rebuilt = {}
+        self.fingerprint = fingerprint(x0 + 0.0)  # + 0.0: -0.0 and 0.0, one number, one pattern ((24) may give either)
+        self.magnitudes = [torch.aminmax(x0.detach())]  # NaN stays NaN
+        self.rebuilt, self.checks, self.lowest = {}, [], None
 
     def context(self, tensors=None):
         """(context, kwargs) as given, or with these tensors in the places of its tensors."""
@@ -277,15 +296,20 @@ class ReversibleBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tape, block, k, x_prev, x, *tensors_and_params):
+        ctx.tape, ctx.block, ctx.k = tape, block, k
+        ctx.context_needs_grad = ctx.needs_input_grad[5 : 5 + len(tape.tensors)]
+        ctx.n_params = len(tensors_and_params) - len(tape.tensors)  # FSDP2: its shards get no gradient here
+        ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+        if tape.lowest is None and any(ctx.needs_input_grad):
+            tape.lowest = k  # the last block whose backward runs: it checks the recomputation
         rng = generator_states(x.device)  # the block's random draws are replayed by observation
-        x_next, side = bdia_block(block, k, x_prev, x, tape.gammas, tape.config, *tape.context())  # (19), (21)
-        tape.magnitudes.append(x_next.detach().abs().amax())
-        ctx.save_for_backward(None if side is None else pack_bits(side, tape.m))  # m bits per element
+        h = residual_with_graph(ctx, x)[0]
         drew = any(a is not None and not torch.equal(a, b) for a, b in zip(rng, generator_states(x.device)))
         ctx.rng = rng if drew else None  # kept only where the block drew
-        ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
-        ctx.tape, ctx.block, ctx.k = tape, block, k
-        ctx.n_params = len(tensors_and_params) - len(tape.tensors)  # FSDP2: its shards get no gradient here
+        ctx.h_fingerprint = fingerprint(h)
+        x_next, side = bdia_block(block, k, x_prev, x, tape.gammas, tape.config, (), {}, h.detach())  # (19), (21)
+        tape.magnitudes.append(torch.aminmax(x_next.detach()))
+        ctx.save_for_backward(None if side is None else pack_bits(side, tape.m))  # m bits per element
         return x_next
 
     @staticmethod
@@ -294,19 +318,15 @@ class ReversibleBlock(torch.autograd.Function):
         rebuild x_{k-1} by (24) for the block below; back-propagate through (19) or (21)."""
         tape, block, k, bits = ctx.tape, ctx.block, ctx.k, ctx.tape.config.bits
         (packed_side,) = ctx.saved_tensors
-        _, _, _, prev_needs_grad, _, *inputs_need_grad = ctx.needs_input_grad
-        context_needs_grad = inputs_need_grad[: len(tape.tensors)]
+        prev_needs_grad = ctx.needs_input_grad[3]
         if k + 1 not in tape.rebuilt:
             raise BDIAError("BDIA: this reversible graph was already back-propagated (retain_graph=True)")
         x_next, x = tape.rebuilt.pop(k + 1), tape.rebuilt[k]  # rebuilt by block k+1's backward, or the top pair
-        x_leaf = x.detach().requires_grad_()
-        leaves = [t.detach().requires_grad_() if need else t for t, need in zip(tape.tensors, context_needs_grad)]
-        with replayed_generators(ctx.rng, x.device), torch.enable_grad():
-            with torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                h = residual_of(block, x_leaf, *tape.context(leaves))  # h_k(x_k) again, now with its graph
-        params = [p for p in block.parameters() if p.requires_grad]
-        grad_leaves = [t for t, need in zip(leaves, context_needs_grad) if need]
-        check_reads_only_its_inputs(block, k, h, [x_leaf, *params, *grad_leaves])
+        with replayed_generators(ctx.rng, x.device):
+            h, x_leaf, grad_leaves = residual_with_graph(ctx, x)  # h_k(x_k) again, with its graph
+        params = [p for p in block.parameters() if p.requires_grad]  # FSDP2: the unsharded ones, now
+        check_graph(block, k, h, [x_leaf, *params, *grad_leaves])
+        tape.checks.append((f"h_{k}", ctx.h_fingerprint, fingerprint(h)))
 
         if k == 0:
             tape.rebuilt.pop(0)
@@ -315,11 +335,12 @@ class ReversibleBlock(torch.autograd.Function):
             gamma = gamma_of_block(tape.gammas, k, x)
             side = unpack_bits(packed_side, tape.m, x.shape, x.dtype)
             tape.rebuilt[k - 1] = bdia_unstep(x_next, x, h.detach(), gamma, bits, side)  # (24)
-            if k == 1 and not torch.equal(fingerprint(tape.rebuilt[0]), tape.fingerprint):
-                raise ReconstructionError("BDIA: the reversible backward did not rebuild x_0 bit for bit: a block is "
-                                          "not deterministic; make it so or use reversible=False")
+            if k == 1:
+                tape.checks.append(("x_0", tape.fingerprint, fingerprint(tape.rebuilt[0] + 0.0)))
             grad_h = (1 + gamma) * grad_next  # (21): dL/dh_k
         del x_next
+        if k == tape.lowest:
+            check_recomputation(tape)
 
         if any(fsdp_sharded(m) for m in block.modules()):  # FSDP2 reduce-scatters the .grad of the unsharded
             torch.autograd.backward(h, grad_h, inputs=[x_leaf, *params, *grad_leaves])  # copies into its shards
@@ -333,23 +354,43 @@ class ReversibleBlock(torch.autograd.Function):
             grad_x, grad_prev = grad_next + grad_x, None  # (19)
         else:
             grad_x, grad_prev = (1 - gamma) * grad_next + grad_x, gamma * grad_next  # (21): dL/dx_k, dL/dx_{k-1}
-        grad_context = [next(grad_context) if need else None for need in context_needs_grad]
+        grad_context = [next(grad_context) if need else None for need in ctx.context_needs_grad]
         return None, None, None, grad_prev if prev_needs_grad else None, grad_x, *grad_context, *grad_params
 
 
-_CHECKED = weakref.WeakSet()  # blocks whose recomputed graph was looked at once
+def residual_with_graph(ctx, x):
+    """h_k(x_k) with its graph, from x_k (and the context's tensors that need grad) as leaves, under the
+    forward's autocast, with grad on: the one computation that the forward runs for (21) and the backward
+    again for (24) and the gradients. So a compiled block runs one graph both times (with grad off, the
+    forward would run an inference graph, which may fuse, and round, otherwise)."""
+    x_leaf = x.detach().requires_grad_()
+    leaves = [t.detach().requires_grad_() if need else t for t, need in zip(ctx.tape.tensors, ctx.context_needs_grad)]
+    with torch.enable_grad(), torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
+        h = residual_of(ctx.block, x_leaf, *ctx.tape.context(leaves))
+    return h, x_leaf, [t for t, need in zip(leaves, ctx.context_needs_grad) if need]
 
-def check_reads_only_its_inputs(block, k, h, inputs):
-    """A tensor that requires grad, that h_k's graph reaches and that is not among the Function's
-    inputs (a parameter kept outside the block) would get no gradient: refuse it, once per block."""
+
+_CHECKED = weakref.WeakSet()  # blocks whose graph was looked at once
+
+def check_graph(block, k, h, inputs):
+    """Once per block, at its first backward: refuse what reversible training cannot do right. A tensor that requires grad, that h_k's
+    graph reaches and that is not among the Function's inputs (a parameter kept outside the block) would get no
+    gradient; reentrant activation checkpointing cannot run under the backward's torch.autograd.grad."""
     if block in _CHECKED:
         return
+    checkpoint = sys.modules.get("torch.utils.checkpoint")
+    reentrant = checkpoint and checkpoint.CheckpointFunction._backward_cls  # the graph node it leaves
     own, seen, nodes = {id(t) for t in inputs}, set(), [h.grad_fn]
     while nodes:
         node = nodes.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        if type(node) is reentrant:
+            raise BDIAError(f"BDIA: block {k} ({type(block).__name__}) runs torch.utils.checkpoint with use_reentrant="
+                            "True, which reversible training cannot back-propagate; pass use_reentrant=False (Hugging "
+                            "Face: gradient_checkpointing_kwargs={'use_reentrant': False}) or drop it: reversible "
+                            "BDIA keeps no activations anyway")
         leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor that gets .grad
         if leaf is not None and id(leaf) not in own:
             raise BDIAError(f"BDIA: block {k} ({type(block).__name__}) reads a tensor of shape {tuple(leaf.shape)} "
@@ -357,6 +398,20 @@ def check_reads_only_its_inputs(block, k, h, inputs):
                             "give it no gradient; pass it as context or make it a parameter of the block")
         nodes.extend(next_node for next_node, _ in node.next_functions)
     _CHECKED.add(block)
+
+def check_recomputation(tape):
+    """After the stack's last backward, one read of every check: each recomputed h_k was the forward's
+    bit for bit, and (24) rebuilt x_0. The first that failed (from the top) is the cause."""
+    checks, tape.checks = tape.checks, []
+    failed = torch.stack([before for _, before, _ in checks]) != torch.stack([again for _, _, again in checks])
+    if not bool(failed.any()):
+        return
+    what = checks[int(failed.nonzero()[0])][0]
+    where = ("did not rebuild x_0 bit for bit" if what == "x_0" else
+             f"recomputed {what} (block {what[2:]}) otherwise than the forward")
+    why = ("under torch.compile: run it without compile to see whether compile is the cause, or use "
+           "reversible=False" if tape.compiled else "a block is not deterministic; make it so or use reversible=False")
+    raise ReconstructionError(f"BDIA: the reversible backward {where}, {why}")
 
 def generator_states(device):
     """The CPU generator's state, and that of x's CUDA device (what a block's draws change)."""
@@ -426,7 +481,8 @@ def check_stream(x, bits):
 
 def check_magnitudes(magnitudes, x, bits):
     """An x_k beyond the range where x.dtype holds the grid (Lemma 4.2): DivergedError, else PrecisionError."""
-    limit, magnitudes = exact_limit(x.dtype, bits), torch.stack(magnitudes)
+    lows, highs = zip(*magnitudes)  # torch.aminmax of each x_k
+    limit, magnitudes = exact_limit(x.dtype, bits), torch.maximum(-torch.stack(lows), torch.stack(highs))
     if bool((magnitudes < limit).all()):  # one device sync per step; NaN fails too
         return
     k = int((~(magnitudes < limit)).nonzero()[0])
@@ -440,9 +496,9 @@ def check_magnitudes(magnitudes, x, bits):
                          f"below {limit:g}; use fewer bits (at most bits={fewer} for this |x|) or normalise the input")
 
 def fingerprint(x):
-    """The sum of x's bit patterns modulo 2^32 (wrapping: in any order): any one element's change alters it,
-    with no temporary wider than x (+ 0.0 makes -0.0 and 0.0, one number, one pattern; float64: 2^64)."""
-    bits = (x.detach() + 0.0).view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+    """The sum of x's bit patterns modulo 2^32 (float64: 2^64), wrapping, so in any order: any one element's
+    change alters it, with no temporary wider than x."""
+    bits = x.detach().view(torch.int64 if x.dtype == torch.float64 else torch.int32)
     return bits.sum(dtype=bits.dtype)
 
 
