@@ -31,6 +31,7 @@ import torch.distributed
 
 from bdia import BDIAConfig, BDIAError, DivergedError, PrecisionError, exact_limit, mantissa_bits
 from data import DataError, atomic_write
+import models
 
 # what a CUDA out-of-memory error suggests, in every script
 LOWER_MEMORY = "a smaller --batch-size, --bdia (activations rebuilt, not stored) or --amp"
@@ -119,8 +120,8 @@ class ArgumentParser(argparse.ArgumentParser):
         if fsdp:
             g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
                            "state over the processes (FSDP2, fully_shard on each block and the root) instead of DDP")
-        g.add_argument("--compile", action="store_true", help="torch.compile the model (plain, or --bdia with "
-                       "--no-reversible)")
+        g.add_argument("--compile", action="store_true", help="torch.compile the model (with reversible --bdia also "
+                       "each block: the engine runs the reversible stack outside the model's graph)")
         g.add_argument("--seed", type=int, default=1337, help="initial weights, data order, dropout and gammas")
         g.add_argument("--out-dir", default=out_dir, help="log.jsonl and ckpt.pt; one run at a time")
         speed = "--batch-size, --grad-accum" if any(a.dest == "grad_accum" for a in self._actions) else "--batch-size"
@@ -155,9 +156,6 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(f"--bits {args.bits}: a float32 residual stream holds the 2^-l grid exactly only for "
                        f"|x| < 2^(23 - l) <= 1, which a normalised stream exceeds; use --bits "
                        f"{mantissa_bits(torch.float32) - 3} or less (the paper uses 9)")
-        if args.compile and args.bdia_config is not None and args.bdia_config.reversible:
-            self.error("--compile cannot be used with reversible --bdia: compiled code may round differently in the "
-                       "forward and in the recomputation of (24); drop --compile, or add --no-reversible")
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cuda" and not torch.cuda.is_available():
@@ -208,8 +206,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def compiled(model, args):
-    """torch.compile(model) with --compile (parse() refuses it with reversible BDIA)."""
-    return torch.compile(model) if args.compile else model
+    """With --compile: torch.compile(model). With reversible BDIA, bdia.run_blocks runs the stack outside
+    the model's graph (its forward and its backward's recomputation must run the same code), so each
+    block is compiled too (block.compile(), as torchtitan does; state_dict keys unchanged)."""
+    if not args.compile:
+        return model
+    if args.bdia_config is not None and args.bdia_config.reversible:
+        for block in model.modules():
+            if isinstance(block, models.Block):
+                block.compile()
+    return torch.compile(model)
 
 
 def as_saved(value):

@@ -191,7 +191,6 @@ def test_bin_files_with_meta_pkl_and_train_fraction(tmp_path):
         (["--text-file", "TEXT", "--n-embd", "33"], "divisible"),
         ([], "give the data"),
         (["--text-file", "TEXT", "--resume"], "without --resume"),
-        (["--text-file", "TEXT", "--bdia", "--compile"], "--compile cannot be used with reversible --bdia"),
         (["--text-file", "TEXT", "--fsdp"], "torchrun --nproc_per_node=N train_gpt.py"),
     ],
 )

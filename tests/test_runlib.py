@@ -45,6 +45,7 @@ def parse(argv):
 def test_bdia_flags_build_the_config():
     assert parse([]).bdia_config is None
     assert parse(["--bdia", "--compile", "--no-reversible"]).bdia_config == BDIAConfig(reversible=False)
+    assert parse(["--bdia", "--compile"]).bdia_config == BDIAConfig()  # compiled per block (tests/test_compile.py)
     assert parse(["--bdia", "--gammas", "-0.25", "0.25", "--bits", "5"]).bdia_config == BDIAConfig((-0.25, 0.25), 5)
     config = parse(["--bdia", "--bits", "none", "--no-reversible", "--gammas=-0.5,0,0.5"]).bdia_config  # commas too
     assert config == BDIAConfig((-0.5, 0.0, 0.5), None, False, 0.0)
@@ -53,7 +54,6 @@ def test_bdia_flags_build_the_config():
 @pytest.mark.parametrize("argv, message", [
     (["--bdia", "--gammas", "0.3,-0.3"], "2^-m"),
     (["--bdia", "--bits", "none"], "needs bits"),
-    (["--bdia", "--compile"], "--compile cannot be used with reversible --bdia"),
     (["--bits", "nine"], "integer"),
     (["--gammas", "a,b"], "comma-separated"),
     (["--bdia", "--bits", "30"], "use --bits 20 or less"),
