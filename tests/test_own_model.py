@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bdia  # noqa: E402
 from bdia import BDIAConfig, BDIAStack, run_blocks  # noqa: E402
 
 torch.set_num_threads(1)
@@ -177,6 +178,64 @@ def test_recipe_3_a_hugging_face_model_whose_forward_loops_over_its_layers(name,
     config = {}
     loss = lambda m: F.cross_entropy(logits(m, ids, config["bdia"]).flatten(0, 1), ids.flatten())  # noqa: E731
     assert_trains_reversibly_as_stored(model, loss, lambda c: config.update(bdia=c))
+
+
+def t5_encode(model, input_ids, config):
+    e = model.encoder
+    x = e.dropout(e.embed_tokens(input_ids))
+    n = input_ids.shape[1]
+    bias = e.block[0].layer[0].SelfAttention.compute_bias(n, n, device=x.device)  # what layer 0 returns to the next
+    x = run_blocks(e.block, x, config, position_bias=bias)  # computed once, passed to every layer as context
+    return e.dropout(e.final_layer_norm(x))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_block_that_hands_state_to_the_next_through_its_outputs_gets_it_as_context(depth):
+    """T5's layer 0 returns the relative position bias and T5Stack passes it on; run_blocks keeps a
+    block's first output only, so the bias is computed once and passed as context: the encoder bit for
+    bit at inference, and reversible training as stored (the bias's table gets its gradient)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=depth, num_heads=4,
+                                   dropout_rate=0.1, relative_attention_num_buckets=8,
+                                   relative_attention_max_distance=16, attn_implementation="sdpa")
+    model = transformers.T5EncoderModel(config)
+    ids = torch.randint(50, (2, 10), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    assert torch.equal(t5_encode(model, ids, None), model(ids).last_hidden_state)
+    assert torch.equal(t5_encode(model, ids, BDIAConfig(bits=None, reversible=False)), model(ids).last_hidden_state)
+    model.train()
+    bdia = {}
+    loss = lambda m: t5_encode(m, ids, bdia["config"]).square().mean()  # noqa: E731
+    assert_trains_reversibly_as_stored(model, loss, lambda c: bdia.update(config=c))
+
+
+class CheckpointedBlock(nn.Module):
+    """A block that checkpoints its own MLP, as Hugging Face's gradient_checkpointing_enable() does."""
+
+    def __init__(self, dim, use_reentrant):
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.use_reentrant = use_reentrant
+
+    def mlp(self, x):
+        return self.fc2(F.dropout(F.gelu(self.fc1(self.ln(x))), 0.1, self.training))
+
+    def forward(self, x):
+        return x + torch.utils.checkpoint.checkpoint(self.mlp, x, use_reentrant=self.use_reentrant)
+
+
+def test_a_block_that_checkpoints_itself_trains_reversibly_or_is_told_use_reentrant_false():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), BDIAStack([CheckpointedBlock(16, False) for _ in range(3)]))
+    x = torch.randn(4, 5, 3)
+    assert_trains_reversibly_as_stored(model, lambda m: m(x).square().mean(), lambda c: setattr(model[1], "config", c))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), BDIAStack([CheckpointedBlock(16, True) for _ in range(3)], BDIAConfig()))
+    out = model(x).square().mean()
+    with pytest.raises(bdia.BDIAError, match=r"block 2 \(CheckpointedBlock\) runs torch.utils.checkpoint with "
+                       r"use_reentrant=True.*pass use_reentrant=False"):
+        out.backward()
 
 
 def test_the_readme_recipes_are_the_code_these_tests_run():
