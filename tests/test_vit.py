@@ -72,11 +72,27 @@ def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch, kill_after, 
         assert [r["precision"] for r in resumed] == ["fp16"] * 3 and len({r["grad_scale"] for r in straight}) > 1
 
 
+def test_precision_may_change_on_resume_and_an_amp_checkpoint_resumes_in_bf16(tmp_path, cifar_dir):
+    run(tmp_path, cifar_dir, "--epochs", "1", "--amp")
+    rows = run(tmp_path, cifar_dir, "--epochs", "2", "--precision", "fp16", "--resume")
+    assert [r["precision"] for r in rows] == ["bf16", "fp16"]
+    path = tmp_path / "out" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)  # as written before --precision: --amp, no scaler
+    ckpt["args"]["amp"], ckpt["scaler"] = True, {}
+    del ckpt["args"]["precision"]
+    torch.save(ckpt, path)
+    assert run(tmp_path, cifar_dir, "--epochs", "3", "--resume")[-1]["precision"] == "bf16"
+
+
 def test_fp16_with_a_grad_scaler_reversible_bdia_equals_stored_activations():
     """The paper's recipe on CUDA, on the CPU's fp16 autocast: the blocks in fp16, the residual
     stream in float32, the loss scaled by a GradScaler. One train_step of reversible BDIA and of
-    stored-activation BDIA: the same logits and loss bit for bit, the same (unscaled) gradients."""
+    stored-activation BDIA: the same logits and loss bit for bit, the same (unscaled) gradients
+    to about fp16's step (2^-11): the two backwards sum dL/dx_k in another order, and a last-bit
+    difference can flip an fp16 rounding where the gradient enters a block's autocast region
+    (seen here: 2e-7 to 6e-5 by seed at this size, 4.4e-4 for the paper's ViT)."""
     args = train_vit.parse_args(["--bdia", "--precision", "fp16", "--device", "cpu"])
+    torch.manual_seed(2)
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     results = []
     for reversible in (True, False):
@@ -91,7 +107,7 @@ def test_fp16_with_a_grad_scaler_reversible_bdia_equals_stored_activations():
     (loss_r, logits_r, grads_r), (loss_s, logits_s, grads_s) = results
     assert torch.equal(loss_r, loss_s) and torch.equal(logits_r, logits_s)
     for a, b in zip(grads_r, grads_s):  # unscaled by scaler.step
-        assert ((a - b).norm() / b.norm().clamp_min(1e-30)).item() < 1e-5
+        assert ((a - b).norm() / b.norm().clamp_min(1e-30)).item() < 2**-9
 
 
 def test_precision_auto_is_the_references_fp16_on_cuda_and_amp_is_bf16(tmp_path, capsys):
