@@ -136,8 +136,8 @@ def vit_runs(preset, dataset, **configs):
 
 
 MODELS = {"RevViT": ["--model", "revvit"], "ViT": [], "BDIA-ViT": ["--bdia"]}
-ACCURACY_NOTE = ("validation accuracy: at the end of training and the best epoch's, in columns of their own; the paper does "
-                 "not say which it reports (its reference repository keeps the best checkpoint)")
+ACCURACY_NOTE = ("validation accuracy: at the end of training and the best epoch's, in columns of their own; the "
+                 "paper does not say which it reports (its reference repository keeps the best checkpoint)")
 
 
 def accuracy_cells(row, column, key, paper):

@@ -13,7 +13,7 @@ DATA_DIR/fashion-mnist/; downloaded there when online):
     python train_vit.py --bdia --dataset fashion-mnist --limit-train 1000 --limit-val 500 --epochs 2 \\
         --depth 2 --dim 64 --heads 4 --mlp-dim 128 --out-dir out/vit-small
 
-The defaults are the paper's setup (5.2, Table 2): SET-Adam (lr 1e-4, betas 0.9, 0.999,
+The defaults are the paper's setup (5.2, Table 2, Fig. 4): SET-Adam (lr 1e-4, betas 0.9, 0.999,
 eps 1e-18), dropout 0.1, batch 128, 400 epochs; for the rest the paper defers to
 kentaroy47/vision-transformers-cifar10 (train_cifar10.py, whose own defaults are Adam, batch 512,
 200 epochs): RandAugment (N=2, M=14) before random crop and flip, a cosine schedule over the
@@ -21,7 +21,7 @@ epochs, no weight decay or clipping, and on CUDA fp16 autocast with a GradScaler
 auto; on a CPU float32: the reference runs on CUDA only). Departures from the two:
 SET-Adam is built from the equations reachable here (see SETAdam); RandAugment is the reference's
 PIL operations in torch, with torch's random numbers; the reference's scheduler.step(epoch - 1)
-runs its cosine two epochs late, here epoch e trains at the cosine of e - 1 of --epochs; the
+runs its cosine two epochs late, here epoch e = 1..E trains at lr (1 + cos(pi (e - 1) / E)) / 2; the
 reference keeps the checkpoint of the best validation accuracy, here ckpt.pt is the last epoch's
 (to resume) and each epoch's val_acc is logged (reproduce.py reports the best and the final).
 Evaluation is float32 whatever --precision, as the reference's. The residual stream stays
