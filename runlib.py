@@ -37,12 +37,12 @@ import models
 LOWER_MEMORY = "a smaller --batch-size, --bdia (activations rebuilt, not stored) or --amp"
 
 # Flags a resumed run may change: how long it runs, where and how fast (--fsdp or not), the recovery a failure
-# line suggests (--lr, --grad-clip, --bits, --batch-size, --amp), what it evaluates and logs, and
-# where its files are (they may have moved). Anything else is the run itself: model, data set,
+# line suggests (--lr, --grad-clip, --bits, --batch-size, --amp or train_vit's --precision), what it evaluates
+# and logs, and where its files are (they may have moved). Anything else is the run itself: model, data set,
 # BDIA, optimizer, schedule shape and seed come from the checkpoint.
 MAY_CHANGE_ON_RESUME = {
-    "resume", "out_dir", "device", "fsdp", "compile", "amp", "epochs", "max_iters", "lr", "grad_clip", "bits",
-    "batch_size", "grad_accum", "eval_interval", "eval_iters", "eval_batch_size", "eval_gammas", "bleu_every",
+    "resume", "out_dir", "device", "fsdp", "compile", "amp", "precision", "epochs", "max_iters", "lr", "grad_clip",
+    "bits", "batch_size", "grad_accum", "eval_interval", "eval_iters", "eval_batch_size", "eval_gammas", "bleu_every",
     "bleu_samples", "no_test", "test_limit", "export", "decode_batch", "beam", "length_penalty", "no_repeat_ngram",
     "max_new_tokens",
     "data_dir", "data_root", "text_file", "data", "locale_dir", "cache_dir", "init_from", "tokenizer",

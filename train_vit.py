@@ -13,10 +13,21 @@ DATA_DIR/fashion-mnist/; downloaded there when online):
     python train_vit.py --bdia --dataset fashion-mnist --limit-train 1000 --limit-val 500 --epochs 2 \\
         --depth 2 --dim 64 --heads 4 --mlp-dim 128 --out-dir out/vit-small
 
-The setup is the paper's, which defers to kentaroy47/vision-transformers-cifar10: RandAugment
-(N=2, M=14) before random crop and flip, SET-Adam (lr 1e-4), batch 128, cosine schedule,
-400 epochs, dropout 0.1. Each epoch appends a line to OUT_DIR/log.jsonl and writes
-OUT_DIR/ckpt.pt atomically; --resume continues an interrupted run exactly where it stopped.
+The defaults are the paper's setup (5.2, Table 2, Fig. 4): SET-Adam (lr 1e-4, betas 0.9, 0.999,
+eps 1e-18), dropout 0.1, batch 128, 400 epochs; for the rest the paper defers to
+kentaroy47/vision-transformers-cifar10 (train_cifar10.py, whose own defaults are Adam, batch 512,
+200 epochs): RandAugment (N=2, M=14) before random crop and flip, a cosine schedule over the
+epochs, no weight decay or clipping, and on CUDA fp16 autocast with a GradScaler (--precision
+auto; on a CPU float32: the reference runs on CUDA only). Departures from the two:
+SET-Adam is built from the equations reachable here (see SETAdam); RandAugment is the reference's
+PIL operations in torch, with torch's random numbers; the reference's scheduler.step(epoch - 1)
+runs its cosine two epochs late, here epoch e = 1..E trains at lr (1 + cos(pi (e - 1) / E)) / 2; the
+reference keeps the checkpoint of the best validation accuracy, here ckpt.pt is the last epoch's
+(to resume) and each epoch's val_acc is logged (reproduce.py reports the best and the final).
+Evaluation is float32 whatever --precision, as the reference's. The residual stream stays
+float32 under autocast, so BDIA stays exact. Each epoch appends a line to OUT_DIR/log.jsonl and
+writes OUT_DIR/ckpt.pt atomically (the GradScaler's state too); --resume continues an
+interrupted run exactly where it stopped.
 """
 
 import time
@@ -62,6 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: none, as the "
                    "reference)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "set-adam"], default="set-adam", help="the paper's SET-Adam")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="the blocks' autocast: auto is fp16 on CUDA (the reference's autocast with a GradScaler), fp32 "
+                   "on a CPU; fp16 always with a GradScaler; bf16 without one; the residual stream stays float32 "
+                   "and evaluation is float32; may change on --resume")
     g = p.add_argument_group("model (defaults: the paper's ViT)")
     for name, default, meaning in (("--depth", 6, "blocks"),
                                    ("--dim", 512, "width of the residual stream"),
@@ -75,10 +90,19 @@ def parse_args(argv=None):
                    help="after training, validation accuracy with each constant gamma (paper Fig. 1)")
     p.add_argument("--eval-batch-size", type=int, default=1000, help="images per evaluation batch")
     p.add_training_flags(out_dir="out/vit")
+    amp = next(a for a in p._actions if a.dest == "amp")
+    amp.help = "the same as --precision bf16 (kept for compatibility)"
     args = p.parse(argv, at_least_1=("epochs", "batch_size", "depth", "dim", "heads", "mlp_dim", "patch",
                                      "eval_batch_size"),
                    at_least_0=("limit_train", "limit_val", "randaug_n", "weight_decay", "grad_clip"), positive=("lr",),
                    fractions=("dropout", "emb_dropout"))
+    if args.amp:  # --amp, or the flags of a checkpoint written before --precision: bf16
+        given = p.given_flags(argv)
+        if "amp" in given and "precision" in given and args.precision != "bf16":
+            p.error(f"--amp is --precision bf16, and --precision {args.precision} is given too: give one of them")
+        if "precision" not in given:
+            args.precision = "bf16"
+        args.amp = False  # said once, as --precision
     if args.model == "revvit" and (args.bdia or args.eval_gammas):
         p.error("--bdia and --eval-gammas apply to --model vit; RevViT is the reversible baseline without BDIA")
     if args.dim % args.heads:
@@ -199,10 +223,49 @@ def make_optimizer(name, model, lr, weight_decay):
 
 
 # -----------------------------------------------------------------------------
+# Precision: the blocks under autocast, the residual stream and the loss in float32
+
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision(args, device):
+    """--precision resolved: auto is fp16 on CUDA (the reference's train_cifar10.py), fp32 on a CPU.
+    Resolved where the run runs, so a run resumed on another device takes that device's."""
+    if args.precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return args.precision
+
+
+def grad_scaler(args, device):
+    """fp16 trains with a GradScaler (the reference's defaults: scale 2^16, halved on an inf or NaN
+    gradient, whose step is skipped, doubled after 2,000 good steps); otherwise a disabled one,
+    whose scale, step and update are loss.backward() and optimizer.step() unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=precision(args, device) == "fp16")
+
+
+# -----------------------------------------------------------------------------
 # Training loop
 
 
-def train_epoch(model, optimizer, images, args, epoch):
+def train_step(model, optimizer, scaler, x, y, args):
+    """One step on the batch (x, y); returns (loss, logits). The blocks run under --precision's
+    autocast; BDIA's residual stream stays float32 (models.PatchEmbedding casts it), so the
+    reversible backward stays exact; the loss is scaled by the GradScaler under fp16."""
+    dtype = AUTOCAST[precision(args, x.device)]
+    with torch.autocast(x.device.type, dtype or torch.float32, enabled=dtype is not None):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # with --bdia (reversible): the blocks' activations are rebuilt here by eq. (24)
+    if args.grad_clip:
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    scaler.step(optimizer)  # skipped when a gradient is inf or NaN (fp16 only)
+    scaler.update()
+    return loss, logits
+
+
+def train_epoch(model, optimizer, scaler, images, args, epoch):
     """One epoch; its order and augmentation come from a generator seeded by (seed, epoch),
     so a resumed run sees the same batches. Returns (mean loss, accuracy)."""
     model.train()  # dropout on; with --bdia the blocks draw a gamma per sample and block (eq. 21)
@@ -217,14 +280,7 @@ def train_epoch(model, optimizer, images, args, epoch):
         idx = order[start: start + args.batch_size]
         x = normalize(augment(images.train_x[idx].to(device, non_blocking=True), args, generator), images.mean, images.std)
         y = images.train_y[idx].to(device, non_blocking=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # the blocks run in bf16; BDIA's residual stream stays float32
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # with --bdia (reversible): the blocks' activations are rebuilt here by eq. (24)
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        loss, logits = train_step(model, optimizer, scaler, x, y, args)
         total_loss += loss.detach() * len(idx)
         correct += (logits.argmax(-1) == y).sum()
         seen += len(idx)
@@ -239,15 +295,15 @@ def train_epoch(model, optimizer, images, args, epoch):
 
 @torch.no_grad()
 def evaluate(model, images, args):
-    """(loss, accuracy) on the validation images. model.eval(): a BDIA-ViT is the standard
-    ViT here (eq. 25, gamma = E[gamma] = 0), up to the 2^-l rounding of each block's output."""
+    """(loss, accuracy) on the validation images, in float32 whatever --precision (as the
+    reference's test()). model.eval(): a BDIA-ViT is the standard ViT here (eq. 25, gamma =
+    E[gamma] = 0), up to the 2^-l rounding of each block's output."""
     model.eval()
     total_loss, correct = 0.0, 0
     for start in tqdm(range(0, len(images.val_x), args.eval_batch_size), desc="evaluating", leave=False, dynamic_ncols=True):
         x = normalize(images.val_x[start: start + args.eval_batch_size].to(images.mean.device), images.mean, images.std)
         y = images.val_y[start: start + args.eval_batch_size].to(images.mean.device)
-        with torch.autocast(images.mean.device.type, torch.bfloat16, enabled=args.amp):
-            logits = model(x).float()
+        logits = model(x).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
     return total_loss / len(images.val_x), correct / len(images.val_x)
@@ -284,15 +340,19 @@ def train(args):
     torch.manual_seed(args.seed)  # initial weights; each epoch then draws from its own generator
     model = build_model(args, images.train_x.shape[1], data.CLASSES[args.dataset]).to(device)  # BDIA enters here
     optimizer = make_optimizer(args.optimizer, model, args.lr, args.weight_decay)
+    scaler = grad_scaler(args, device)
     start_epoch, best_acc = 1, 0.0
     if ckpt is not None:
         runlib.restore(ckpt, model, optimizer)
         start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
+        if scaler.is_enabled() and ckpt.get("scaler"):  # none: the run trained in another precision until now
+            scaler.load_state_dict(ckpt["scaler"])
     train_model = runlib.compiled(model, args)  # `model` keeps the plain state_dict's names
     log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
     print(f"{mode}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(images.train_x)} "
-          f"training images, {args.dataset}, {device}" + (f", epochs {start_epoch}..{args.epochs}"
+          f"training images, {args.dataset}, {device}, {precision(args, device)}"
+          f"{' autocast with a GradScaler' if scaler.is_enabled() else ''}" + (f", epochs {start_epoch}..{args.epochs}"
                                                          if start_epoch <= args.epochs else ""))
     if start_epoch > args.epochs:
         print(runlib.finished(out, start_epoch - 1, args.epochs, "epoch", "--epochs"))
@@ -305,7 +365,7 @@ def train(args):
             for group in optimizer.param_groups:
                 group["lr"] = runlib.cosine_lr(epoch - 1, args.epochs, args.lr)  # cosine over epochs
             t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(train_model, optimizer, images, args, epoch)
+            train_loss, train_acc = train_epoch(train_model, optimizer, scaler, images, args, epoch)
             runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
             epoch_seconds.append(time.perf_counter() - t0)
             val_loss, val_acc = evaluate(train_model, images, args)
@@ -314,11 +374,12 @@ def train(args):
         # previous checkpoint, and --resume drops the log lines written after it
         log.write(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
                   lr=optimizer.param_groups[0]["lr"], epoch_seconds=epoch_seconds[-1],
-                  peak_memory_mb=runlib.peak_memory_mb(device), device=device.type)
+                  peak_memory_mb=runlib.peak_memory_mb(device), device=device.type, precision=precision(args, device),
+                  **({"grad_scale": scaler.get_scale()} if scaler.is_enabled() else {}))
         print(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, val loss {val_loss:.4f} "
               f"acc {val_acc:.4f}, {epoch_seconds[-1]:.1f}s")
         runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             epoch=epoch, best_acc=best_acc)
+                             scaler=scaler.state_dict(), epoch=epoch, best_acc=best_acc)
 
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
         runlib.write_gamma_sweep(out, gamma_sweep(model, images, args))

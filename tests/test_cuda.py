@@ -148,6 +148,34 @@ def test_paper_vit_trains_identically_in_both_bdia_modes_on_cuda():
     assert_reversible_equals_stored(*results)
 
 
+def test_paper_vit_under_fp16_with_a_grad_scaler_both_bdia_modes_agree_on_cuda():
+    """train_vit.py's default on CUDA, the reference's fp16 autocast with a GradScaler: one
+    train_step of the paper's BDIA-ViT, reversible and stored-activation. The same logits and
+    loss bit for bit (the residual stream is float32); the unscaled gradients to bf16's
+    tolerance: a last-bit difference may flip an fp16 rounding as in the bf16 case (fp16's step
+    is 2^-11; the same step on the CPU's fp16 autocast agrees to 4.4e-4). This test had not run
+    on a GPU when it was written."""
+    import train_vit
+
+    args = train_vit.parse_args(["--bdia", "--device", "cuda"])
+    assert train_vit.precision(args, torch.device("cuda")) == "fp16"  # --precision auto
+    images, labels = torch.randn(16, 3, 32, 32, device="cuda"), torch.arange(16, device="cuda") % 10
+    results = []
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        model = ViT(bdia=BDIAConfig(reversible=reversible)).cuda().train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = train_vit.grad_scaler(args, images.device)
+        torch.manual_seed(1)
+        loss, logits = train_vit.train_step(model, optimizer, scaler, images, labels, args)
+        assert scaler.is_enabled() and logits.dtype == torch.float16
+        results.append((loss.detach(), logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_r, logits_r, grads_r), (loss_s, logits_s, grads_s) = results
+    assert torch.equal(loss_r, loss_s) and torch.equal(logits_r, logits_s)
+    for a, b in zip(grads_r, grads_s):
+        assert rel_err(a, b) < 2**-8
+
+
 def test_revvit_reversible_gradients_match_stored_activations_on_cuda():
     results = []
     for reversible in (True, False):

@@ -38,18 +38,88 @@ def test_one_epoch_in_each_mode_writes_log_and_checkpoint(tmp_path, cifar_dir, f
     assert (tmp_path / "out" / "ckpt.pt").is_file()
 
 
-def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch, kill_after):
-    straight = run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", out="a")
+def restless_scaler(monkeypatch):
+    """GradScalers that grow every step (the reference's: every 2,000), so that within a few
+    steps the scale overflows fp16's gradients, backs off and skips steps: a resumed run that
+    did not restore it would scale, and skip, otherwise."""
+    real = train_vit.grad_scaler
+
+    def grad_scaler(args, device):
+        scaler = real(args, device)
+        scaler._growth_interval = 1  # noqa: SLF001 (the constructor's growth_interval, set on the instance)
+        return scaler
+
+    monkeypatch.setattr(train_vit, "grad_scaler", grad_scaler)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_continues_exactly(tmp_path, cifar_dir, monkeypatch, kill_after, precision):
+    flags = ["--bdia", "--epochs", "3", "--precision", precision]
+    restless_scaler(monkeypatch)
+    straight = run(tmp_path, cifar_dir, *flags, out="a")
     kill_after(train_vit, "train_epoch", 1)  # killed in epoch 2
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", out="b")
+        run(tmp_path, cifar_dir, *flags, out="b")
     monkeypatch.undo()
-    resumed = run(tmp_path, cifar_dir, "--bdia", "--epochs", "3", "--resume", out="b")
+    restless_scaler(monkeypatch)
+    resumed = run(tmp_path, cifar_dir, "--epochs", "3", "--resume", out="b")
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
-    assert resumed[2]["train_loss"] == straight[2]["train_loss"]
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+    a, b = (torch.load(tmp_path / out / "ckpt.pt", weights_only=True) for out in ("a", "b"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scaler"] == b["scaler"] and bool(a["scaler"]) == (precision == "fp16")
+    if precision == "fp16":  # the scale moved, up and down: restoring it mattered
+        assert [r["precision"] for r in resumed] == ["fp16"] * 3 and len({r["grad_scale"] for r in straight}) > 1
+
+
+def test_precision_may_change_on_resume_and_an_amp_checkpoint_resumes_in_bf16(tmp_path, cifar_dir):
+    run(tmp_path, cifar_dir, "--epochs", "1", "--amp")
+    rows = run(tmp_path, cifar_dir, "--epochs", "2", "--precision", "fp16", "--resume")
+    assert [r["precision"] for r in rows] == ["bf16", "fp16"]
+    path = tmp_path / "out" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)  # as written before --precision: --amp, no scaler
+    ckpt["args"]["amp"], ckpt["scaler"] = True, {}
+    del ckpt["args"]["precision"]
+    torch.save(ckpt, path)
+    assert run(tmp_path, cifar_dir, "--epochs", "3", "--resume")[-1]["precision"] == "bf16"
+
+
+def test_fp16_with_a_grad_scaler_reversible_bdia_equals_stored_activations():
+    """The paper's recipe on CUDA, on the CPU's fp16 autocast: the blocks in fp16, the residual
+    stream in float32, the loss scaled by a GradScaler. One train_step of reversible BDIA and of
+    stored-activation BDIA: the same logits and loss bit for bit, the same (unscaled) gradients
+    to about fp16's step (2^-11): the two backwards sum dL/dx_k in another order, and a last-bit
+    difference can flip an fp16 rounding where the gradient enters a block's autocast region
+    (seen here: 2e-7 to 6e-5 by seed at this size, 4.4e-4 for the paper's ViT)."""
+    args = train_vit.parse_args(["--bdia", "--precision", "fp16", "--device", "cpu"])
+    torch.manual_seed(2)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    results = []
+    for reversible in (True, False):
+        torch.manual_seed(0)
+        model = ViT(dim=16, depth=4, heads=2, mlp_dim=32, patch=8, bdia=BDIAConfig(reversible=reversible)).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scaler = train_vit.grad_scaler(args, x.device)
+        torch.manual_seed(1)  # the same dropout masks and gammas
+        loss, logits = train_vit.train_step(model, optimizer, scaler, x, y, args)
+        assert scaler.is_enabled() and scaler.get_scale() == 2.0**16 and logits.dtype == torch.float16
+        results.append((loss.detach(), logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_r, logits_r, grads_r), (loss_s, logits_s, grads_s) = results
+    assert torch.equal(loss_r, loss_s) and torch.equal(logits_r, logits_s)
+    for a, b in zip(grads_r, grads_s):  # unscaled by scaler.step
+        assert ((a - b).norm() / b.norm().clamp_min(1e-30)).item() < 2**-9
+
+
+def test_precision_auto_is_the_references_fp16_on_cuda_and_amp_is_bf16(tmp_path, capsys):
+    args = train_vit.parse_args(["--device", "cpu"])
+    assert args.precision == "auto" and train_vit.precision(args, torch.device("cpu")) == "fp32"
+    assert train_vit.precision(args, torch.device("cuda")) == "fp16"  # resolved where the run runs
+    assert not train_vit.grad_scaler(args, torch.device("cpu")).is_enabled()
+    args = train_vit.parse_args(["--amp", "--device", "cpu"])
+    assert args.precision == "bf16" and not args.amp and train_vit.precision(args, torch.device("cuda")) == "bf16"
+    with pytest.raises(SystemExit):
+        train_vit.parse_args(["--amp", "--precision", "fp16"])
+    assert "--amp is --precision bf16" in capsys.readouterr().err
 
 
 def test_each_log_line_gives_the_rate_its_epoch_trained_with(tmp_path, cifar_dir, rates_trained_with):
