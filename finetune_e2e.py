@@ -237,19 +237,28 @@ def share(examples, batch, dist, device):
     return (*collate(examples, part or batch[:1], device), weight if part else 0.0)
 
 
-def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evaluate_now, dist=SINGLE):
+def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evaluate_now, signals, stop_within,
+                within=None, dist=SINGLE):
     """One epoch, batches drawn with the (seed, epoch) generator; the learning rate follows the
     LoRA repository's linear schedule over all steps. Every --eval-interval steps a point of
     the validation curve is logged (Fig. 3, 8); returns (loss since the last point, lr, seconds, tokens).
-    Under --fsdp a step's batch is N times --batch-size, each process training on its part."""
+    Under --fsdp a step's batch is N times --batch-size, each process training on its part.
+    Where a step begins after a signal, stop_within(the point) saves the run and stops it;
+    `within` (such a point) continues the epoch from there."""
     global_batch = args.batch_size * dist.world_size
     steps_per_epoch = math.ceil(len(examples) / global_batch)
-    total_steps, t0, tokens, since = steps_per_epoch * args.epochs, time.perf_counter(), 0, []
+    total_steps, t0, tokens, since, first, lr = steps_per_epoch * args.epochs, time.perf_counter(), 0, [], 0, args.lr
+    if within is not None:  # a run stopped within this epoch: its place and its sums so far
+        t0, tokens, since, first, lr = t0 - within["seconds"], within["tokens"], within["since"], within["step"], within["lr"]
     epoch_batches = batches(examples, global_batch, runlib.step_generator(args.seed, epoch))
-    bar = tqdm(epoch_batches, desc=f"epoch {epoch}/{args.epochs}", dynamic_ncols=True, disable=dist.rank != 0)
+    bar = tqdm(epoch_batches[first:], desc=f"epoch {epoch}/{args.epochs}", dynamic_ncols=True, disable=dist.rank != 0,
+               initial=first, total=len(epoch_batches))
     device = model.transformer.wte.weight.device
     model.train()
-    for i, batch in enumerate(bar):
+    for i, batch in enumerate(bar, first):
+        if signals.received(device):
+            stop_within(dict(epoch=epoch, step=i, steps=len(epoch_batches), batch=global_batch, since=since, lr=lr,
+                             tokens=tokens, seconds=time.perf_counter() - t0))
         step = (epoch - 1) * steps_per_epoch + i
         lr = runlib.linear_lr(step, total_steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
@@ -384,14 +393,18 @@ def format_table(results):
 
 
 def main(argv=None):
+    args = None
     try:
         args = parse_args(argv)
         if args.table:
             return print_table(args.table)
         with runlib.folder_lock(args.out_dir):  # one run per folder
+            runlib.refuse_to_replace(args)  # without --resume or --overwrite, never over another run
             train(args)
     except runlib.ERRORS as e:  # data, checkpoint, divergence, precision, out of memory, a failed write
         runlib.exit_with(e, SCRIPT)
+    except (runlib.Stopped, KeyboardInterrupt) as e:  # Ctrl-C, SIGTERM
+        runlib.exit_stopped(e, SCRIPT, args and args.out_dir)
 
 
 def print_table(folders):
@@ -435,12 +448,17 @@ def train(args):
     if ckpt is not None:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
         runlib.restore(ckpt, model, optimizer, rank=dist.rank)
         start_epoch = ckpt["epoch"] + 1
+    within = runlib.point_within(ckpt, args.batch_size * dist.world_size)  # stopped by a signal within start_epoch
     if args.fsdp:  # loaded whole; now each process keeps its shards
         optimizer = runlib.shard_model(model, model.transformer.h, optimizer, lambda m: configure_optimizer(m, args))
     train_model = runlib.compiled(model, args)
-    # points within an epoch have a fractional epoch: those of the epoch run again are dropped
-    log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] <= start_epoch - 1) \
-        if main_process else None
+    # points within an epoch have a fractional epoch: those after the checkpoint's point are dropped
+    done = (start_epoch - 1) * within["steps"] + within["step"] if within else 0  # steps before a point within
+
+    def keep(line):
+        return line["epoch"] <= start_epoch - 1 or (within is not None and line["step"] <= done)
+
+    log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=keep) if main_process else None
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if main_process:
         print(f"{mode_name(args)}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
@@ -450,28 +468,38 @@ def train(args):
             print(runlib.finished(out, start_epoch - 1, args.epochs, "epoch", "--epochs"))
 
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    for epoch in range(start_epoch, args.epochs + 1):
-        with runlib.at(f"epoch {epoch}", out):  # an error names this epoch and the intact checkpoint before it
-            train_loss, lr, seconds, tokens = train_epoch(model, train_model, optimizer, train_ex, args, epoch, log,
-                                                          lambda: validation_loss(model, valid_ex, args, dist), dist)
-            runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
-            val_loss = validation_loss(model, valid_ex, args, dist)
-        if args.fsdp:  # every process gathers (the trained weights only); rank 0 keeps them
+
+    def save(epoch, within=None):  # the trained weights: every process gives its shards and RNG; rank 0 writes
+        if args.fsdp:
             weights, optimizer_state = runlib.unsharded_states(model, optimizer, keep=main_process, names=trained)
             rngs = [None] * dist.world_size  # every process's RNG goes into the one checkpoint
             torch.distributed.all_gather_object(rngs, runlib.random_states())
         else:
             weights, optimizer_state, rngs = trainable_state(model), optimizer.state_dict(), runlib.random_states()
-        if not main_process:
-            continue
-        steps = math.ceil(len(train_ex) / (args.batch_size * dist.world_size))
-        log.write(epoch=epoch, step=epoch * steps, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=seconds,
-                  tokens_per_s=tokens / seconds, mode=mode_name(args), peak_memory_mb=runlib.peak_memory_mb(device),
-                  device=device.type)
-        print(f"epoch {epoch}: train loss {train_loss:.4f} (label smoothing {args.label_smoothing}), "
-              f"val loss {val_loss:.4f}, {seconds:.1f} s")
-        runlib.save_checkpoint(out / "ckpt.pt", args, model=weights, optimizer=optimizer_state, rng=rngs, epoch=epoch,
-                               frozen_sha256=frozen_sha256)
+        if main_process:
+            runlib.save_checkpoint(out / "ckpt.pt", args, model=weights, optimizer=optimizer_state, rng=rngs,
+                                   epoch=epoch, within=within, frozen_sha256=frozen_sha256)
+
+    def stop_within(point):  # a signal came: save this point of the epoch, and stop
+        save(point["epoch"] - 1, point)
+        signals.stop(runlib.position(dict(within=point)))
+
+    with runlib.Signals() as signals:  # Ctrl-C, SIGTERM: the step ends, the run is saved there, it stops
+        for epoch in range(start_epoch, args.epochs + 1):
+            with runlib.at(f"epoch {epoch}", out):  # an error names this epoch and the intact checkpoint before it
+                train_loss, lr, seconds, tokens = train_epoch(
+                    model, train_model, optimizer, train_ex, args, epoch, log, lambda: validation_loss(model, valid_ex, args, dist),
+                    signals, stop_within, within if epoch == start_epoch else None, dist)
+                runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
+                val_loss = validation_loss(model, valid_ex, args, dist)
+            if main_process:
+                steps = math.ceil(len(train_ex) / (args.batch_size * dist.world_size))
+                log.write(epoch=epoch, step=epoch * steps, train_loss=train_loss, val_loss=val_loss, lr=lr, seconds=seconds,
+                          tokens_per_s=tokens / seconds, mode=mode_name(args), peak_memory_mb=runlib.peak_memory_mb(device),
+                          device=device.type)
+                print(f"epoch {epoch}: train loss {train_loss:.4f} (label smoothing {args.label_smoothing}), "
+                      f"val loss {val_loss:.4f}, {seconds:.1f} s")
+            save(epoch)
     if args.fsdp:
         model = unsharded_model(model, args, device, main_process, needed=bool(args.export or not args.no_test))
         if model is None:

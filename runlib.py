@@ -4,8 +4,10 @@ its story (flags, data, model, optimizer, loop, evaluation, checkpoint):
 
     flags      ArgumentParser: the BDIA and run flags, their checks, --help with defaults,
                --resume with the checkpoint's own flags (checked before any data is read)
-    folder     one run per --out-dir (a lock), checkpoints that survive a kill and resume
-               exactly (every RNG state in them), the JSON-lines log
+    folder     one run per --out-dir (a lock), no new run over an old one (--overwrite),
+               checkpoints that survive a kill and resume exactly (every RNG state in them),
+               the JSON-lines log
+    signals    Ctrl-C and SIGTERM: the step ends, the run is saved there, exit 130 or 143
     errors     what a user can act on as one line and exit code 2 (exit_with)
     schedules  the learning-rate schedules, weight-decay groups, torchrun (DDP)
     sharding   --fsdp: FSDP2 on each block and the root, checkpoints saved whole
@@ -20,6 +22,7 @@ import os
 import random
 import re
 import shlex
+import signal
 import sys
 import zipfile
 from collections import namedtuple
@@ -124,6 +127,8 @@ class ArgumentParser(argparse.ArgumentParser):
                        "each block: the engine runs the reversible stack outside the model's graph)")
         g.add_argument("--seed", type=int, default=1337, help="initial weights, data order, dropout and gammas")
         g.add_argument("--out-dir", default=out_dir, help="log.jsonl and ckpt.pt; one run at a time")
+        g.add_argument("--overwrite", action="store_true", help="start a new run in an OUT_DIR that holds one, "
+                       "replacing it (without it such a run stops: use --resume to continue the run there)")
         speed = "--batch-size, --grad-accum" if any(a.dest == "grad_accum" for a in self._actions) else "--batch-size"
         g.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt with its own flags; flags "
                        f"given beside it may change only the run's length, device and speed ({speed}, "
@@ -134,6 +139,8 @@ class ArgumentParser(argparse.ArgumentParser):
         given that may change (MAY_CHANGE_ON_RESUME); another given difference is refused. Sets
         args.script (this script) and args.bdia_config; resolves --device auto."""
         args = self.parse_args(argv)
+        if args.resume and args.overwrite:
+            self.error("--resume continues the run in OUT_DIR, --overwrite replaces it: give one of them")
         if args.resume:
             self.resume_flags(args, argv)
         rules = ((at_least_1, lambda v: v >= 1, "must be at least 1"), (at_least_0, lambda v: v >= 0, "must not be negative"),
@@ -175,7 +182,8 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(f"{said} differs from the run in {path}, which --resume continues as it was run: "
                        f"{self.command_line(flags, args.out_dir)} (a new run needs another --out-dir)")
         for name, value in flags.items():  # but where the checkpoint is and the machine it runs on are this run's
-            if name not in given and hasattr(args, name) and name not in ("out_dir", "resume", "device", "fsdp"):
+            if name not in given and hasattr(args, name) and name not in ("out_dir", "resume", "overwrite", "device",
+                                                                          "fsdp"):
                 setattr(args, name, tuple(value) if isinstance(value, list) else value)
 
     def given_flags(self, argv):
@@ -189,7 +197,8 @@ class ArgumentParser(argparse.ArgumentParser):
         """The command that continues the run of `flags`: its flags that are not defaults."""
         words = [self.prog]
         for a in self._actions:
-            if not a.option_strings or a.dest not in flags or a.dest in ("resume", "out_dir", "device", "fsdp", "help"):
+            if not a.option_strings or a.dest not in flags or a.dest in ("resume", "overwrite", "out_dir", "device", "fsdp",
+                                                                                        "help"):
                 continue
             value, option = flags[a.dest], a.option_strings[0]
             if as_saved(value) == as_saved(a.default):
@@ -254,6 +263,25 @@ def folder_lock(folder, flag="--out-dir"):
         if created:
             with contextlib.suppress(OSError):  # not empty: the run wrote something
                 folder.rmdir()
+
+
+def refuse_to_replace(args):
+    """A run without --resume never replaces the run in OUT_DIR unasked: where OUT_DIR/ckpt.pt is,
+    it stops before writing anything (a CheckpointError naming what the folder holds and the two
+    ways on). With --overwrite the old run's files stay until the new run writes its own (its log
+    when training starts, its checkpoint at the first save), so a new run that fails on its data
+    or flags leaves the old one intact."""
+    path = Path(args.out_dir) / "ckpt.pt"
+    if args.resume or args.overwrite or not path.is_file():
+        return
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        held = (f"{'a finished' if run_is_finished(ckpt) else 'an unfinished'} run of "
+                f"{ckpt.get('script') or 'another program'} ({position(ckpt)})")
+    except Exception:  # damaged: still not this run's to replace unasked
+        held = f"{path}, which cannot be read"
+    raise CheckpointError(f"{args.out_dir} holds {held}: continue it with --resume, or start over with --overwrite "
+                          "(which replaces it), or use another --out-dir")
 
 
 def lock_file(path, flag):
@@ -402,6 +430,36 @@ def restore(ckpt, model, optimizer, rank=None):
         restore_random_states(states[rank or 0])
 
 
+def position(ckpt):
+    """Where a checkpoint is: "iteration N", "epoch N" (its end), or "epoch N, step K of M" (a
+    run stopped by a signal within epoch N)."""
+    if "iter" in ckpt:
+        return f"iteration {ckpt['iter']}"
+    within = ckpt.get("within")
+    if within:
+        return f"epoch {within['epoch']}, step {within['step']} of {within['steps']}"
+    return f"epoch {ckpt['epoch']}"
+
+
+def point_within(ckpt, batch):
+    """The point within an epoch where a signal stopped the run of `ckpt` (None: an epoch's end).
+    The epoch goes on only with the batch size that cut its batches (`batch`, over all processes)."""
+    within = ckpt.get("within") if ckpt is not None else None
+    if within and within["batch"] != batch:
+        raise CheckpointError(f"the run was stopped within epoch {within['epoch']}, whose batches hold {within['batch']} "
+                              f"examples, not {batch}: resume with that --batch-size (and number of processes); it may "
+                              "change from the next epoch on")
+    return within
+
+
+def run_is_finished(ckpt):
+    """Whether a checkpoint is at its run's end (its --max-iters or --epochs)."""
+    flags = ckpt.get("args", {})
+    if "iter" in ckpt:
+        return ckpt["iter"] >= flags.get("max_iters", math.inf)
+    return not ckpt.get("within") and ckpt.get("epoch", 0) >= flags.get("epochs", math.inf)
+
+
 def random_states():
     """Every RNG a run draws from, in a form torch.load(weights_only=True) accepts."""
     version, keys, gauss = random.getstate()
@@ -541,13 +599,89 @@ def continue_from(out_dir, change):
     so intact), with --resume and `change`; or anew with `change` when none was written."""
     path = Path(out_dir) / "ckpt.pt"
     try:  # mmap: the epoch is read without reading the weights
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        at_step = f"epoch {ckpt['epoch']}" if "epoch" in ckpt else f"iteration {ckpt['iter']}"
+        at_step = position(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except FileNotFoundError:
         return f"no checkpoint was written yet: run again with {change}"
     except Exception:
         return f"{path} cannot be read: run again, without --resume, with {change}"
     return f"{path} ({at_step}) is intact: continue with --resume and {change}"
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: the step in progress ends, the run is saved there, the process exits
+
+
+class Stopped(BaseException):
+    """A run ended by SIGINT or SIGTERM: saved at `where` (the end of a step), or, where is None,
+    stopped at once (a second signal) with the last checkpoint as it was."""
+
+    def __init__(self, signum, where=None):
+        super().__init__(signum, where)
+        self.signum, self.where = signum, where
+
+
+class Signals:
+    """Around a training loop: SIGINT (Ctrl-C) and SIGTERM (how a scheduler preempts a job, and
+    how `timeout`, `docker stop` and `kill` end one) are noted, not obeyed at once. The loop asks
+    received() where a step begins, writes a checkpoint of that point and calls stop(). A second
+    signal stops at once (Stopped without a place): checkpoints are written atomically, so the
+    last one stays intact. A signal that comes after the last step stops the run as the loop
+    ends. Under torchrun (which forwards its signal to every process) received() is agreed over
+    the processes, so that every one stops at the same step."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is None and self.signum is not None:  # after the last step: the last checkpoint is the run's end
+            raise Stopped(self.signum)
+
+    def note(self, signum, frame):
+        if self.signum is not None:
+            raise Stopped(signum)
+        self.signum = signum
+
+    def received(self, device="cpu"):
+        """Whether a signal came (to any process under torchrun): then save, and stop()."""
+        if torch.distributed.is_initialized():
+            flag = torch.tensor(self.signum or 0, device=device)
+            torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+            self.signum = self.signum or int(flag.item()) or None
+        return self.signum is not None
+
+    def stop(self, where):
+        """The run is saved at `where`: end it (every process, once rank 0 has written)."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        raise Stopped(self.signum, where)
+
+
+def exit_stopped(e, script, out_dir):
+    """One line for a run a signal ended (Stopped, or a KeyboardInterrupt outside the training
+    loop), and exit code 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM."""
+    from tqdm import tqdm
+
+    for s in (signal.SIGINT, signal.SIGTERM):  # the run has stopped: one more Ctrl-C changes nothing
+        signal.signal(s, signal.SIG_IGN)
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    signum = getattr(e, "signum", signal.SIGINT)
+    name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+    if getattr(e, "where", None):
+        said = f"stopped by {name} after {e.where}, saved there in {Path(out_dir) / 'ckpt.pt'}: --resume continues it"
+    elif out_dir is None:
+        said = f"stopped by {name}; nothing was written"
+    else:
+        said = f"stopped by {name}; {continue_from(out_dir, 'the same flags')}"
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, rank 0's
+        print(f"{script}: {said}", file=sys.stderr)
+    if torch.distributed.is_initialized() and getattr(e, "where", None):
+        torch.distributed.destroy_process_group()
+    raise SystemExit(128 + signum)
 
 
 # -----------------------------------------------------------------------------

@@ -217,14 +217,18 @@ def sample(args, device):
 
 
 def main(argv=None):
+    args = None
     try:
         args = parse_args(argv)
         if args.sample:
             return sample(args, torch.device(args.device))
         with runlib.folder_lock(args.out_dir):  # one run per folder (under torchrun: rank 0 holds it)
+            runlib.refuse_to_replace(args)  # without --resume or --overwrite, never over another run
             train(args)
     except runlib.ERRORS as e:  # data, checkpoint, divergence, precision, out of memory, a failed write
         runlib.exit_with(e, SCRIPT)
+    except (runlib.Stopped, KeyboardInterrupt) as e:  # Ctrl-C, SIGTERM
+        runlib.exit_stopped(e, SCRIPT, args and args.out_dir)
 
 
 def train(args):
@@ -272,50 +276,59 @@ def train(args):
 
     tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * dist.world_size
     splits = {"train": train_tokens, "val": val_tokens}
+
+    def save(it):  # every process gives its RNG state (and, with --fsdp, its shards); rank 0 writes
+        rngs = [None] * dist.world_size
+        if dist.enabled:
+            torch.distributed.all_gather_object(rngs, runlib.random_states())
+        else:
+            rngs = [runlib.random_states()]
+        if args.fsdp:  # every process gathers; rank 0 keeps the whole model
+            model_state, optimizer_state = runlib.unsharded_states(model, optimizer, keep=main_process)
+        elif main_process:
+            model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+        if main_process:
+            runlib.save_checkpoint(out / "ckpt.pt", args, model=model_state, optimizer=optimizer_state, rng=rngs,
+                                   iter=it, model_args=model_args, itos=meta["itos"] if meta else None)
+
     # the bar counts optimizer steps: it ends at max_iters/max_iters
     bar = tqdm(total=args.max_iters, initial=start_iter, disable=not main_process, dynamic_ncols=True)
     t0, last_eval = time.perf_counter(), start_iter
-    for it in range(start_iter, args.max_iters + 1):
-        # the learning rate follows from the iteration and the flags alone: a resumed run (maybe
-        # with a lower --lr after a divergence) continues the same schedule. The log line of
-        # iteration `it` (the losses before its step, as nanoGPT's) gives the rate its step trains with.
-        lr = runlib.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # a resumed run does not evaluate start_iter again: the log has it, and the weights are the same
-        evaluate = (it % args.eval_interval == 0 or it == args.max_iters) and not (args.resume and it == start_iter)
-        if evaluate:
-            seconds = time.perf_counter() - t0
-            bar.set_description(f"evaluating {args.eval_iters} batches")
-            with runlib.at(f"iteration {it}", out):  # an error names this iteration and the intact checkpoint
-                losses = estimate_loss(model, splits, args, dist, device)
-                runlib.check_loss(losses["train"])  # diverged since the last evaluation: stop before it is saved
-            bar.set_description("")
-            rngs = [None] * dist.world_size  # every process's RNG goes into the one checkpoint
-            if dist.enabled:
-                torch.distributed.all_gather_object(rngs, runlib.random_states())
-            else:
-                rngs = [runlib.random_states()]
-            if args.fsdp and it > start_iter:  # every process gathers; rank 0 keeps the whole model
-                model_state, optimizer_state = runlib.unsharded_states(model, optimizer, keep=main_process)
-            elif main_process and it > start_iter:
-                model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-            if main_process:
-                log.write(iter=it, train_loss=losses["train"], val_loss=losses["val"], lr=lr,
-                          seconds=seconds, tokens_per_s=tokens_per_iter * (it - last_eval) / seconds if it > last_eval else None,
-                          peak_memory_mb=runlib.peak_memory_mb(device), device=device.type)
-                bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    with runlib.Signals() as signals:  # Ctrl-C, SIGTERM: the step ends, the run is saved there, it stops
+        for it in range(start_iter, args.max_iters + 1):
+            # the learning rate follows from the iteration and the flags alone: a resumed run (maybe
+            # with a lower --lr after a divergence) continues the same schedule. The log line of
+            # iteration `it` (the losses before its step, as nanoGPT's) gives the rate its step trains with.
+            lr = runlib.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # a resumed run does not evaluate start_iter again: the log has it, and the weights are the same
+            evaluate = (it % args.eval_interval == 0 or it == args.max_iters) and not (args.resume and it == start_iter)
+            if evaluate:
+                seconds = time.perf_counter() - t0
+                bar.set_description(f"evaluating {args.eval_iters} batches")
+                with runlib.at(f"iteration {it}", out):  # an error names this iteration and the intact checkpoint
+                    losses = estimate_loss(model, splits, args, dist, device)
+                    runlib.check_loss(losses["train"])  # diverged since the last evaluation: stop before it is saved
+                bar.set_description("")
+                if main_process:
+                    log.write(iter=it, train_loss=losses["train"], val_loss=losses["val"], lr=lr, seconds=seconds,
+                              tokens_per_s=tokens_per_iter * (it - last_eval) / seconds if it > last_eval else None,
+                              peak_memory_mb=runlib.peak_memory_mb(device), device=device.type)
+                    bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if it > start_iter:
-                    runlib.save_checkpoint(out / "ckpt.pt", args, model=model_state, optimizer=optimizer_state,
-                                         rng=rngs, iter=it, model_args=model_args, itos=meta["itos"] if meta else None)
-            t0, last_eval = time.perf_counter(), it
-        if it == args.max_iters:
-            break
-        with runlib.at(f"iteration {it}", out):
-            loss = train_step(train_model, model, optimizer, train_tokens, runlib.step_generator(args.seed, it), args, dist,
-                              device)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    save(it)
+                t0, last_eval = time.perf_counter(), it
+            if it == args.max_iters:
+                break
+            if signals.received(device):  # evaluated (if due) and not yet trained: `it` steps done
+                save(it)
+                signals.stop(f"iteration {it}")
+            with runlib.at(f"iteration {it}", out):
+                loss = train_step(train_model, model, optimizer, train_tokens, runlib.step_generator(args.seed, it), args,
+                                  dist, device)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
     bar.close()
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
         sweep = gamma_sweep(model, val_tokens, args, dist, device)

@@ -216,14 +216,21 @@ def loss_of(model, src, tgt):
     return F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten(), ignore_index=PAD_ID)
 
 
-def train_epoch(model, optimizer, examples, args, epoch, step, total_steps, device):
+def train_epoch(model, optimizer, examples, args, epoch, step, total_steps, device, signals, stop_within, within=None):
     """One epoch over length-bucketed batches drawn with the (seed, epoch) generator.
-    Returns (mean training loss, the last learning rate, the step count after it)."""
+    Returns (mean training loss, the last learning rate, the step count after it). Where a
+    batch begins after a signal, stop_within(the point) saves the run and stops it; `within`
+    (such a point) continues the epoch from there."""
     model.train()  # dropout on; with --bdia both stacks draw their gammas
-    loss_sum, lr = 0.0, args.lr
+    loss_sum, lr, first = 0.0, args.lr, 0
+    if within is not None:  # a run stopped within this epoch: its place and its sum so far
+        loss_sum, lr, first = within["loss_sum"], within["lr"], within["step"]
     # length-bucketed batches waste little on padding; their order comes from (seed, epoch)
     batches = length_batches(examples, args.batch_size, runlib.step_generator(args.seed, epoch))
-    for batch in tqdm(batches, desc=f"epoch {epoch}/{args.epochs}", leave=False):
+    for i, batch in enumerate(tqdm(batches[first:], desc=f"epoch {epoch}/{args.epochs}", leave=False), first):
+        if signals.received(device):
+            stop_within(dict(epoch=epoch, step=i, steps=len(batches), batch=args.batch_size, loss_sum=loss_sum, lr=lr),
+                        step)
         lr = runlib.cosine_lr(step, total_steps, args.lr, args.warmup, args.min_lr) if args.cosine else args.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -344,14 +351,18 @@ def translate(args):
 
 
 def main(argv=None):
+    args = None
     try:
         args = parse_args(argv)
         if args.translate is not None:
             return translate(args)
         with runlib.folder_lock(args.out_dir):  # one run per folder
+            runlib.refuse_to_replace(args)  # without --resume or --overwrite, never over another run
             return train(args)
     except runlib.ERRORS as e:  # data, checkpoint, divergence, precision, out of memory, a failed write
         runlib.exit_with(e, SCRIPT)
+    except (runlib.Stopped, KeyboardInterrupt) as e:  # Ctrl-C, SIGTERM
+        runlib.exit_stopped(e, SCRIPT, args and args.out_dir)
 
 
 def train(args):
@@ -380,6 +391,7 @@ def train(args):
     if ckpt is not None:
         runlib.restore(ckpt, model, optimizer)
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+    within = runlib.point_within(ckpt, args.batch_size)  # stopped by a signal within start_epoch
     train_model = runlib.compiled(model, args)
     log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     total_steps = args.epochs * len(length_batches(train_ex, args.batch_size))
@@ -390,25 +402,34 @@ def train(args):
     if start_epoch > args.epochs:
         print(runlib.finished(out, start_epoch - 1, args.epochs, "epoch", "--epochs"))
 
-    for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
-        with runlib.at(f"epoch {epoch}", out):  # an error names this epoch and the intact checkpoint before it
-            train_loss, lr, step = train_epoch(train_model, optimizer, train_ex, args, epoch, step, total_steps, device)
-            runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
-            fields = dict(epoch=epoch, step=step, train_loss=train_loss,
-                          val_loss=validation_loss(model, val_ex, args.batch_size, device, args.amp))
-            if args.bleu_every and (epoch % args.bleu_every == 0 or epoch == args.epochs):
-                fields["val_bleu"] = validation_bleu(model, val_ex, tgt_vocab, args.batch_size, device, args.amp,
-                                                     args.bleu_samples)
-        fields.update(lr=lr, seconds=round(time.time() - t0, 2), mode=mode,
-                      peak_memory_mb=round(runlib.peak_memory_mb(device), 1), device=device.type)
-        log.write(**fields)  # Fig. 5 plots these: train and validation loss per epoch
-        bleu = f", val BLEU {fields['val_bleu']:.2f}" if "val_bleu" in fields else ""
-        print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {fields['val_loss']:.4f}{bleu}, {fields['seconds']:.1f} s")
-        # the vocabularies travel with the weights: --translate and --resume need exactly these
+    def save(epoch, step, within=None):  # the vocabularies travel with the weights: --translate and --resume need them
         runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             epoch=epoch, step=step, model_args=margs, lowercase=lowercase, src_vocab=src_vocab.itos,
-                             tgt_vocab=tgt_vocab.itos)
+                               epoch=epoch, step=step, within=within, model_args=margs, lowercase=lowercase,
+                               src_vocab=src_vocab.itos, tgt_vocab=tgt_vocab.itos)
+
+    def stop_within(point, step):  # a signal came: save this point of the epoch, and stop
+        save(point["epoch"] - 1, step, point)
+        signals.stop(runlib.position(dict(within=point)))
+
+    with runlib.Signals() as signals:  # Ctrl-C, SIGTERM: the step ends, the run is saved there, it stops
+        for epoch in range(start_epoch, args.epochs + 1):
+            t0 = time.time()
+            with runlib.at(f"epoch {epoch}", out):  # an error names this epoch and the intact checkpoint before it
+                train_loss, lr, step = train_epoch(train_model, optimizer, train_ex, args, epoch, step, total_steps, device,
+                                                   signals, stop_within, within if epoch == start_epoch else None)
+                runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
+                fields = dict(epoch=epoch, step=step, train_loss=train_loss,
+                              val_loss=validation_loss(model, val_ex, args.batch_size, device, args.amp))
+                if args.bleu_every and (epoch % args.bleu_every == 0 or epoch == args.epochs):
+                    fields["val_bleu"] = validation_bleu(model, val_ex, tgt_vocab, args.batch_size, device, args.amp,
+                                                         args.bleu_samples)
+            fields.update(lr=lr, seconds=round(time.time() - t0, 2), mode=mode,
+                          peak_memory_mb=round(runlib.peak_memory_mb(device), 1), device=device.type)
+            log.write(**fields)  # Fig. 5 plots these: train and validation loss per epoch
+            bleu = f", val BLEU {fields['val_bleu']:.2f}" if "val_bleu" in fields else ""
+            print(f"epoch {epoch}: train loss {train_loss:.4f}, val loss {fields['val_loss']:.4f}{bleu}, "
+                  f"{fields['seconds']:.1f} s")
+            save(epoch, step)
     return model
 
 

@@ -265,18 +265,28 @@ def train_step(model, optimizer, scaler, x, y, args):
     return loss, logits
 
 
-def train_epoch(model, optimizer, scaler, images, args, epoch):
+def train_epoch(model, optimizer, scaler, images, args, epoch, signals, stop_within, within=None):
     """One epoch; its order and augmentation come from a generator seeded by (seed, epoch),
-    so a resumed run sees the same batches. Returns (mean loss, accuracy)."""
+    so a resumed run sees the same batches. Returns (mean loss, accuracy). Where a step begins
+    after a signal, stop_within(the point: step, the generator's state, the sums so far) saves
+    the run and stops it; `within` (such a point) continues the epoch from there."""
     model.train()  # dropout on; with --bdia the blocks draw a gamma per sample and block (eq. 21)
     device = images.mean.device
     generator = runlib.step_generator(args.seed, epoch)  # the order, then every crop, flip and RandAugment op
     order = torch.randperm(len(images.train_x), generator=generator)
     # Sums stay on the device: reading them every step would sync the host with a GPU.
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct, seen = torch.zeros((), dtype=torch.int64, device=device), 0
-    bar = tqdm(range(0, len(order), args.batch_size), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-    for step, start in enumerate(bar):
+    correct, seen, first = torch.zeros((), dtype=torch.int64, device=device), 0, 0
+    if within is not None:  # a run stopped within this epoch: its draws and its sums so far
+        generator.set_state(within["generator"])
+        total_loss, correct = within["loss_sum"].to(device), within["correct"].to(device)
+        seen, first = within["seen"], within["step"]
+    steps = range(0, len(order), args.batch_size)
+    bar = tqdm(steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, initial=first)
+    for step, start in enumerate(steps[first:], first):
+        if signals.received(device):
+            stop_within(dict(epoch=epoch, step=step, steps=len(steps), batch=args.batch_size, seen=seen,
+                             generator=generator.get_state(), loss_sum=total_loss.cpu(), correct=correct.cpu()))
         idx = order[start: start + args.batch_size]
         x = normalize(augment(images.train_x[idx].to(device, non_blocking=True), args, generator), images.mean, images.std)
         y = images.train_y[idx].to(device, non_blocking=True)
@@ -284,8 +294,10 @@ def train_epoch(model, optimizer, scaler, images, args, epoch):
         total_loss += loss.detach() * len(idx)
         correct += (logits.argmax(-1) == y).sum()
         seen += len(idx)
+        bar.update(1)
         if step % 20 == 0 and bar.format_dict["elapsed"]:
             bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{seen / bar.format_dict['elapsed']:.0f}")
+    bar.close()
     return total_loss.item() / seen, correct.item() / seen
 
 
@@ -324,12 +336,16 @@ def gamma_sweep(model, images, args):
 
 
 def main(argv=None):
+    args = None
     try:
         args = parse_args(argv)
         with runlib.folder_lock(args.out_dir):  # one run per folder
+            runlib.refuse_to_replace(args)  # without --resume or --overwrite, never over another run
             train(args)
     except runlib.ERRORS as e:  # data, checkpoint, divergence, precision, out of memory, a failed write
         runlib.exit_with(e, SCRIPT)
+    except (runlib.Stopped, KeyboardInterrupt) as e:  # Ctrl-C, SIGTERM
+        runlib.exit_stopped(e, SCRIPT, args and args.out_dir)
 
 
 def train(args):
@@ -347,6 +363,7 @@ def train(args):
         start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
         if scaler.is_enabled() and ckpt.get("scaler"):  # none: the run trained in another precision until now
             scaler.load_state_dict(ckpt["scaler"])
+    within = runlib.point_within(ckpt, args.batch_size)  # stopped by a signal within start_epoch
     train_model = runlib.compiled(model, args)  # `model` keeps the plain state_dict's names
     log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
@@ -357,29 +374,39 @@ def train(args):
     if start_epoch > args.epochs:
         print(runlib.finished(out, start_epoch - 1, args.epochs, "epoch", "--epochs"))
 
-    epoch_seconds, val_acc = [], None
-    for epoch in range(start_epoch, args.epochs + 1):
-        # an error names this epoch and the intact checkpoint before it
-        with runlib.at(f"epoch {epoch}", out):
-            # from the flags, not the checkpoint: a run resumed with a lower --lr uses it
-            for group in optimizer.param_groups:
-                group["lr"] = runlib.cosine_lr(epoch - 1, args.epochs, args.lr)  # cosine over epochs
-            t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(train_model, optimizer, scaler, images, args, epoch)
-            runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
-            epoch_seconds.append(time.perf_counter() - t0)
-            val_loss, val_acc = evaluate(train_model, images, args)
-        best_acc = max(best_acc, val_acc)
-        # the log line first, then the checkpoint: a run killed between the two resumes from the
-        # previous checkpoint, and --resume drops the log lines written after it
-        log.write(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-                  lr=optimizer.param_groups[0]["lr"], epoch_seconds=epoch_seconds[-1],
-                  peak_memory_mb=runlib.peak_memory_mb(device), device=device.type, precision=precision(args, device),
-                  **({"grad_scale": scaler.get_scale()} if scaler.is_enabled() else {}))
-        print(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, val loss {val_loss:.4f} "
-              f"acc {val_acc:.4f}, {epoch_seconds[-1]:.1f}s")
+    def save(epoch, within=None):  # at the end of `epoch`, or stopped at a point within the next
         runlib.save_checkpoint(out / "ckpt.pt", args, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), epoch=epoch, best_acc=best_acc)
+                               scaler=scaler.state_dict(), epoch=epoch, best_acc=best_acc, within=within)
+
+    def stop_within(point):  # a signal came: save this point of the epoch, and stop
+        save(point["epoch"] - 1, point)
+        signals.stop(runlib.position(dict(within=point)))
+
+    epoch_seconds, val_acc = [], None
+    with runlib.Signals() as signals:  # Ctrl-C, SIGTERM: the step ends, the run is saved there, it stops
+        for epoch in range(start_epoch, args.epochs + 1):
+            # an error names this epoch and the intact checkpoint before it
+            with runlib.at(f"epoch {epoch}", out):
+                # from the flags, not the checkpoint: a run resumed with a lower --lr uses it
+                for group in optimizer.param_groups:
+                    group["lr"] = runlib.cosine_lr(epoch - 1, args.epochs, args.lr)  # cosine over epochs
+                t0 = time.perf_counter()
+                train_loss, train_acc = train_epoch(train_model, optimizer, scaler, images, args, epoch, signals,
+                                                    stop_within, within if epoch == start_epoch else None)
+                runlib.check_loss(train_loss)  # NaN: stop before a diverged state is logged or saved
+                epoch_seconds.append(time.perf_counter() - t0)
+                val_loss, val_acc = evaluate(train_model, images, args)
+            best_acc = max(best_acc, val_acc)
+            # the log line first, then the checkpoint: a run killed between the two resumes from the
+            # previous checkpoint, and --resume drops the log lines written after it
+            log.write(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+                      lr=optimizer.param_groups[0]["lr"], epoch_seconds=epoch_seconds[-1],
+                      peak_memory_mb=runlib.peak_memory_mb(device), device=device.type,
+                      precision=precision(args, device),
+                      **({"grad_scale": scaler.get_scale()} if scaler.is_enabled() else {}))
+            print(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}, val loss {val_loss:.4f} "
+                  f"acc {val_acc:.4f}, {epoch_seconds[-1]:.1f}s")
+            save(epoch)
 
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
         runlib.write_gamma_sweep(out, gamma_sweep(model, images, args))

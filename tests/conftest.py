@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 
 
+class Killed(BaseException):
+    """What kill_after raises: no script catches it, as no process can catch SIGKILL (the scripts
+    catch KeyboardInterrupt, SIGINT's exception, and end with a line of their own)."""
+
+
 @pytest.fixture
 def kill_after(monkeypatch):
-    """kill_after(module, name, n): module.name runs n times, then raises KeyboardInterrupt,
-    like a run killed at that point (monkeypatch.undo() restores it)."""
+    """kill_after(module, name, n): module.name runs n times, then raises Killed, like a run
+    killed at that point (monkeypatch.undo() restores it); pytest.raises(kill_after.Killed)."""
 
     def patch(module, name, n):
         real, calls = getattr(module, name), []
@@ -22,11 +27,12 @@ def kill_after(monkeypatch):
         def killed(*args, **kwargs):
             calls.append(1)
             if len(calls) > n:
-                raise KeyboardInterrupt
+                raise Killed
             return real(*args, **kwargs)
 
         monkeypatch.setattr(module, name, killed)
 
+    patch.Killed = Killed
     return patch
 
 

@@ -401,7 +401,7 @@ def test_finetune_e2e_resumes_exactly_and_exports(checkpoint, e2e_dir, tmp_path,
     flags = ["--lora-rank", "2", "--bdia", "--no-test"]
     whole = finetune(checkpoint, e2e_dir, tmp_path / "whole", *flags, "--export", str(tmp_path / "hf"))
     kill_after(finetune_e2e, "loss_on", 9)  # killed in epoch 2 (epoch 1: 6 steps and 1 validation batch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(kill_after.Killed):
         finetune(checkpoint, e2e_dir, tmp_path / "split", *flags)
     monkeypatch.undo()
     split = finetune(checkpoint, e2e_dir, tmp_path / "split", *flags, "--resume")
@@ -470,7 +470,7 @@ def test_validation_curve_every_eval_interval_steps_and_resume_keeps_it(checkpoi
     assert [r["epoch"] for r in whole] == pytest.approx([4 / 6, 1, 8 / 6, 2])
     # killed in epoch 2 after its validation point (epoch 1: 6 steps, 2 validations; epoch 2: 2 steps, 1 validation)
     kill_after(finetune_e2e, "loss_on", 11)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(kill_after.Killed):
         finetune(checkpoint, e2e_dir, tmp_path / "split", *flags)
     monkeypatch.undo()
     assert [r["step"] for r in runlib.JsonlLog(tmp_path / "split" / "log.jsonl", resume=True).read()] == [4, 6, 8]

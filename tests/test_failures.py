@@ -317,7 +317,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_run_intact(case, places, ca
     if damage:
         damage(found)
     before = saved(found["out"])
-    fails(SCRIPTS[script].main, fill([*FLAGS[script], *flags], found), capsys, *expected)
+    new = [] if "--resume" in flags else ["--overwrite"]  # a new run over the run there, explicitly: still intact
+    fails(SCRIPTS[script].main, fill([*FLAGS[script], *flags, *new], found), capsys, *expected)
     assert saved(found["out"]) == before
 
 

@@ -88,7 +88,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path, text_file
     flags = ["--text-file", str(text_file), "--eval-interval", "10", "--bdia", "--dropout", "0.1", "--max-iters", "20"]
     straight = run(tmp_path, *flags, out="a")
     kill_after(train_gpt, "train_step", 13)  # killed at iteration 13
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(kill_after.Killed):
         run(tmp_path, *flags, out="b")
     monkeypatch.undo()
     resumed = run(tmp_path, *flags, "--resume", out="b")  # continues from the checkpoint of iteration 10
