@@ -21,8 +21,12 @@ block's own computation, on any device: operations (aten ops on a CPU, kernels o
 block, from two depths' difference, minus those of the mode without BDIA that runs the block
 as often (bdia - plain; bdia-rev and revvit - checkpoint, which both recompute the block once).
 
+--compile times each mode also with each block compiled on its own ("MODE+compile"; block.compile(),
+as torchtitan does; RevViT: its F and G), the eager and compiled modes interleaved.
+
     python bench.py --family gpt --depths 6,12,24,48 --device cpu
     python bench.py --kernels --modes plain,checkpoint,bdia,bdia-rev --dim 64
+    python bench.py --compile --modes plain,checkpoint,bdia-rev,revvit --depths 12 --no-memory
 """
 
 import argparse
@@ -49,12 +53,20 @@ FAMILIES = {  # (width, heads, MLP width, tokens, causal)
 
 
 def build_stack(args, mode, depth):
+    """The blocks of `mode`; "MODE+compile": each block compiled on its own (RevViT's: F and G)."""
     dim, heads, mlp, _, causal = family(args)
     torch.manual_seed(0)
-    if mode == "revvit":
-        return nn.ModuleList(RevBlock(dim, heads, mlp, args.dropout) for _ in range(depth))
-    return nn.ModuleList(Block(dim, heads, mlp, args.dropout, causal=causal, layout="gpt" if causal else "vit")
-                         for _ in range(depth))
+    if mode.startswith("revvit"):
+        blocks = nn.ModuleList(RevBlock(dim, heads, mlp, args.dropout) for _ in range(depth))
+    else:
+        blocks = nn.ModuleList(Block(dim, heads, mlp, args.dropout, causal=causal, layout="gpt" if causal else "vit")
+                               for _ in range(depth))
+    for block in blocks if mode.endswith("+compile") else []:
+        if isinstance(block, RevBlock):
+            block.F, block.G = torch.compile(block.F), torch.compile(block.G)
+        else:
+            block.compile()
+    return blocks
 
 
 def family(args):
@@ -63,6 +75,7 @@ def family(args):
 
 
 def forward(mode, blocks, x):
+    mode = mode.removesuffix("+compile")
     if mode == "plain":
         return run_blocks(blocks, x, None)
     if mode == "revvit":
@@ -244,6 +257,8 @@ def main():
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     p.add_argument("--kernels", action="store_true", help="count the operations BDIA adds per block and step, "
                    "instead of timing and memory")
+    p.add_argument("--compile", action="store_true", help="also time each mode with each block compiled "
+                   "(MODE+compile), interleaved with the eager modes")
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--measure-memory", nargs=2, metavar=("MODE", "DEPTH"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -252,6 +267,10 @@ def main():
         args.modes.remove("revvit")  # RevViT is the ViT family's baseline
     if bad := [m for m in args.modes if m not in MODES]:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    if args.compile and args.kernels:
+        p.error("--kernels counts the operations of eager code; drop --compile")
+    if args.compile and not args.measure_memory:
+        args.modes += [m + "+compile" for m in args.modes]
     if not args.modes:
         p.error("--modes revvit is the vit family's baseline: with --family gpt no mode is left to run")
     try:
@@ -299,7 +318,7 @@ def run(args, depths):
             mem = None if args.no_memory else memory_in_fresh_process(args, mode, depth)
             row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20,
                        state_mb=state_bytes(args, mode, depth) / 2**20)
-            if mode == "bdia-rev":
+            if mode.startswith("bdia-rev"):
                 row["side_info_mb"] = side_info_bytes(args, depth) / 2**20
                 row["side_info_share"] = mem and side_info_bytes(args, depth) / mem
             results.append(row)
@@ -325,7 +344,7 @@ def print_table(args, results):
     print(f"\n{args.family} stack: width {dim}, {heads} heads, MLP {mlp}, {tokens} tokens, batch {args.batch_size}, "
           f"dropout {args.dropout}, {device_name(torch.device(args.device))}")
     print("act. MB: what a training step's forward and backward allocate beyond the parameters, gradients and optimizer state (state MB)")
-    print(f"{'mode':>11} {'depth':>5} {'state MB':>9} {'act. MB':>9} {'x plain':>8} {'step ms':>9} {'x plain':>8} "
+    print(f"{'mode':>16} {'depth':>5} {'state MB':>9} {'act. MB':>9} {'x plain':>8} {'step ms':>9} {'x plain':>8} "
           f"{'side MB':>8} {'side %':>7}")
 
     def fmt(v, spec):
@@ -333,7 +352,7 @@ def print_table(args, results):
 
     for r in results:
         share = r.get("side_info_share")
-        print(f"{r['mode']:>11} {r['depth']:>5} {r['state_mb']:9.1f} {fmt(r['activation_mb'], '9.1f')} "
+        print(f"{r['mode']:>16} {r['depth']:>5} {r['state_mb']:9.1f} {fmt(r['activation_mb'], '9.1f')} "
               f"{fmt(r['memory_vs_plain'], '8.2f')} {r['step_ms']:9.1f} {fmt(r['time_vs_plain'], '8.2f')} "
               f"{fmt(r.get('side_info_mb'), '8.2f')} {fmt(share and 100 * share, '7.1f')}")
 

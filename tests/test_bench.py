@@ -54,3 +54,9 @@ def test_kernel_count_shows_what_bdia_adds_per_block(tmp_path):
     assert 0 < rows["bdia"]["added"] < rows["bdia-rev"]["added"] <= 45
     assert rows["plain"]["added"] is None and "added" in run.stdout
     assert "USDT" not in run.stderr + run.stdout and "gpuGetDeviceCount" not in run.stderr
+
+
+def test_bench_compile_refuses_kernel_counts_it_cannot_make():
+    """--compile adds MODE+compile rows to the timing; counting eager ops of compiled code would mislead."""
+    run = subprocess.run([sys.executable, "bench.py", "--kernels", "--compile"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "--kernels counts the operations of eager code; drop --compile" in run.stderr
