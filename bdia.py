@@ -11,9 +11,10 @@ block k >= 1, a random gamma_k (e.g. +-1/2) and computes
     x_{k+1}  = gamma_k (x_{k-1} + s_{k-1} 2^-l)
                + Q_l[(1 - gamma_k) x_k + (1 + gamma_k) h_k(x_k)]            (21)
 
-where Q_l rounds to multiples of 2^-l (17) and the side information s_{k-1} (20) makes the
-product exact (23), so that (24) rebuilds x_{k-1} from (x_k, x_{k+1}) bit for bit: training keeps
-no activations. At inference E[gamma] = 0 gives the standard transformer (25).
+where Q_l rounds to multiples of 2^-l (17) and the side information s_{k-1} (20), m bits per
+element for gamma = +-2^-m, makes the product exact (23), so that (24) rebuilds x_{k-1} from
+(x_k, x_{k+1}) bit for bit: training keeps x_{K-1}, x_K and the side bits, not the activations.
+At inference E[gamma] = 0 gives the standard transformer (25).
 
 Any block works: h_k is block.residual(x, ...) if it has one, else block(x, ...) - x:
 
@@ -25,7 +26,6 @@ This file imports only torch and the standard library: copy it into your project
 """
 
 import contextlib
-import functools
 import math
 import sys
 import warnings
@@ -40,11 +40,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 # -----------------------------------------------------------------------------
 # Q_l, eq. (17), with the straight-through gradient, and the side information (20)
 
-
 class _RoundSTE(torch.autograd.Function):
     forward = staticmethod(lambda ctx, y: torch.round(y))
     backward = staticmethod(lambda ctx, grad: grad)  # straight-through: Q_l's gradient is taken as the identity
-
 
 def quantize(x, bits):
     """Q_l[x] = round(x / 2^-l) 2^-l, eq. (17); identity when bits is None."""
@@ -53,8 +51,15 @@ def quantize(x, bits):
     return _RoundSTE.apply(x * 2.0**bits) / 2.0**bits  # powers of two: the multiply and divide are exact
 
 def side_info(x, bits, m):
-    """s = (-x / 2^-l) mod 2^m, eq. (20) for |gamma| = 2^-m: the low m bits of -n, n = x / 2^-l, so that
-    n + s is a multiple of 2^m and gamma (x + s 2^-l) is on the grid with no rounding (Prop. 4.3)."""
+    """s = (-n) mod 2^m for x = n 2^-l on the grid: so n + s is a multiple of 2^m, and for |gamma| = 2^-m,
+    gamma (x + s 2^-l) = +-(n + s) / 2^m 2^-l is on the grid, with no rounding (Prop. 4.3). m = 1 (gamma
+    +-1/2) is eq. (20), s = 1 where n is odd; m >= 2 is this project's extension. The code takes the low
+    m bits of the integer -n, whose two's complement makes it right for negative n too:
+
+        n       5  -3   4  |  5  -3   6        (l is bits, the grid's; m is side_bits(gammas), the
+        m       1   1   1  |  2   2   2         side information's width)
+        s       1   1   0  |  3   3   2
+        n + s   6  -2   4  |  8   0   8"""
     integers = torch.int64 if x.dtype == torch.float64 else torch.int32
     return (x.detach() * -(2.0**bits)).to(integers) & (2**m - 1)
 
@@ -69,25 +74,20 @@ def pack_bits(s, m):
     flags = s.view(1, -1, 8)
     if m > 1:
         flags = torch.cat([(flags >> j) & 1 for j in range(m)])
-    return (flags << places(s.device, flags.dtype)).sum(dim=-1, dtype=torch.uint8)
+    places = torch.arange(8, dtype=flags.dtype, device=s.device)  # of 8 flags in a byte
+    return (flags << places).sum(dim=-1, dtype=torch.uint8)
 
 def unpack_bits(packed, m, shape, dtype=torch.uint8):
     """Inverse of pack_bits: the m-bit values as a tensor of `shape`."""
-    flags = (packed.unsqueeze(-1) >> places(packed.device, torch.uint8)) & 1
+    flags = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     s = flags[0]
     for j in range(1, m):
         s |= flags[j] << j
     return s.reshape(-1)[: math.prod(shape)].view(shape).to(dtype)
 
-@functools.cache
-def places(device, dtype):
-    """0, 1, ..., 7: the places of 8 flags in a byte (made once per device and dtype, not per call)."""
-    return torch.arange(8, dtype=dtype, device=device)
-
 
 # -----------------------------------------------------------------------------
 # One step k >= 1: (21) and its inverse (24); without quantization (10) and (16)
-
 
 def mixed_term(x, h, gamma, bits):
     """Q_l[(1 - gamma) x + (1 + gamma) h] of (21) and (24): one function for both, so both round the
@@ -121,11 +121,10 @@ def gamma_of_block(gammas, k, x):
 # -----------------------------------------------------------------------------
 # The stack: plain, BDIA training, BDIA inference
 
-
 @dataclass(frozen=True)
 class BDIAConfig:
     """gammas:     the values gamma_k is drawn from, uniformly, per sample and block k >= 1.
-    bits:       l, the quantization precision 2^-l (17); None: no quantization (10), reversible=False.
+    bits:       l, the grid 2^-l of Q_l (17), not the side information's m bits; None: no Q_l (10)
     reversible: online back-propagation, the activations rebuilt by (24), not stored: needs bits
                 and all gammas of one magnitude 2^-m, m >= 1.
     eval_gamma: the constant gamma at inference; 0 is the standard transformer (25)."""
@@ -138,7 +137,6 @@ class BDIAConfig:
     def __post_init__(self):
         object.__setattr__(self, "gammas", tuple(float(g) for g in self.gammas))
         check_config(self)
-
 
 def run_blocks(blocks, x, config, *context, **kwargs):
     """Run blocks (an nn.ModuleList, nn.Sequential, BDIAStack, a slice, a list) on x, batch first; return x_K.
@@ -230,7 +228,6 @@ def bdia_inference(blocks, x, config, context, kwargs):
             x_prev, x = x, bdia_step(x_prev, x, residual_of(block, x, context, kwargs), gamma, bits)  # (10)/(21)
     return x
 
-
 class BDIAStack(nn.Sequential):
     """The same blocks as an nn.Sequential, whose forward is run_blocks, with the same state_dict
     keys: `model.blocks = BDIAStack(model.blocks, BDIAConfig())` turns a model that calls one
@@ -253,12 +250,9 @@ class BDIAStack(nn.Sequential):
 
 
 # -----------------------------------------------------------------------------
-# Online back-propagation
-#
-# One autograd Function per block, inputs x_{k-1}, x_k, the context and the block's parameters,
-# keeps only the packed side bits. Each backward, from the top, rebuilds x_{k-1} by (24) for the
-# one below: parameter gradients arrive block by block (DDP's hooks fire as for a plain model).
-
+# Online back-propagation: one autograd Function per block, inputs x_{k-1}, x_k, the context and the
+# block's parameters, keeps only the packed side bits. Each backward, from the top, rebuilds x_{k-1} by (24)
+# for the one below: parameter gradients arrive block by block (DDP's hooks fire as for a plain model).
 
 def reversible_stack(blocks, x, gammas, config, context, kwargs, compiling=False):
     """BDIA training (18)-(21) whose backward rebuilds the activations by (24)."""
@@ -269,13 +263,10 @@ def reversible_stack(blocks, x, gammas, config, context, kwargs, compiling=False
         x_prev, x = x, ReversibleBlock.apply(tape, block, k, x_prev, x, *tape.tensors, *params)
     check_magnitudes(tape.magnitudes, x, config.bits)
     tape.rebuilt = {len(blocks): x.detach(), len(blocks) - 1: x_prev.detach()}  # the top pair
-    tape.magnitudes = None
     return x
 
-
 class Tape:
-    """What one reversible stack shares: config, gammas, context, the rebuilt x_k, |x_k|, and what checks
-    the recomputation: x_0's fingerprint, and per block whether h_k came out as in the forward."""
+    """What one reversible stack shares: config, gammas, context, the rebuilt x_k, |x_k|, the checks of (24)."""
 
     def __init__(self, x0, gammas, config, context, kwargs, compiled):
         self.config, self.gammas, self.m, self.compiled = config, gammas, side_bits(config.gammas), compiled
@@ -285,11 +276,22 @@ class Tape:
         self.magnitudes = [torch.aminmax(x0.detach())]  # NaN stays NaN
         self.rebuilt, self.checks, self.lowest = {}, [], None
 
+    def take(self, k):
+        """x_{k+1} and x_k for block k's backward; x_{k+1} is needed no more (nor x_0 by block 0)."""
+        if k + 1 not in self.rebuilt:
+            raise BDIAError("BDIA: this reversible graph was already back-propagated (retain_graph=True)")
+        return self.rebuilt.pop(k + 1), self.rebuilt.pop(k) if k == 0 else self.rebuilt[k]
+
+    def rebuild(self, k, x):
+        """x_k, rebuilt by (24) for block k's backward; x_0 is checked against the forward's."""
+        self.rebuilt[k] = x
+        if k == 0:
+            self.checks.append(("x_0", self.fingerprint, fingerprint(x + 0.0)))
+
     def context(self, tensors=None):
         """(context, kwargs) as given, or with these tensors in the places of its tensors."""
         tensors = iter(self.tensors if tensors is None else tensors)
         return tree_unflatten([next(tensors) if torch.is_tensor(t) else t for t in self.leaves], self.spec)
-
 
 class ReversibleBlock(torch.autograd.Function):
     """Block k of a reversible stack: (tape, block, k, x_{k-1}, x_k, *context, *parameters) -> x_{k+1}."""
@@ -314,68 +316,71 @@ class ReversibleBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_next):
-        """Take (x_k, x_{k+1}); recompute h_k(x_k) with the forward's random draws and autocast;
-        rebuild x_{k-1} by (24) for the block below; back-propagate through (19) or (21)."""
-        tape, block, k, bits = ctx.tape, ctx.block, ctx.k, ctx.tape.config.bits
-        (packed_side,) = ctx.saved_tensors
-        prev_needs_grad = ctx.needs_input_grad[3]
-        if k + 1 not in tape.rebuilt:
-            raise BDIAError("BDIA: this reversible graph was already back-propagated (retain_graph=True)")
-        x_next, x = tape.rebuilt.pop(k + 1), tape.rebuilt[k]  # rebuilt by block k+1's backward, or the top pair
-        with replayed_generators(ctx.rng, x.device):
-            h, x_leaf, grad_leaves = residual_with_graph(ctx, x)  # h_k(x_k) again, with its graph
-        params = [p for p in block.parameters() if p.requires_grad]  # FSDP2: the unsharded ones, now
-        check_graph(block, k, h, [x_leaf, *params, *grad_leaves])
-        tape.checks.append((f"h_{k}", ctx.h_fingerprint, fingerprint(h)))
+        """The chain rule of (21), Q_l's gradient taken as the identity (straight-through):
 
-        if k == 0:
-            tape.rebuilt.pop(0)
-            grad_h = grad_next  # (19): x_1 = x_0 + Q_l[h_0(x_0)]
-        else:
+            dL/dh_k     = (1 + gamma_k) dL/dx_{k+1}
+            dL/dx_k     = (1 - gamma_k) dL/dx_{k+1} + dL/dh_k dh_k/dx_k
+            dL/dx_{k-1} = gamma_k dL/dx_{k+1}
+
+        and of (19), x_1 = x_0 + Q_l[h_0(x_0)]: dL/dh_0 = dL/dx_1, dL/dx_0 = dL/dx_1 + dL/dh_0 dh_0/dx_0.
+        Autograd adds the dL/dx_k of blocks k and k+1 (both read x_k) before block k-1's backward.
+        Blocks go from the top, so x_{k+1} and x_k are known (the top pair, or rebuilt by block k+1);
+        block k rebuilds x_{k-1} by (24) and frees x_{k+1}: three x_k alive, whatever the depth."""
+        tape, k = ctx.tape, ctx.k
+        x_next, x = tape.take(k)  # x_{k+1}, x_k
+        h, leaves = recompute(ctx, x)  # h_k(x_k) as in the forward, now with its graph
+        if k > 0:
             gamma = gamma_of_block(tape.gammas, k, x)
-            side = unpack_bits(packed_side, tape.m, x.shape, x.dtype)
-            tape.rebuilt[k - 1] = bdia_unstep(x_next, x, h.detach(), gamma, bits, side)  # (24)
-            if k == 1:
-                tape.checks.append(("x_0", tape.fingerprint, fingerprint(tape.rebuilt[0] + 0.0)))
-            grad_h = (1 + gamma) * grad_next  # (21): dL/dh_k
-        del x_next
+            side = unpack_bits(ctx.saved_tensors[0], tape.m, x.shape, x.dtype)  # s_{k-1}
+            tape.rebuild(k - 1, bdia_unstep(x_next, x, h.detach(), gamma, tape.config.bits, side))  # (24)
         if k == tape.lowest:
-            check_recomputation(tape)
-
-        if any(fsdp_sharded(m) for m in block.modules()):  # FSDP2 reduce-scatters the .grad of the unsharded
-            torch.autograd.backward(h, grad_h, inputs=[x_leaf, *params, *grad_leaves])  # copies into its shards
-            grad_x, grad_params, grads = x_leaf.grad, [None] * ctx.n_params, [t.grad for t in grad_leaves]
-        else:
-            grad_x, *grads = torch.autograd.grad(h, [x_leaf, *params, *grad_leaves], grad_h, allow_unused=True)
-            grad_params, grads = grads[: len(params)], grads[len(params) :]
-        grad_x = torch.zeros_like(grad_next) if grad_x is None else grad_x  # dL/dh_k dh_k/dx_k
-        grad_context = iter(grads)
+            check_recomputation(tape)  # after the stack's last backward
         if k == 0:
-            grad_x, grad_prev = grad_next + grad_x, None  # (19)
-        else:
-            grad_x, grad_prev = (1 - gamma) * grad_next + grad_x, gamma * grad_next  # (21): dL/dx_k, dL/dx_{k-1}
-        grad_context = [next(grad_context) if need else None for need in ctx.context_needs_grad]
-        return None, None, None, grad_prev if prev_needs_grad else None, grad_x, *grad_context, *grad_params
+            grad_x, grad_rest = vector_jacobian(ctx, h, leaves, grad_next)  # (19): dL/dh_0 dh_0/dx_0, ...
+            return None, None, None, None, grad_next + grad_x, *grad_rest  # (19): dL/dx_0
+        grad_h = (1 + gamma) * grad_next  # (21): dL/dh_k
+        grad_x, grad_rest = vector_jacobian(ctx, h, leaves, grad_h)  # dL/dh_k dh_k/dx_k; context's, parameters'
+        return None, None, None, gamma * grad_next, (1 - gamma) * grad_next + grad_x, *grad_rest  # (21)
 
+def recompute(ctx, x):
+    """h_k(x_k) again, with the forward's random draws: its graph is checked once per block, and its
+    fingerprint against the forward's (read by check_recomputation)."""
+    with replayed_generators(ctx.rng, x.device):
+        h, x_leaf, context_leaves = residual_with_graph(ctx, x)
+    params = [p for p in ctx.block.parameters() if p.requires_grad]  # FSDP2: the unsharded ones, now
+    check_graph(ctx.block, ctx.k, h, [x_leaf, *params, *context_leaves])
+    ctx.tape.checks.append((f"h_{ctx.k}", ctx.h_fingerprint, fingerprint(h)))
+    return h, (x_leaf, params, context_leaves)
+
+def vector_jacobian(ctx, h, leaves, grad_h):
+    """dL/dh_k dh_k/dx_k, and the gradients of the context's tensors and the block's parameters, in the
+    order of forward's inputs. Under FSDP2 backward(), not grad(): it reduce-scatters .grad to the shards."""
+    x_leaf, params, context_leaves = leaves
+    if any(fsdp_sharded(m) for m in ctx.block.modules()):
+        torch.autograd.backward(h, grad_h, inputs=[x_leaf, *params, *context_leaves])
+        grad_x, grad_params, grads = x_leaf.grad, [None] * ctx.n_params, iter([t.grad for t in context_leaves])
+    else:
+        grad_x, *grads = torch.autograd.grad(h, [x_leaf, *params, *context_leaves], grad_h, allow_unused=True)
+        grad_params, grads = grads[: len(params)], iter(grads[len(params) :])
+    grad_context = [next(grads) if need else None for need in ctx.context_needs_grad]
+    return torch.zeros_like(grad_h) if grad_x is None else grad_x, (*grad_context, *grad_params)
 
 def residual_with_graph(ctx, x):
-    """h_k(x_k) with its graph, from x_k (and the context's tensors that need grad) as leaves, under the
-    forward's autocast, with grad on: the one computation that the forward runs for (21) and the backward
-    again for (24) and the gradients. So a compiled block runs one graph both times (with grad off, the
-    forward would run an inference graph, which may fuse, and round, otherwise)."""
+    """h_k(x_k) with its graph, x_k and the context's tensors that need grad as leaves, under the forward's
+    autocast: the one computation the forward runs for (21) and the backward for (24) and the gradients, so
+    a compiled block runs one graph both times (with grad off, an inference graph might round otherwise)."""
     x_leaf = x.detach().requires_grad_()
     leaves = [t.detach().requires_grad_() if need else t for t, need in zip(ctx.tape.tensors, ctx.context_needs_grad)]
     with torch.enable_grad(), torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
         h = residual_of(ctx.block, x_leaf, *ctx.tape.context(leaves))
     return h, x_leaf, [t for t, need in zip(leaves, ctx.context_needs_grad) if need]
 
-
 _CHECKED = weakref.WeakSet()  # blocks whose graph was looked at once
 
 def check_graph(block, k, h, inputs):
-    """Once per block, at its first backward: refuse what reversible training cannot do right. A tensor that requires grad, that h_k's
-    graph reaches and that is not among the Function's inputs (a parameter kept outside the block) would get no
-    gradient; reentrant activation checkpointing cannot run under the backward's torch.autograd.grad."""
+    """At a block's first backward, refuse a tensor that requires grad, that h_k's graph reaches and that is
+    not among the Function's inputs (a parameter kept outside the block: it would get no gradient), and
+    reentrant activation checkpointing (it cannot run under torch.autograd.grad)."""
     if block in _CHECKED:
         return
     checkpoint = sys.modules.get("torch.utils.checkpoint")
@@ -389,8 +394,7 @@ def check_graph(block, k, h, inputs):
         if type(node) is reentrant:
             raise BDIAError(f"BDIA: block {k} ({type(block).__name__}) runs torch.utils.checkpoint with use_reentrant="
                             "True, which reversible training cannot back-propagate; pass use_reentrant=False (Hugging "
-                            "Face: gradient_checkpointing_kwargs={'use_reentrant': False}) or drop it: reversible "
-                            "BDIA keeps no activations anyway")
+                            "Face: gradient_checkpointing_kwargs={'use_reentrant': False}), or drop it")
         leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor that gets .grad
         if leaf is not None and id(leaf) not in own:
             raise BDIAError(f"BDIA: block {k} ({type(block).__name__}) reads a tensor of shape {tuple(leaf.shape)} "
@@ -407,11 +411,10 @@ def check_recomputation(tape):
     if not bool(failed.any()):
         return
     what = checks[int(failed.nonzero()[0])][0]
-    where = ("did not rebuild x_0 bit for bit" if what == "x_0" else
-             f"recomputed {what} (block {what[2:]}) otherwise than the forward")
-    why = ("under torch.compile: run it without compile to see whether compile is the cause, or use "
-           "reversible=False" if tape.compiled else "a block is not deterministic; make it so or use reversible=False")
-    raise ReconstructionError(f"BDIA: the reversible backward {where}, {why}")
+    where = "rebuilt x_0" if what == "x_0" else f"recomputed {what} (block {what[2:]})"
+    why = ("under torch.compile: try without compile, or use reversible=False" if tape.compiled else
+           "a block is not deterministic; make it so or use reversible=False")
+    raise ReconstructionError(f"BDIA: the reversible backward {where} otherwise than the forward, {why}")
 
 def generator_states(device):
     """The CPU generator's state, and that of x's CUDA device (what a block's draws change)."""
@@ -431,22 +434,17 @@ def replayed_generators(state, device):
 # -----------------------------------------------------------------------------
 # Safety checks: the configuration, the range of the stream, the rebuilt x_0
 
-
 class BDIAError(RuntimeError):
     """Base of the engine's runtime errors: scripts catch these by type."""
-
 
 class DivergedError(BDIAError):
     """The residual stream blew up (NaN, infinity or |x| > 2^20): the training diverged."""
 
-
 class PrecisionError(BDIAError):
     """The stream left the range where its dtype holds the 2^-l grid exactly: (24) would be inexact."""
 
-
 class ReconstructionError(BDIAError):
-    """The reversible backward did not rebuild x_0 bit for bit: the gradients would be wrong."""
-
+    """The reversible backward recomputed an h_k, or rebuilt x_0, otherwise: the gradients would be wrong."""
 
 def check_config(c):
     """A configuration that cannot work is a ValueError that says why (BDIAConfig calls this)."""
@@ -496,40 +494,6 @@ def check_magnitudes(magnitudes, x, bits):
                          f"below {limit:g}; use fewer bits (at most bits={fewer} for this |x|) or normalise the input")
 
 def fingerprint(x):
-    """The sum of x's bit patterns modulo 2^32 (float64: 2^64), wrapping, so in any order: any one element's
-    change alters it, with no temporary wider than x."""
+    """The sum of x's bit patterns modulo 2^32 (float64: 2^64), in any order: one element's change alters it."""
     bits = x.detach().view(torch.int64 if x.dtype == torch.float64 else torch.int32)
     return bits.sum(dtype=bits.dtype)
-
-
-# -----------------------------------------------------------------------------
-# Demo: reconstruction error of (16) vs (24), the paper's Fig. 2 and 6
-
-
-@torch.no_grad()
-def reconstruction_errors(depth=12, dim=256, heads=8, batch=4, seq=64, bits=9, seed=0):
-    """Per block k, max |rebuilt x_k - x_k| when reversing a stack of pre-norm transformer blocks
-    trained with gammas +-1/2, by (16) (no quantization, float32) and by (24) (bits, side information)."""
-    torch.manual_seed(seed)
-    blocks = [nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0, batch_first=True, norm_first=True)
-              for _ in range(depth)]
-    x0, gammas, errors = torch.randn(batch, seq, dim), draw_gammas(BDIAConfig(), batch, depth, "cpu", torch.float32), {}
-    for name, b in (("eq16", None), ("eq24", bits)):
-        config, xs, sides = BDIAConfig(bits=b, reversible=False), [quantize(x0, b)], []  # every x_k, s_{k-1}
-        for k, block in enumerate(blocks):
-            x_next, side = bdia_block(block, k, xs[k - 1], xs[k], gammas, config, (), {})  # x_prev unused at k = 0
-            xs, sides = xs + [x_next], sides + [side]
-        rebuilt = list(xs)  # then from the top pair down, each x_{k-1} by (24) or (16)
-        for k in range(depth - 1, 0, -1):
-            h = residual_of(blocks[k], rebuilt[k], (), {})
-            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gamma_of_block(gammas, k, h), b, sides[k])
-        errors[name] = [(r - x).abs().max().item() for r, x in zip(rebuilt, xs)]
-    return errors
-
-
-if __name__ == "__main__":
-    errors = reconstruction_errors()
-    print("max|rebuilt x_k - x_k|, 12 pre-norm transformer blocks, BDIA, gammas +-0.5, float32 (Fig. 2, 6)")
-    print(f"{'x_k':>5} {'eq. (16), no quantization':>28} {'eq. (24), l = 9':>18}")
-    for k in range(len(errors["eq16"]) - 1, -1, -1):
-        print(f"{k:>5} {errors['eq16'][k]:>28.3e} {errors['eq24'][k]:>18.3e}")

@@ -4,14 +4,20 @@ The paper's figures, drawn from this project's own outputs (matplotlib, optional
     python plot.py curves OUT_A/log.jsonl OUT_B/log.jsonl --labels BDIA-ViT,ViT -o curves.png  # Fig. 4, 5, 9
     python plot.py curves OUT_A/log.jsonl OUT_B/log.jsonl --x time -o time.png             # Fig. 7
     python plot.py gamma-sweep OUT_A/gamma_sweep.json OUT_B/gamma_sweep.json -o gamma.png       # Fig. 1
-    python plot.py reconstruction -o reconstruction.png                                          # Fig. 2, 6
+    python plot.py reconstruction -o reconstruction.png              # Fig. 2, 6: also prints the table
     python plot.py bench bench.json -o bench.png                  # memory and step time vs depth
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from bdia import BDIAConfig, bdia_block, bdia_unstep, draw_gammas, gamma_of_block, quantize, residual_of
 
 
 def pyplot():
@@ -142,11 +148,37 @@ def plot_gamma_sweep(args, plt):
     return fig, [ax]
 
 
+@torch.no_grad()
+def reconstruction_errors(depth=12, dim=256, heads=8, batch=4, seq=64, bits=9, seed=0):
+    """Per k, max |rebuilt x_k - x_k| reversing randomly initialised pre-norm transformer blocks run with
+    gammas +-1/2, by (16) (no quantization, float32) and by (24) (l = bits, side information): bdia.py's
+    functions, block by block, in the open."""
+    torch.manual_seed(seed)
+    blocks = [nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0, batch_first=True, norm_first=True) for _ in range(depth)]
+    x0, gammas, errors = torch.randn(batch, seq, dim), draw_gammas(BDIAConfig(), batch, depth, "cpu", torch.float32), {}
+    for name, b in (("eq16", None), ("eq24", bits)):
+        config, xs, sides = BDIAConfig(bits=b, reversible=False), [quantize(x0, b)], []  # every x_k, s_{k-1}
+        for k, block in enumerate(blocks):  # forward: (18), (19), then (21) or (10); x_prev unused at k = 0
+            x_next, side = bdia_block(block, k, xs[k - 1], xs[k], gammas, config, (), {})
+            xs, sides = xs + [x_next], sides + [side]
+        rebuilt = list(xs)  # then from the top pair down, each x_{k-1} by (24) or (16)
+        for k in range(depth - 1, 0, -1):
+            h = residual_of(blocks[k], rebuilt[k], (), {})
+            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gamma_of_block(gammas, k, h), b, sides[k])
+        errors[name] = [(r - x).abs().max().item() for r, x in zip(rebuilt, xs)]
+    return errors
+
+
+def print_reconstruction(errors):
+    print(f"max|rebuilt x_k - x_k|, {len(errors['eq16']) - 1} pre-norm transformer blocks, gammas +-0.5, float32 "
+          f"(Fig. 2, 6)\n{'x_k':>5} {'eq. (16), no quantization':>28} {'eq. (24), l = 9':>18}")
+    for k in reversed(range(len(errors["eq16"]))):
+        print(f"{k:>5} {errors['eq16'][k]:>28.3e} {errors['eq24'][k]:>18.3e}")
+
+
 def plot_reconstruction(args, plt):
     """max |rebuilt x_k - x_k| per block, eq. (16) vs eq. (24), log scale (Fig. 2 and 6)."""
-    from bdia import reconstruction_errors
-
-    errors = reconstruction_errors(depth=args.depth)
+    errors = args.errors
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("eq16", "no quantization, eq. (16)"), ("eq24", "l = 9 with side info, eq. (24)")):
         values = [max(e, 1e-12) for e in errors[key]]  # log scale: exact zeros drawn at 1e-12
@@ -213,6 +245,12 @@ def draw(argv):
         p.error(f"no such file: {', '.join(missing)}")
     if args.figure == "reconstruction" and args.depth < 2:
         p.error("--depth must be at least 2: x_k is rebuilt from the top pair (x_{K-1}, x_K)")
+    if args.figure == "reconstruction":
+        args.errors = reconstruction_errors(depth=args.depth)
+        print_reconstruction(args.errors)
+        if importlib.util.find_spec("matplotlib") is None:
+            print("(the figure needs matplotlib: pip install matplotlib)")
+            return
     plt = pyplot()
     try:
         fig, axes = FIGURES[args.figure](args, plt)

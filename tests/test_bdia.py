@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bdia  # noqa: E402
+import plot  # noqa: E402
 from bdia import BDIAConfig, run_blocks  # noqa: E402
 
 torch.set_num_threads(1)  # CI has 2 cores; small tensors are fastest single-threaded
@@ -133,7 +134,7 @@ def test_eq_16_without_quantization_is_only_approximately_inverse():
     back = bdia.bdia_unstep(x_next, x, h, 0.5, None)
     assert torch.allclose(back, x_prev, atol=1e-5) and not torch.equal(back, x_prev)
     depth = 12
-    errors = bdia.reconstruction_errors(depth=depth, dim=32, heads=4, batch=2, seq=8)
+    errors = plot.reconstruction_errors(depth=depth, dim=32, heads=4, batch=2, seq=8)
     eq16 = errors["eq16"]  # max |rebuilt x_k - x_k|, k = 0..K
     assert eq16[depth] == eq16[depth - 1] == 0.0  # the top pair is given
     assert all(e > 0 for e in eq16[: depth - 1])
@@ -715,7 +716,7 @@ def test_fingerprint_catches_a_single_element_difference():
 
 
 def test_reconstruction_demo_shows_eq_16_drifting_and_eq_24_exact():
-    errors = bdia.reconstruction_errors(depth=12, dim=32, heads=4, batch=2, seq=8)
+    errors = plot.reconstruction_errors(depth=12, dim=32, heads=4, batch=2, seq=8)
     assert all(e == 0.0 for e in errors["eq24"])
     assert errors["eq16"][12] == 0.0 and errors["eq16"][0] > 0.0
     assert errors["eq16"][0] > errors["eq16"][9]

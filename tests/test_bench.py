@@ -39,7 +39,7 @@ def test_bench_rejects_unknown_modes():
 
 
 def test_kernel_count_shows_what_bdia_adds_per_block(tmp_path):
-    """The engine adds at most 45 operations per block and step beyond the block's own: 43 since each
+    """The engine adds at most 45 operations per block and step beyond the block's own: 45 since each
     h_k's fingerprint is compared between forward and recomputation (2026-12-07; 44 with (21) and (24)
     written as the paper writes them, 27 with the factors of (21) folded into a table, 54 before the
     arithmetic was first trimmed); stored BDIA adds fewer still.
