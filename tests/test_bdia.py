@@ -142,6 +142,31 @@ def test_eq_16_without_quantization_is_only_approximately_inverse():
     assert all(e == 0.0 for e in errors["eq24"])
 
 
+def test_eq_20_and_21_by_hand_for_gammas_of_a_quarter():
+    """m = 2 (gammas +-1/4): s = (-x / 2^-l) mod 4, from Python's integers, negative x included; and a
+    stack run with those gammas keeps every x_k on the 2^-l grid (side information of 1 bit would not)."""
+    bits = 5
+    x = grid((400,), bits)
+    n = [int(v) for v in (x * 2**bits).tolist()]
+    assert min(n) < 0 < max(n)
+    assert bdia.side_info(x, bits, 2).tolist() == [(-v) % 4 for v in n]  # (20), m = 2
+    assert bdia.side_bits((-0.25, 0.25)) == 2
+    blocks = make_stack(5).train()
+    torch.manual_seed(0)
+    out = run_blocks(blocks, torch.randn(4, 3, 8), BDIAConfig(gammas=(-0.25, 0.25), bits=bits, reversible=False))
+    for x_k in [b.calls[-1] for b in blocks] + [out]:  # x_0 .. x_K
+        assert torch.equal(x_k * 2**bits, torch.round(x_k * 2**bits))  # Lemma 4.2
+
+
+def test_identical_samples_in_a_batch_draw_their_own_gammas():
+    """gamma_k is drawn per sample: 64 copies of one sample leave a 3-block stack in 4 ways (2 gammas
+    for each of blocks 1 and 2); one gamma per batch would leave them equal."""
+    blocks = make_stack(3).train()
+    torch.manual_seed(0)
+    out = run_blocks(blocks, torch.randn(1, 3, 8).expand(64, 3, 8), BDIAConfig(reversible=False))
+    assert len({tuple(o.flatten().tolist()) for o in out}) == 4
+
+
 @pytest.mark.parametrize("m", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 8, 13, 1000])
 def test_side_information_is_packed_to_m_bits_per_element(m, n):
@@ -706,9 +731,12 @@ def test_a_recomputed_h_k_that_q_l_would_hide_is_caught_at_the_first_step():
 
 
 def test_fingerprint_catches_a_single_element_difference():
-    x = grid((4, 3, 8), 9)
+    """One element of a million moved by one step of the grid: the fingerprint changes, where a float sum
+    (of bit patterns or of values) would round the step away."""
+    x = 3.0 + grid((64, 128, 128), 9)
     y = x.clone()
     y[1, 2, 3] += 2.0**-9
+    assert torch.equal(x.sum(), y.sum())  # why a float sum would not do
     assert not torch.equal(bdia.fingerprint(x), bdia.fingerprint(y))
 
 
@@ -858,9 +886,11 @@ def test_a_parameter_registered_in_each_layers_wrapper_gets_its_stored_gradient(
     assert grads[1].abs().sum() > 0 and rel_err(grads[0], grads[1]) < 1e-5
 
 
-def test_autocast_in_the_forward_and_backward_outside_it_as_the_scripts_do():
-    """The recomputation must replay the forward's autocast, which backward() outside the
-    autocast block does not have: reversible = stored to 1e-5."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_in_the_forward_and_backward_outside_it_as_the_scripts_do(dtype):
+    """The recomputation must replay the forward's autocast, dtype included (bfloat16 is also CPU
+    autocast's default, float16 is not), which backward() outside the autocast block does not have:
+    reversible = stored to 1e-5."""
     blocks = make_stack(4, dropout=0.1).train()
     x = torch.randn(2, 3, 8, requires_grad=True)
     results = []
@@ -868,7 +898,7 @@ def test_autocast_in_the_forward_and_backward_outside_it_as_the_scripts_do():
         for t in [x, *blocks.parameters()]:
             t.grad = None
         torch.manual_seed(3)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             out = run_blocks(blocks, x, BDIAConfig(reversible=reversible))
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # outside autocast
         results.append((out.detach(), [t.grad.clone() for t in [x, *blocks.parameters()]]))
