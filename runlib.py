@@ -114,7 +114,8 @@ class ArgumentParser(argparse.ArgumentParser):
         g.add_argument("--bdia", action="store_true", help="train with BDIA (otherwise the plain model)")
         g.add_argument("--gammas", nargs="+", action=Numbers, default=(-0.5, 0.5), metavar="G",
                        help="values gamma_k is drawn from")
-        g.add_argument("--bits", type=parse_bits, default=9, help="quantization level l (2^-l), or 'none'")
+        g.add_argument("--bits", type=parse_bits, default=9, help="l, the grid 2^-l of Q_l (eq. 17), or 'none' "
+                       "(the side information is another width: m = -log2|gamma| bits per element)")
         g.add_argument("--no-reversible", action="store_true", help="store activations instead of rebuilding them (eq. 24)")
         g.add_argument("--eval-gamma", type=float, default=0.0, help="constant gamma at inference (0: the standard model)")
         g = self.add_argument_group("run")
