@@ -101,6 +101,27 @@ def test_train_vit_compiles_reversible_bdia(tmp_path, cifar_dir):
     assert saved[0].keys() == saved[1].keys()
 
 
+def test_blocks_wrapped_by_torch_compile_run_compiled_both_ways():
+    """blocks[k] = torch.compile(blocks[k]) (an OptimizedModule, whose residual() would be the eager
+    one): the engine calls the compiled block in the forward and in the recomputation."""
+    runs = []
+
+    def counting(graph, example_inputs):
+        def run(*args):
+            runs.append(1)
+            return graph.forward(*args)
+        return run
+
+    blocks = nn.ModuleList(torch.compile(block, backend=counting) for block in blocks_and_copy(0.1)[0])
+    x = torch.randn(4, 5, 16)
+    out, grads = step(blocks, x, BDIAConfig(), 0)
+    assert len(runs) == 2 * len(blocks)
+    out_stored, grads_stored = step(blocks, x, BDIAConfig(reversible=False), 0)
+    assert len(runs) == 3 * len(blocks) and torch.equal(out, out_stored)
+    for g, g_stored in zip(grads, grads_stored):
+        assert ((g - g_stored).norm() / g_stored.norm()).item() < 1e-5
+
+
 class Net(nn.Module):
     """An embedding, the project's blocks through run_blocks, a head: what torch.compile(model) sees."""
 
