@@ -15,7 +15,7 @@ E2E CSVs are downloaded (not timed: the machine this was written on is offline; 
 the same steps on a tiny local GPT-2):
 
     python finetune_e2e.py --init-from gpt2 --lora-rank 4 --train-limit 64 --valid-limit 16 --test-limit 4 \\
-        --epochs 1 --beam 2 --eval-interval 0 --out-dir out/e2e-small
+        --epochs 1 --lr 1e-3 --warmup-steps 0 --eval-interval 4 --beam 2 --out-dir out/e2e-small
 
 Each example is `context <eos> completion <eos>` (GPT-2 BPE), the loss (label smoothing
 0.1) on the completion only. After training, beam search (beam 10, length penalty 0.8,

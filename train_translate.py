@@ -9,10 +9,11 @@ both the encoder and the decoder (paper 5.3, Fig. 5: validation loss per epoch).
     python train_translate.py --translate "Open the file"         # translate with OUT_DIR/ckpt.pt
 
 A small run that finishes on a CPU in under a minute (offline, this machine's French
-gettext catalogues):
+gettext catalogues), its validation loss falling every epoch and its BLEU above 0 from epoch 3
+or so (12.6 at epoch 8 where it was measured; the catalogues installed decide the pairs):
 
-    python train_translate.py --dataset gettext-fr --max-pairs 2000 --epochs 2 --dim 64 --heads 4 \\
-        --mlp-dim 128 --enc-layers 2 --dec-layers 2 --bleu-samples 20 --out-dir out/translate-small
+    python train_translate.py --dataset gettext-fr --max-pairs 6000 --max-tokens 12 --min-freq 2 --epochs 8 \\
+        --lr 1e-3 --batch-size 64 --dim 64 --heads 4 --enc-layers 2 --dec-layers 2 --bleu-samples 300 --out-dir out/translate-small
 
 Defaults are those of the tutorial the paper used (debuggercafe, "Language Translation using
 PyTorch Transformer": width 192, 6 heads, MLP 192, dropout 0.1, Adam 1e-4, batch 192, an

@@ -6,12 +6,13 @@ Image classification with ViT, BDIA-ViT and RevViT (paper 5.2: Tables 2-5, Fig. 
     python train_vit.py --model revvit               # RevViT
     python train_vit.py --bdia --dataset cifar100 --eval-gammas -0.5 -0.25 0 0.25 0.5
 
-A small run that finishes on a CPU in under a minute (Fashion-MNIST: offline from Debian's copy,
-`apt-get install dataset-fashion-mnist`, or from the four idx-ubyte.gz files put into
-DATA_DIR/fashion-mnist/; downloaded there when online):
+A small run that finishes on a CPU in under a minute, at about 0.8 validation accuracy after its 4
+epochs (chance: 0.1; Fashion-MNIST: offline from Debian's copy, `apt-get install
+dataset-fashion-mnist`, or from the four idx-ubyte.gz files put into DATA_DIR/fashion-mnist/;
+downloaded there when online):
 
-    python train_vit.py --bdia --dataset fashion-mnist --limit-train 1000 --limit-val 500 --epochs 2 \\
-        --depth 2 --dim 64 --heads 4 --mlp-dim 128 --out-dir out/vit-small
+    python train_vit.py --bdia --dataset fashion-mnist --limit-train 5000 --limit-val 1000 --epochs 4 --lr 2e-3 \\
+        --no-augment --patch 8 --depth 2 --dim 64 --heads 4 --mlp-dim 128 --batch-size 64 --out-dir out/vit-small
 
 The defaults are the paper's setup (5.2, Table 2, Fig. 4): SET-Adam (lr 1e-4, betas 0.9, 0.999,
 eps 1e-18), dropout 0.1, batch 128, 400 epochs; for the rest the paper defers to
