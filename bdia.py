@@ -69,7 +69,8 @@ def side_bits(gammas):
     return int(max(ms)) if ms and all(m == int(m) >= 1 for m in ms) else None
 
 def pack_bits(s, m):
-    """The values 0 <= s < 2^m of an integer tensor, m bits each: (m, ceil(n / 8)) uint8 bit planes."""
+    """The values 0 <= s < 2^m of an integer tensor, m bits each, as m uint8 planes of ceil(n / 8) bytes:
+    bit j of byte i of plane p is bit p of s[8i + j]. E.g. m = 1, s = 1 0 1 1 0 0 0 1: one byte, 0b10001101."""
     s = s.reshape(-1) if s.numel() % 8 == 0 else torch.cat([s.reshape(-1), s.new_zeros(-s.numel() % 8)])
     flags = s.view(1, -1, 8)
     if m > 1:
@@ -155,9 +156,8 @@ def run_blocks(blocks, x, config, *context, **kwargs):
     check_stream(x, config.bits)
     gammas = draw_gammas(config, x.shape[0], len(blocks), x.device, x.dtype)  # per sample x[i]
     if config.reversible and torch.is_grad_enabled():
-        # Under torch.compile(model) the stack runs eagerly: dynamo would compile the blocks it calls in the
-        # forward but not in backward's recomputation (run by loss.backward(), outside the compiled region), and
-        # rounding otherwise there, break (24). Blocks compiled on their own (block.compile()) run compiled.
+        # Under torch.compile(model) the stack runs eagerly: dynamo would compile the forward's blocks, not the
+        # recomputation's (loss.backward() runs outside its graph), whose rounding then differs. block.compile() works.
         compiling = torch.compiler.is_compiling()
         stack = torch.compiler.disable(reversible_stack) if compiling else reversible_stack
         return stack(blocks, x, gammas, config, context, kwargs, compiling)
