@@ -37,13 +37,10 @@ def counting_inductor():
     return backend, runs, compiles
 
 
-def blocks_and_copy(dropout):
-    """Three of the project's blocks (they define residual()) and an uncompiled copy of them."""
+def vit_blocks(dropout):
+    """Three of the project's blocks (they define residual()), in training mode."""
     torch.manual_seed(0)
-    blocks = nn.ModuleList(models.Block(16, 2, 32, dropout, layout="vit") for _ in range(3)).train()
-    plain = nn.ModuleList(models.Block(16, 2, 32, dropout, layout="vit") for _ in range(3)).train()
-    plain.load_state_dict(blocks.state_dict())
-    return blocks, plain
+    return nn.ModuleList(models.Block(16, 2, 32, dropout, layout="vit") for _ in range(3)).train()
 
 
 def step(blocks, x, config, seed):
@@ -65,7 +62,7 @@ def test_blocks_compiled_on_their_own_run_compiled_both_ways_and_exactly(dropout
     forward's, x_0 rebuilt) pass on every step. The second case has the shapes of the train_vit.py run
     below, whose compiled blocks then come from inductor's cache."""
     backend, runs, compiles = counting_inductor()
-    blocks, _ = blocks_and_copy(dropout)
+    blocks = vit_blocks(dropout)
     for block in blocks:
         block.compile(backend=backend)
     reversible, stored = BDIAConfig(), BDIAConfig(reversible=False)
@@ -113,7 +110,7 @@ def test_blocks_wrapped_by_torch_compile_run_compiled_both_ways():
             return graph.forward(*args)
         return run
 
-    blocks = nn.ModuleList(torch.compile(block, backend=counting) for block in blocks_and_copy(0.1)[0])
+    blocks = nn.ModuleList(torch.compile(block, backend=counting) for block in vit_blocks(0.1))
     x = torch.randn(4, 5, 16)
     out, grads = step(blocks, x, BDIAConfig(), 0)
     assert len(runs) == 2 * len(blocks)
