@@ -27,6 +27,7 @@ as torchtitan does; RevViT: its F and G), the eager and compiled modes interleav
     python bench.py --family gpt --depths 6,12,24,48 --device cpu
     python bench.py --kernels --modes plain,checkpoint,bdia,bdia-rev --dim 64
     python bench.py --compile --modes plain,checkpoint,bdia-rev,revvit --depths 12 --no-memory
+    python bench.py --family gpt --tokens 1024 --batch-size 8 --depths 12   # GPT-2 small's blocks
 """
 
 import argparse
@@ -71,7 +72,8 @@ def build_stack(args, mode, depth):
 
 def family(args):
     dim, heads, mlp, tokens, causal = FAMILIES[args.family]
-    return args.dim or dim, args.heads or heads, args.mlp_dim or (args.dim and 4 * args.dim) or mlp, tokens, causal
+    return (args.dim or dim, args.heads or heads, args.mlp_dim or (args.dim and 4 * args.dim) or mlp,
+            args.tokens or tokens, causal)
 
 
 def forward(mode, blocks, x):
@@ -248,6 +250,8 @@ def main():
     p.add_argument("--dim", type=int, default=None, help="override the family's width (MLP becomes 4x)")
     p.add_argument("--heads", type=int, default=None, help="override the family's attention heads")
     p.add_argument("--mlp-dim", type=int, default=None, help="override the family's MLP width")
+    p.add_argument("--tokens", type=int, default=None, help="override the family's tokens per sequence "
+                   "(GPT-2 small: --family gpt --tokens 1024)")
     p.add_argument("--dropout", type=float, default=0.0, help="in every block (CPU dropout is slow: 0 compares engines)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda where available")
@@ -279,7 +283,7 @@ def main():
         p.error(f"--depths takes comma-separated integers, got {args.depths!r}")
     if min(depths) < 1:
         p.error(f"--depths must be at least 1, got {args.depths!r}")
-    for name in ("batch_size", "steps", "dim", "heads", "mlp_dim"):
+    for name in ("batch_size", "steps", "dim", "heads", "mlp_dim", "tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:

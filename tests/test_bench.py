@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_runs_every_mode_and_reversible_keeps_least(tmp_path):
     out = tmp_path / "bench.json"
     argv = [sys.executable, "bench.py", "--family", "gpt", "--dim", "64", "--heads", "4", "--depths", "12",
-            "--batch-size", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+            "--tokens", "128", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr
     results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
@@ -19,8 +19,8 @@ def test_bench_runs_every_mode_and_reversible_keeps_least(tmp_path):
     assert all(r["step_ms"] > 0 and r["activation_mb"] > 0 for r in results.values())
     assert results["bdia-rev"]["activation_mb"] < 0.5 * results["plain"]["activation_mb"]
     assert results["checkpoint"]["activation_mb"] < results["plain"]["activation_mb"]
-    assert results["bdia-rev"]["side_info_mb"] == 11 * 8 * 256 * 64 / 8 / 2**20
-    assert "bdia-rev" in run.stdout and "x plain" in run.stdout
+    assert results["bdia-rev"]["side_info_mb"] == 11 * 8 * 128 * 64 / 8 / 2**20  # --tokens 128, not gpt's 256
+    assert "128 tokens" in run.stdout and "bdia-rev" in run.stdout and "x plain" in run.stdout
 
 
 def test_bench_vit_family_includes_revvit(tmp_path):

@@ -1,8 +1,8 @@
 """The engine's promises on a CUDA device, with the project's real blocks (models.Block on
 torch's scaled_dot_product_attention) and each SDPA kernel: flash (under bf16 autocast),
-memory-efficient and math. A kernel picked in the forward (no grad) that differed from the
-one picked in the recomputation (with grad) would break bit-exactness, so it is checked here
-kernel by kernel. Without a CUDA device these tests cannot run and are skipped; the README
+memory-efficient and math, and blocks compiled by inductor (Triton). The forward computes h_k
+with grad on, as the recomputation does, so both should pick the same kernel (a kernel that
+differed would break bit-exactness): checked here kernel by kernel. Without a CUDA device these tests cannot run and are skipped; the README
 records when and where they last ran.
 
 Gradient tolerances: 1e-5 relative in float32. Under bf16 autocast the reversible and the
@@ -284,3 +284,55 @@ def test_bdia_stack_trains_reversibly_on_cuda():
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert_reversible_equals_stored(*results)
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_blocks_compiled_on_their_own_are_exact_on_cuda(amp_dtype):
+    """block.compile() with inductor (Triton kernels, which may fuse a multiply and an add where eager does
+    not): the forward and the recomputation run one training graph per block, so (24) rebuilds every x_k
+    (the engine checks each recomputed h_k and x_0 at every step); reversible and stored BDIA, which runs
+    the same graphs, agree, with dropout, and with a last batch of another size (compiled again)."""
+    blocks = gpt_stack(3, dropout=0.1)
+    for block in blocks:
+        block.compile()
+    for seed, batch in enumerate([4, 4, 2]):
+        x = torch.randn(batch, 64, 256, device="cuda", requires_grad=True)
+        results = []
+        for config in (BDIAConfig(), BDIAConfig(reversible=False)):
+            blocks.zero_grad(set_to_none=True)
+            x.grad = None
+            torch.manual_seed(seed)
+            with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = run_blocks(blocks, x, config)
+            (out * torch.linspace(-1, 1, out.shape[-1], device="cuda")).sum().backward()
+            results.append((out.detach(), [x.grad.clone()] + [p.grad.clone() for p in blocks.parameters()]))
+        assert torch.equal(results[0][0], results[1][0])
+        for a, b in zip(results[0][1], results[1][1]):
+            assert rel_err(a, b) < (1e-5 if amp_dtype is None else 2**-8)
+
+
+def test_a_compiled_model_trains_reversibly_on_cuda():
+    """torch.compile(model), as nanoGPT's train.py does: the embedding and head compiled, the reversible
+    stack run outside the graph; ten AdamW steps pass the engine's checks and follow the eager model's
+    (inductor's fallback_random: the gammas, drawn in the compiled region, come from torch's generator)."""
+    import torch._inductor.config
+
+    losses = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 256), BDIAStack(gpt_stack(4, dropout=0.1), BDIAConfig()),
+                              nn.Linear(256, 10)).cuda().train()
+        net = torch.compile(model) if name == "compiled" else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x, y = torch.randn(8, 32, 16, device="cuda"), torch.arange(8, device="cuda")
+        losses[name] = []
+        for seed in range(10):
+            torch.manual_seed(seed)
+            with torch._inductor.config.patch(fallback_random=True):
+                loss = F.cross_entropy(net(x).mean(dim=1), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
+    assert losses["compiled"][-1] < losses["compiled"][0]
