@@ -215,17 +215,18 @@ class ArgumentParser(argparse.ArgumentParser):
         return shlex.join([*words, "--out-dir", str(out_dir), "--resume"])
 
 
-def compiled(model, args):
+def compiled(model, args, dynamic=None):
     """With --compile: torch.compile(model). With reversible BDIA, bdia.run_blocks runs the stack outside
     the model's graph (its forward and its backward's recomputation must run the same code), so each
-    block is compiled too (block.compile(), as torchtitan does; state_dict keys unchanged)."""
+    block is compiled too (block.compile(), as torchtitan does; state_dict keys unchanged). dynamic=True:
+    inputs whose length varies from batch to batch (compiled once, not again for each length)."""
     if not args.compile:
         return model
     if args.bdia_config is not None and args.bdia_config.reversible:
         for block in model.modules():
             if isinstance(block, models.Block):
-                block.compile()
-    return torch.compile(model)
+                block.compile(dynamic=dynamic)
+    return torch.compile(model, dynamic=dynamic)
 
 
 def as_saved(value):

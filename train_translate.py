@@ -393,7 +393,7 @@ def train(args):
         runlib.restore(ckpt, model, optimizer)
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
     within = runlib.point_within(ckpt, args.batch_size)  # stopped by a signal within start_epoch
-    train_model = runlib.compiled(model, args)
+    train_model = runlib.compiled(model, args, dynamic=True)  # sentences of every length
     log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     total_steps = args.epochs * len(length_batches(train_ex, args.batch_size))
     mode = "plain" if args.bdia_config is None else f"bdia{'' if args.bdia_config.reversible else '-stored'}"
