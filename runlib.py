@@ -664,11 +664,21 @@ class Signals:
 
 def exit_stopped(e, script, out_dir):
     """One line for a run a signal ended (Stopped, or a KeyboardInterrupt outside the training
-    loop), and exit code 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM."""
+    loop), and exit code 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM. While the line
+    goes out one more Ctrl-C changes nothing; then the handlers are the caller's again (a main()
+    called from Python keeps its Ctrl-C)."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        say_stopped(e, script, out_dir)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    raise SystemExit(128 + getattr(e, "signum", signal.SIGINT))
+
+
+def say_stopped(e, script, out_dir):
     from tqdm import tqdm
 
-    for s in (signal.SIGINT, signal.SIGTERM):  # the run has stopped: one more Ctrl-C changes nothing
-        signal.signal(s, signal.SIG_IGN)
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
     signum = getattr(e, "signum", signal.SIGINT)
@@ -683,7 +693,6 @@ def exit_stopped(e, script, out_dir):
         print(f"{script}: {said}", file=sys.stderr)
     if torch.distributed.is_initialized() and getattr(e, "where", None):
         torch.distributed.destroy_process_group()
-    raise SystemExit(128 + signum)
 
 
 # -----------------------------------------------------------------------------

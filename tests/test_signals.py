@@ -210,3 +210,29 @@ def test_each_script_refuses_a_new_run_over_an_unfinished_one(script, tmp_path, 
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"{SCRIPT_FILES[script]}: error: {tmp_path / 'out'} holds an unfinished run of {SCRIPT_FILES[script]} (epoch 1): "
         "continue it with --resume, or start over with --overwrite (which replaces it), or use another --out-dir\n")
+
+
+def test_a_stopped_main_called_from_python_leaves_the_callers_handlers(data_of, tmp_path, capsys):
+    """train_gpt.main() called in this process, SIGINT sent to it past the first checkpoint: the run
+    stops and saves as from a shell (SystemExit 130), and Ctrl-C works in the caller afterwards."""
+    data, out = data_of("gpt"), tmp_path / "out"
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    running = threading.Event()
+
+    def interrupt_once_saved():
+        while running.is_set() and not (out / "ckpt.pt").is_file():
+            time.sleep(0.005)
+        if running.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    running.set()
+    sender = threading.Thread(target=interrupt_once_saved, daemon=True)
+    sender.start()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_gpt.main(flags("gpt", data, out))
+    finally:
+        running.clear()
+        sender.join()
+    assert stop.value.code == 130 and "stopped by Ctrl-C (SIGINT) after iteration" in capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
