@@ -615,11 +615,12 @@ def continue_from(out_dir, change):
 
 class Stopped(BaseException):
     """A run ended by SIGINT or SIGTERM: saved at `where` (the end of a step), or, where is None,
-    stopped at once (a second signal) with the last checkpoint as it was."""
+    stopped at once (a second signal) with the last checkpoint as it was; finished: the signal came
+    after the last step, whose checkpoint is the run's end."""
 
-    def __init__(self, signum, where=None):
+    def __init__(self, signum, where=None, finished=False):
         super().__init__(signum, where)
-        self.signum, self.where = signum, where
+        self.signum, self.where, self.finished = signum, where, finished
 
 
 class Signals:
@@ -640,7 +641,7 @@ class Signals:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         if kind is None and self.signum is not None:  # after the last step: the last checkpoint is the run's end
-            raise Stopped(self.signum)
+            raise Stopped(self.signum, finished=True)
 
     def note(self, signum, frame):
         if self.signum is not None:
@@ -687,6 +688,8 @@ def say_stopped(e, script, out_dir):
         said = f"stopped by {name} after {e.where}, saved there in {Path(out_dir) / 'ckpt.pt'}: --resume continues it"
     elif out_dir is None:
         said = f"stopped by {name}; nothing was written"
+    elif getattr(e, "finished", False):
+        said = f"stopped by {name} after the last step; {Path(out_dir) / 'ckpt.pt'} holds the finished run"
     else:
         said = f"stopped by {name}; {continue_from(out_dir, 'the same flags')}"
     if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, rank 0's

@@ -14,6 +14,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -440,6 +441,21 @@ def test_resume_of_a_finished_run_says_it_is_finished_and_changes_nothing(script
     out = capsys.readouterr().out
     assert f"the run in {found['out']} is finished {FINISHED[script]}: nothing left to train; a larger" in out, out
     assert "..10" not in out and "..1" not in out and saved(found["out"]) == before
+
+
+def test_a_signal_after_the_last_step_says_the_run_is_finished(places, capsys):
+    """A signal that comes after the last step's check ends the run as the loop ends (runlib.Signals
+    raises Stopped then): the line says the checkpoint holds the finished run, not --resume."""
+    found = places("gpt")
+    capsys.readouterr()
+    with pytest.raises(runlib.Stopped) as stopped:
+        with runlib.Signals():  # a loop's last step, which saved the checkpoint the run ends with
+            os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        runlib.exit_stopped(stopped.value, "train_gpt.py", found["out"])
+    assert stop.value.code == 143
+    assert capsys.readouterr().err == (f"train_gpt.py: stopped by SIGTERM after the last step; {found['out'] / 'ckpt.pt'} "
+                                       "holds the finished run\n")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
