@@ -4,7 +4,8 @@
 # small block stack (depth 12, 1,024 tokens, batch 8); activation memory of the eager modes, each in a
 # fresh process (the allocator's peak over forward and backward beyond parameters, gradients, AdamW state).
 # Output: $OUT (the device tool's folder) or results/gpu-bench. Extra arguments go to every bench.py call
-# (a dry run on a CPU: bash results/gpu-bench/measure.sh --device cpu --dim 32 --heads 2 --batch-size 2).
+# (a dry run on a CPU: bash results/gpu-bench/measure.sh --device cpu --dim 32 --heads 2 --batch-size 2). Run it as
+# one device call with timeout_s 600; a part that runs out of time is cut, the parts after it still run.
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/gpu-bench}
 exec > >(tee "$OUT/output.txt") 2>&1
@@ -13,10 +14,10 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 VIT="--modes plain,checkpoint,bdia-rev,revvit --depths 6,24 --batch-size 128"
 GPT="--family gpt --tokens 1024 --batch-size 8 --depths 12 --modes plain,checkpoint,bdia-rev"
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  timeout 180 python -m pytest -q tests/test_cuda.py 2>&1 | tail -15
+  timeout 150 python -m pytest -q tests/test_cuda.py 2>&1 | tail -15
 fi
-timeout 120 python bench.py $VIT --compile --no-memory --json "$OUT/vit-time.json" "$@"
-timeout 100 python bench.py $GPT --compile --no-memory --json "$OUT/gpt-time.json" "$@"
-timeout 80 python bench.py $VIT --steps 3 --json "$OUT/vit-memory.json" "$@"
-timeout 60 python bench.py $GPT --steps 3 --json "$OUT/gpt-memory.json" "$@"
+timeout 150 python bench.py $VIT --compile --no-memory --json "$OUT/vit-time.json" "$@"
+timeout 110 python bench.py $GPT --compile --no-memory --json "$OUT/gpt-time.json" "$@"
+timeout 70 python bench.py $VIT --steps 3 --json "$OUT/vit-memory.json" "$@"
+timeout 50 python bench.py $GPT --steps 3 --json "$OUT/gpt-memory.json" "$@"
 date -u
