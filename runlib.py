@@ -678,6 +678,7 @@ def exit_stopped(e, script, out_dir):
 
 
 def say_stopped(e, script, out_dir):
+    """The stop's one line (rank 0's under torchrun), the progress bars closed first."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
