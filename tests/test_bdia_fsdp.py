@@ -1,7 +1,8 @@
 """BDIA under FSDP2 (torch.distributed.fsdp.fully_shard on each block and the root, or on
 sub-modules, or on the root only): two CPU processes (gloo) give the loss and, gathered, the
 gradients of one process on the whole batch, for the plain model, stored and reversible BDIA,
-with gradient accumulation and with an encoder's memory as the decoder blocks' context; and
+with gradient accumulation, with each block compiled before it is sharded (torchtitan's order)
+and with an encoder's memory as the decoder blocks' context; and
 runlib's --fsdp checkpoints (the unsharded model's state, sharded and gathered back exactly).
 One spawn runs every case; the tests compare its results with one process here."""
 
@@ -41,6 +42,7 @@ CASES = {
     "gpt-reversible-prefetch": ("gpt", "reversible", "prefetch", 1),  # the next block gathered ahead
     "gpt-reversible-root-only": ("gpt", "reversible", "root", 1),
     "gpt-reversible-grad-accum": ("gpt", "reversible", "blocks", 2),
+    "gpt-reversible-compiled": ("gpt", "reversible", "compiled", 1),  # each block compiled, then sharded
     "seq2seq-reversible": ("seq2seq", "reversible", "blocks", 1),
 }
 
@@ -75,7 +77,9 @@ def shard(model, kind, sharding):
 
     stacks = [model.transformer.h] if kind == "gpt" else [model.encoder, model.decoder]
     for block in (b for stack in stacks for b in stack):
-        if sharding in ("blocks", "prefetch"):
+        if sharding == "compiled":  # as torchtitan: AOTAutograd's one graph for forward and backward, run eagerly
+            block.compile(backend=counting_aot_eager)
+        if sharding in ("blocks", "prefetch", "compiled"):
             fully_shard(block)
         elif sharding == "sub-modules":
             fully_shard(block.attn)
@@ -85,6 +89,22 @@ def shard(model, kind, sharding):
             for block, following in zip(stack, stack[1:]):
                 block.set_modules_to_forward_prefetch([following])
     return fully_shard(model)
+
+
+COMPILED_RUNS = []
+
+
+def counting_aot_eager(graph, example_inputs):
+    """torch.compile's aot_eager backend, noting each run of a compiled block's forward graph."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    run_compiled = lookup_backend("aot_eager")(graph, example_inputs)
+
+    def run(*args):
+        COMPILED_RUNS.append(1)
+        return run_compiled(*args)
+
+    return run
 
 
 def train_step(kind, model, parts):
@@ -127,6 +147,8 @@ def worker(rank, init_file, out_file):
         loss = train_step(kind, model, list(zip(*(t.chunk(micro_steps) for t in mine))))
         dist.all_reduce(loss)
         results[name] = (loss / 2, gathered(model))
+        results[f"{name}-compiled-runs"] = len(COMPILED_RUNS)
+        COMPILED_RUNS.clear()
         torch.optim.AdamW(model.parameters()).step()  # the step runs on the shards and their gradients
     # Random gammas (+-1/2) and dropout, as a real run: reversible equals stored under FSDP too
     # (x_0 rebuilt bit for bit, or the backward raises), on each process's own half.
@@ -162,6 +184,8 @@ def test_fsdp_matches_one_process_on_the_global_batch(fsdp_results, name):
     loss.backward()
     fsdp_loss, fsdp_grads = fsdp_results[name]
     assert abs(fsdp_loss.item() - loss.item()) < 1e-5
+    # compiled blocks ran compiled in the forward and in the recomputation, 3 blocks each
+    assert fsdp_results[f"{name}-compiled-runs"] == (2 * 3 if CASES[name][2] == "compiled" else 0)
     single = [p.grad for p in model.parameters()]
     assert len(fsdp_grads) == len(single) and all(g is not None for g in single)
     for a, b in zip(fsdp_grads, single):
