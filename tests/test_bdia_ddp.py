@@ -1,5 +1,6 @@
 """The reversible backward under DistributedDataParallel: two CPU processes (gloo) give the
-same parameter gradients as one process on the concatenated batch."""
+same parameter gradients as one process on the concatenated batch, eager and compiled (each
+block compiled and the DDP model compiled, as nanoGPT's train.py does)."""
 
 import os
 import sys
@@ -14,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bdia import BDIAConfig, run_blocks  # noqa: E402
 from models import Block  # noqa: E402
+from test_bdia_fsdp import COMPILED_RUNS, counting_aot_eager  # noqa: E402
 
 
 class Stack(nn.Module):
@@ -48,10 +50,19 @@ def grads_of(model, x):
 def worker(rank, init_file, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    model = nn.parallel.DistributedDataParallel(Stack(config()).train())
-    grads = grads_of(model, batch().chunk(2)[rank])  # DDP averages over the two halves
+    results = {}
+    for name in ("eager", "compiled"):
+        stack = Stack(config()).train()
+        model = nn.parallel.DistributedDataParallel(stack)
+        if name == "compiled":  # aot_eager: one AOTAutograd graph per block for forward and backward, no codegen
+            for block in stack.blocks:
+                block.compile(backend=counting_aot_eager)
+            model = torch.compile(model, backend="aot_eager")
+        grads = grads_of(model, batch().chunk(2)[rank])  # DDP averages over the two halves
+        results[name] = [g.clone() for g in grads]
+        results[f"{name}-runs"] = len(COMPILED_RUNS)  # of a compiled block's forward graph
     if rank == 0:
-        torch.save([g.clone() for g in grads], out_file)
+        torch.save(results, out_file)
     dist.barrier()  # gloo aborts a process that tears down while its peer's last messages are in flight
     dist.destroy_process_group()
     # Gloo's worker threads can still hold tensors when the interpreter finalizes, which then
@@ -60,11 +71,13 @@ def worker(rank, init_file, out_file):
     os._exit(0)
 
 
-def test_ddp_gradients_match_one_process_on_the_whole_batch(tmp_path):
+def test_ddp_gradients_match_one_process_on_the_whole_batch_eager_and_compiled(tmp_path):
     out_file = str(tmp_path / "grads.pt")
     mp.spawn(worker, args=(str(tmp_path / "init"), out_file), nprocs=2)
-    ddp_grads = torch.load(out_file, weights_only=True)
     single = grads_of(Stack(config()).train(), batch())
-    assert len(ddp_grads) == len(single)
-    for a, b in zip(ddp_grads, single):
-        assert ((a - b).norm() / b.norm()).item() < 1e-5
+    results = torch.load(out_file, weights_only=True)
+    assert results["eager-runs"] == 0 and results["compiled-runs"] == 2 * 5  # forward and recomputation, 5 blocks
+    for name in ("eager", "compiled"):
+        assert len(results[name]) == len(single), name
+        for a, b in zip(results[name], single):
+            assert ((a - b).norm() / b.norm()).item() < 1e-5, name
