@@ -616,7 +616,8 @@ def continue_from(out_dir, change):
 class Stopped(BaseException):
     """A run ended by SIGINT or SIGTERM: saved at `where` (the end of a step), or, where is None,
     stopped at once (a second signal) with the last checkpoint as it was; finished: the signal came
-    after the last step, whose checkpoint is the run's end."""
+    after the last step, whose checkpoint is the trained model (what follows training, such as a
+    test or an export, did not run)."""
 
     def __init__(self, signum, where=None, finished=False):
         super().__init__(signum, where)
@@ -666,8 +667,9 @@ class Signals:
 def exit_stopped(e, script, out_dir):
     """One line for a run a signal ended (Stopped, or a KeyboardInterrupt outside the training
     loop), and exit code 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM. While the line
-    goes out one more Ctrl-C changes nothing; then the handlers are the caller's again (a main()
-    called from Python keeps its Ctrl-C)."""
+    goes out one more Ctrl-C changes nothing; then the handlers are the caller's again, so a main()
+    called from Python keeps its Ctrl-C (as a script, a Ctrl-C during the interpreter's exit may
+    then print a traceback)."""
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         say_stopped(e, script, out_dir)
@@ -690,7 +692,8 @@ def say_stopped(e, script, out_dir):
     elif out_dir is None:
         said = f"stopped by {name}; nothing was written"
     elif getattr(e, "finished", False):
-        said = f"stopped by {name} after the last step; {Path(out_dir) / 'ckpt.pt'} holds the finished run"
+        said = (f"stopped by {name} after the last step: training is finished, saved in {Path(out_dir) / 'ckpt.pt'}; "
+                "--resume runs what comes after it")
     else:
         said = f"stopped by {name}; {continue_from(out_dir, 'the same flags')}"
     if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, rank 0's

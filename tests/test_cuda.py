@@ -286,26 +286,45 @@ def test_bdia_stack_trains_reversibly_on_cuda():
     assert_reversible_equals_stored(*results)
 
 
+def counting_inductor(runs):
+    """Inductor (Triton kernels on CUDA), noting each run of a compiled forward graph in `runs`."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(graph, example_inputs):
+        run_compiled = compile_fx(graph, example_inputs)
+
+        def run(*args):
+            runs.append(1)
+            return run_compiled(*args)
+
+        return run
+
+    return backend
+
+
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
 def test_blocks_compiled_on_their_own_are_exact_on_cuda(amp_dtype):
     """block.compile() with inductor (Triton kernels, which may fuse a multiply and an add where eager does
     not): the forward and the recomputation run one training graph per block, so (24) rebuilds every x_k
     (the engine checks each recomputed h_k and x_0 at every step); reversible and stored BDIA, which runs
     the same graphs, agree, with dropout, and with a last batch of another size (compiled again)."""
-    blocks = gpt_stack(3, dropout=0.1)
+    torch._dynamo.reset()  # no compiled graphs of other tests (dynamo's cache per code object has a limit)
+    blocks, runs = gpt_stack(3, dropout=0.1), []
     for block in blocks:
-        block.compile()
+        block.compile(backend=counting_inductor(runs))
     for seed, batch in enumerate([4, 4, 2]):
         x = torch.randn(batch, 64, 256, device="cuda", requires_grad=True)
         results = []
         for config in (BDIAConfig(), BDIAConfig(reversible=False)):
             blocks.zero_grad(set_to_none=True)
             x.grad = None
+            runs.clear()
             torch.manual_seed(seed)
             with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = run_blocks(blocks, x, config)
             (out * torch.linspace(-1, 1, out.shape[-1], device="cuda")).sum().backward()
-            results.append((out.detach(), [x.grad.clone()] + [p.grad.clone() for p in blocks.parameters()]))
+            results.append((out.detach(), [x.grad.clone()] + [p.grad.clone() for p in blocks.parameters()], len(runs)))
+        assert results[0][2] == 2 * 3 and results[1][2] == 3  # compiled: forward and recomputation; stored: once
         assert torch.equal(results[0][0], results[1][0])
         for a, b in zip(results[0][1], results[1][1]):
             assert rel_err(a, b) < (1e-5 if amp_dtype is None else 2**-8)
@@ -313,15 +332,18 @@ def test_blocks_compiled_on_their_own_are_exact_on_cuda(amp_dtype):
 
 def test_a_compiled_model_trains_reversibly_on_cuda():
     """torch.compile(model), as nanoGPT's train.py does: the embedding and head compiled, the reversible
-    stack run outside the graph; ten AdamW steps pass the engine's checks and follow the eager model's
-    (inductor's fallback_random: the gammas, drawn in the compiled region, come from torch's generator)."""
+    stack run outside the graph (each block's h_k computed in the forward and again in the backward);
+    ten AdamW steps pass the engine's checks and follow the eager model's (inductor's fallback_random:
+    the gammas, drawn in the compiled region, come from torch's generator)."""
     import torch._inductor.config
 
+    torch._dynamo.reset()
     losses = {}
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 256), BDIAStack(gpt_stack(4, dropout=0.1), BDIAConfig()),
-                              nn.Linear(256, 10)).cuda().train()
+        blocks = gpt_stack(4, dropout=0.1)
+        record_inputs(blocks)
+        model = nn.Sequential(nn.Linear(16, 256), BDIAStack(blocks, BDIAConfig()), nn.Linear(256, 10)).cuda().train()
         net = torch.compile(model) if name == "compiled" else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x, y = torch.randn(8, 32, 16, device="cuda"), torch.arange(8, device="cuda")
@@ -334,5 +356,6 @@ def test_a_compiled_model_trains_reversibly_on_cuda():
             optimizer.step()
             optimizer.zero_grad()
             losses[name].append(loss.item())
+        assert [len(block.calls) for block in blocks] == [2 * 10] * 4, name  # forward and recomputation
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
     assert losses["compiled"][-1] < losses["compiled"][0]

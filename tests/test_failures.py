@@ -443,19 +443,19 @@ def test_resume_of_a_finished_run_says_it_is_finished_and_changes_nothing(script
     assert "..10" not in out and "..1" not in out and saved(found["out"]) == before
 
 
-def test_a_signal_after_the_last_step_says_the_run_is_finished(places, capsys):
+def test_a_signal_after_the_last_step_says_training_is_finished(tmp_path, capsys):
     """A signal that comes after the last step's check ends the run as the loop ends (runlib.Signals
-    raises Stopped then): the line says the checkpoint holds the finished run, not --resume."""
-    found = places("gpt")
-    capsys.readouterr()
+    raises Stopped then), before what follows training (a test, an export, --eval-gammas): the line
+    says training is finished and that --resume runs the rest, not that it continues training."""
     with pytest.raises(runlib.Stopped) as stopped:
-        with runlib.Signals():  # a loop's last step, which saved the checkpoint the run ends with
+        with runlib.Signals():  # a loop's last step, which saved the checkpoint of the trained model
             os.kill(os.getpid(), signal.SIGTERM)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        runlib.exit_stopped(stopped.value, "train_gpt.py", found["out"])
+        runlib.exit_stopped(stopped.value, "finetune_e2e.py", tmp_path)
     assert stop.value.code == 143
-    assert capsys.readouterr().err == (f"train_gpt.py: stopped by SIGTERM after the last step; {found['out'] / 'ckpt.pt'} "
-                                       "holds the finished run\n")
+    assert capsys.readouterr().err == (f"finetune_e2e.py: stopped by SIGTERM after the last step: training is finished, "
+                                       f"saved in {tmp_path / 'ckpt.pt'}; --resume runs what comes after it\n")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
