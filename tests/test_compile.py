@@ -20,6 +20,13 @@ from bdia import BDIAConfig, run_blocks  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles anew: dynamo keeps at most 8 compiled versions of a function (Block.forward,
+    over all tests), and past that runs it uncompiled, which would skew the counts of compiled runs."""
+    torch._dynamo.reset()
+
+
 def counting_inductor():
     """Inductor, recording which of its compiled graphs ran (in `runs`) and what it compiled (`compiles`)."""
     runs, compiles = [], []
