@@ -18,13 +18,13 @@ GPT="--family gpt --tokens 1024 --batch-size 8 --depths 12 --modes plain,checkpo
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   git log -1 --format="commit %h" 2>/dev/null || echo "commit: not known here (no .git): say which one was sent"
   if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    timeout 130 python -m pytest -v -rfE tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
+    timeout 170 python -m pytest -v -rfE tests/test_cuda.py > "$OUT/test_cuda.txt" 2>&1
     grep -E "passed|failed|error" "$OUT/test_cuda.txt" | tail -3
   fi
-  timeout 110 python bench.py $VIT --depths 6 --compile --no-memory --json "$OUT/vit-6-time.json" "$@"
-  timeout 70 python bench.py $VIT --depths 24 --compile --no-memory --json "$OUT/vit-24-time.json" "$@"
-  timeout 100 python bench.py $GPT --compile --no-memory --json "$OUT/gpt-time.json" "$@"
-  timeout 70 python bench.py $VIT --depths 6,24 --steps 3 --json "$OUT/vit-memory.json" "$@"
-  timeout 50 python bench.py $GPT --steps 3 --json "$OUT/gpt-memory.json" "$@"
+  timeout 100 python bench.py $VIT --depths 6 --compile --no-memory --json "$OUT/vit-6-time.json" "$@"
+  timeout 60 python bench.py $VIT --depths 24 --compile --no-memory --json "$OUT/vit-24-time.json" "$@"
+  timeout 90 python bench.py $GPT --compile --no-memory --json "$OUT/gpt-time.json" "$@"
+  timeout 65 python bench.py $VIT --depths 6,24 --steps 3 --json "$OUT/vit-memory.json" "$@"
+  timeout 45 python bench.py $GPT --steps 3 --json "$OUT/gpt-memory.json" "$@"
   date -u
 } 2>&1 | tee "$OUT/output.txt"
