@@ -2,8 +2,8 @@
 torch's scaled_dot_product_attention) and each SDPA kernel: flash (under bf16 autocast),
 memory-efficient and math, and blocks compiled by inductor (Triton). The forward computes h_k
 with grad on, as the recomputation does, so both should pick the same kernel (a kernel that
-differed would break bit-exactness): checked here kernel by kernel. Without a CUDA device these tests cannot run and are skipped; the README
-records when and where they last ran.
+differed would break bit-exactness): checked here kernel by kernel. Without a CUDA device these
+tests cannot run and are skipped; RESULTS.md records when and where they last ran.
 
 Gradient tolerances: 1e-5 relative in float32. Under bf16 autocast the reversible and the
 stored-activation backward sum the same float32 contributions to dL/dx_k in a different
