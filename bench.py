@@ -37,11 +37,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+import data
 import runlib
 from bdia import BDIAConfig, run_blocks, side_bits
 from models import Block, RevBlock, run_rev_blocks
@@ -317,24 +319,31 @@ def run(args, depths):
     device = torch.device(args.device)
     results = []
     for depth in tqdm(depths, desc="depths"):
-        times = measure_times(args, depth, device)
-        for mode in args.modes:
-            mem = None if args.no_memory else memory_in_fresh_process(args, mode, depth)
-            row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20,
-                       state_mb=state_bytes(args, mode, depth) / 2**20)
-            if mode.startswith("bdia-rev"):
-                row["side_info_mb"] = side_info_bytes(args, depth) / 2**20
-                row["side_info_share"] = mem and side_info_bytes(args, depth) / mem
-            results.append(row)
-    for row in results:  # ratios to plain from the same run
-        plain = next(r for r in results if r["depth"] == row["depth"] and r["mode"] == "plain") if "plain" in args.modes else None
+        results += measure_depth(args, depth, device)
+        if args.json:  # after each depth, atomically: a run cut short keeps what it measured
+            config = {k: v for k, v in vars(args).items() if k != "measure_memory"}
+            table = {"config": config, "device": device_name(device), "results": results}
+            data.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=2)))
+    print_table(args, results)
+
+
+def measure_depth(args, depth, device):
+    """Every mode's row at one depth: time (modes interleaved), memory (a fresh process each), ratios to plain."""
+    times = measure_times(args, depth, device)
+    rows = []
+    for mode in args.modes:
+        mem = None if args.no_memory else memory_in_fresh_process(args, mode, depth)
+        row = dict(mode=mode, depth=depth, step_ms=1e3 * times[mode], activation_mb=mem and mem / 2**20,
+                   state_mb=state_bytes(args, mode, depth) / 2**20)
+        if mode.startswith("bdia-rev"):
+            row["side_info_mb"] = side_info_bytes(args, depth) / 2**20
+            row["side_info_share"] = mem and side_info_bytes(args, depth) / mem
+        rows.append(row)
+    plain = next((r for r in rows if r["mode"] == "plain"), None)
+    for row in rows:
         row["time_vs_plain"] = plain and row["step_ms"] / plain["step_ms"]
         row["memory_vs_plain"] = plain and row["activation_mb"] and row["activation_mb"] / plain["activation_mb"]
-    print_table(args, results)
-    if args.json:
-        config = {k: v for k, v in vars(args).items() if k != "measure_memory"}
-        with open(args.json, "w") as f:
-            json.dump({"config": config, "device": device_name(device), "results": results}, f, indent=2)
+    return rows
 
 
 def device_name(device):

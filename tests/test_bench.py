@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,3 +62,21 @@ def test_bench_compile_refuses_kernel_counts_it_cannot_make():
     """--compile adds MODE+compile rows to the timing; counting eager ops of compiled code would mislead."""
     run = subprocess.run([sys.executable, "bench.py", "--kernels", "--compile"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and "--kernels counts the operations of eager code; drop --compile" in run.stderr
+
+
+def test_a_bench_cut_short_keeps_the_depths_it_measured(tmp_path):
+    """--json is written after each depth: a run a job's time limit ends (SIGTERM, as `timeout` sends)
+    during its second depth keeps the first depth's rows."""
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "bench.py", "--family", "vit", "--dim", "16", "--heads", "2", "--depths", "1,2000",
+            "--batch-size", "2", "--steps", "1", "--warmup", "0", "--no-memory", "--modes", "plain", "--device", "cpu",
+            "--json", str(out)]
+    run = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 60
+    while not out.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.poll() is None, "the run ended before its second depth"
+    run.send_signal(signal.SIGTERM)
+    run.wait(timeout=60)
+    assert [(r["mode"], r["depth"]) for r in json.loads(out.read_text())["results"]] == [("plain", 1)]
