@@ -5,8 +5,8 @@
 # allocator's peak over forward and backward beyond parameters, gradients and AdamW state).
 # Then results/gpu-bench/fusion.py: would fusing (21)/(24) as issue 37 allows pay at the paper's ViT?
 # Output: $OUT (the device tool's folder) or results/gpu-bench. Run it as one device call with timeout_s 600:
-# its parts' timeouts sum to 590 s; a part that runs out of time loses its table (bench.py prints at its end),
-# the parts after it still run, and test_cuda.txt keeps each test's result as it comes. Extra arguments go to
+# its parts' timeouts sum to 590 s; a part that runs out of time keeps the depths it finished in its JSON (its
+# table prints at its end), the parts after it still run, and test_cuda.txt keeps each test's result as it comes. Extra arguments go to
 # every bench.py call (a dry run on a CPU: bash results/gpu-bench/measure.sh --device cpu --dim 32 --heads 2
 # --batch-size 2).
 cd "$(dirname "$0")/../.." || exit 1
