@@ -40,12 +40,12 @@ def rest_of_24(x_next, mixed, gamma, bits, side):
     return (x_next - mixed) / gamma - side * 2.0**-bits  # (24) around its mixed term: exact on the grid
 
 
-def fused_step(x_prev, x, h, gamma, bits, side=None):
-    return rest_of_21(x_prev, MIXED(x, h, gamma, bits), gamma, bits, side)
+def fused_step(x_prev, x, h, gamma, bits, side):  # reversible training only: bits and side information given
+    return rest_of_21(x_prev.detach(), MIXED(x.detach(), h, gamma, bits), gamma, bits, side)  # detached: one compile
 
 
-def fused_unstep(x_next, x, h, gamma, bits, side=None):
-    return rest_of_24(x_next, MIXED(x, h, gamma, bits), gamma, bits, side)
+def fused_unstep(x_next, x, h, gamma, bits, side):
+    return rest_of_24(x_next, MIXED(x.detach(), h, gamma, bits), gamma, bits, side)
 
 
 def main():
