@@ -127,3 +127,23 @@ def rates_trained_with(monkeypatch):
         return rates
 
     return spy
+
+
+def counting(compile_graph, runs):
+    """A torch.compile backend: each graph dynamo captures is compiled by compile_graph(graph,
+    example_inputs) (inductor's compile_fx, aot_eager, or graph.forward to run it as captured), and
+    each run of a compiled graph is noted in the list `runs` as that graph's number (0, 1, ... in the
+    order they were compiled): which graphs ran, and how often."""
+    compiled = []
+
+    def backend(graph, example_inputs):
+        number, run_graph = len(compiled), compile_graph(graph, example_inputs)
+        compiled.append(run_graph)
+
+        def run(*args):
+            runs.append(number)
+            return run_graph(*args)
+
+        return run
+
+    return backend

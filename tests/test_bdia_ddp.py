@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bdia import BDIAConfig, run_blocks  # noqa: E402
 from models import Block  # noqa: E402
-from test_bdia_fsdp import COMPILED_RUNS, counting_aot_eager  # noqa: E402
+from conftest import counting  # noqa: E402
 
 
 class Stack(nn.Module):
@@ -50,17 +50,20 @@ def grads_of(model, x):
 def worker(rank, init_file, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    results = {}
+    results, runs = {}, []
     for name in ("eager", "compiled"):
         stack = Stack(config()).train()
         model = nn.parallel.DistributedDataParallel(stack)
         if name == "compiled":  # aot_eager: one AOTAutograd graph per block for forward and backward, no codegen
+            from torch._dynamo.backends.debugging import aot_eager
+
+            backend = counting(aot_eager, runs)
             for block in stack.blocks:
-                block.compile(backend=counting_aot_eager)
+                block.compile(backend=backend)
             model = torch.compile(model, backend="aot_eager")
         grads = grads_of(model, batch().chunk(2)[rank])  # DDP averages over the two halves
         results[name] = [g.clone() for g in grads]
-        results[f"{name}-runs"] = len(COMPILED_RUNS)  # of a compiled block's forward graph
+        results[f"{name}-runs"] = len(runs)  # of a compiled block's forward graph
     if rank == 0:
         torch.save(results, out_file)
     dist.barrier()  # gloo aborts a process that tears down while its peer's last messages are in flight

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import runlib  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
+from conftest import counting  # noqa: E402
 from models import GPT, Seq2Seq  # noqa: E402
 
 
@@ -72,13 +73,20 @@ def loss_of(kind, model, part):
     return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten())
 
 
+COMPILED_RUNS = []  # runs of the compiled blocks' graphs, in this process
+
+
 def shard(model, kind, sharding):
     from torch.distributed.fsdp import fully_shard
 
     stacks = [model.transformer.h] if kind == "gpt" else [model.encoder, model.decoder]
+    if sharding == "compiled":  # as torchtitan: AOTAutograd's one graph for forward and backward, run eagerly
+        from torch._dynamo.backends.debugging import aot_eager
+
+        backend = counting(aot_eager, COMPILED_RUNS)
     for block in (b for stack in stacks for b in stack):
-        if sharding == "compiled":  # as torchtitan: AOTAutograd's one graph for forward and backward, run eagerly
-            block.compile(backend=counting_aot_eager)
+        if sharding == "compiled":
+            block.compile(backend=backend)
         if sharding in ("blocks", "prefetch", "compiled"):
             fully_shard(block)
         elif sharding == "sub-modules":
@@ -89,22 +97,6 @@ def shard(model, kind, sharding):
             for block, following in zip(stack, stack[1:]):
                 block.set_modules_to_forward_prefetch([following])
     return fully_shard(model)
-
-
-COMPILED_RUNS = []
-
-
-def counting_aot_eager(graph, example_inputs):
-    """torch.compile's aot_eager backend, noting each run of a compiled block's forward graph."""
-    from torch._dynamo.backends.registry import lookup_backend
-
-    run_compiled = lookup_backend("aot_eager")(graph, example_inputs)
-
-    def run(*args):
-        COMPILED_RUNS.append(1)
-        return run_compiled(*args)
-
-    return run
 
 
 def train_step(kind, model, parts):

@@ -16,6 +16,7 @@ import bdia  # noqa: E402
 import models  # noqa: E402
 import train_vit  # noqa: E402
 from bdia import BDIAConfig, run_blocks  # noqa: E402
+from conftest import counting  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -31,17 +32,11 @@ def counting_inductor():
     """Inductor, recording which of its compiled graphs ran (in `runs`) and what it compiled (`compiles`)."""
     runs, compiles = [], []
 
-    def backend(graph, example_inputs):
+    def compile_noted(graph, example_inputs):
         compiles.append(graph)
-        run_compiled, which = compile_fx(graph, example_inputs), len(compiles)
+        return compile_fx(graph, example_inputs)
 
-        def run(*args):
-            runs.append(which)
-            return run_compiled(*args)
-
-        return run
-
-    return backend, runs, compiles
+    return counting(compile_noted, runs), runs, compiles
 
 
 def vit_blocks(dropout):
@@ -110,14 +105,8 @@ def test_blocks_wrapped_by_torch_compile_run_compiled_both_ways():
     """blocks[k] = torch.compile(blocks[k]) (an OptimizedModule, whose residual() would be the eager
     one): the engine calls the compiled block in the forward and in the recomputation."""
     runs = []
-
-    def counting(graph, example_inputs):
-        def run(*args):
-            runs.append(1)
-            return graph.forward(*args)
-        return run
-
-    blocks = nn.ModuleList(torch.compile(block, backend=counting) for block in vit_blocks(0.1))
+    backend = counting(lambda graph, example_inputs: graph.forward, runs)  # the graph as captured
+    blocks = nn.ModuleList(torch.compile(block, backend=backend) for block in vit_blocks(0.1))
     x = torch.randn(4, 5, 16)
     out, grads = step(blocks, x, BDIAConfig(), 0)
     assert len(runs) == 2 * len(blocks)

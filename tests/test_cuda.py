@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bdia import BDIAConfig, BDIAStack, run_blocks  # noqa: E402
 from models import Block, RevViT, ViT  # noqa: E402
+from conftest import counting  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -286,32 +287,19 @@ def test_bdia_stack_trains_reversibly_on_cuda():
     assert_reversible_equals_stored(*results)
 
 
-def counting_inductor(runs):
-    """Inductor (Triton kernels on CUDA), noting each run of a compiled forward graph in `runs`."""
-    from torch._inductor.compile_fx import compile_fx
-
-    def backend(graph, example_inputs):
-        run_compiled = compile_fx(graph, example_inputs)
-
-        def run(*args):
-            runs.append(1)
-            return run_compiled(*args)
-
-        return run
-
-    return backend
-
-
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
 def test_blocks_compiled_on_their_own_are_exact_on_cuda(amp_dtype):
     """block.compile() with inductor (Triton kernels, which may fuse a multiply and an add where eager does
     not): the forward and the recomputation run one training graph per block, so (24) rebuilds every x_k
     (the engine checks each recomputed h_k and x_0 at every step); reversible and stored BDIA, which runs
     the same graphs, agree, with dropout, and with a last batch of another size (compiled again)."""
+    from torch._inductor.compile_fx import compile_fx
+
     torch._dynamo.reset()  # no compiled graphs of other tests (dynamo's cache per code object has a limit)
     blocks, runs = gpt_stack(3, dropout=0.1), []
+    backend = counting(compile_fx, runs)  # inductor: Triton kernels on CUDA
     for block in blocks:
-        block.compile(backend=counting_inductor(runs))
+        block.compile(backend=backend)
     for seed, batch in enumerate([4, 4, 2]):
         x = torch.randn(batch, 64, 256, device="cuda", requires_grad=True)
         results = []
