@@ -51,6 +51,8 @@ MAY_CHANGE_ON_RESUME = {
     "data_dir", "data_root", "text_file", "data", "locale_dir", "cache_dir", "init_from", "tokenizer",
     "train_file", "valid_file", "test_file",
 }
+# Flags that belong to this invocation, never taken from the checkpoint nor written into a resume command
+THIS_INVOCATION = ("out_dir", "resume", "overwrite", "device", "fsdp")
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -183,8 +185,7 @@ class ArgumentParser(argparse.ArgumentParser):
             self.error(f"{said} differs from the run in {path}, which --resume continues as it was run: "
                        f"{self.command_line(flags, args.out_dir)} (a new run needs another --out-dir)")
         for name, value in flags.items():  # but where the checkpoint is and the machine it runs on are this run's
-            if name not in given and hasattr(args, name) and name not in ("out_dir", "resume", "overwrite", "device",
-                                                                          "fsdp"):
+            if name not in given and hasattr(args, name) and name not in THIS_INVOCATION:
                 setattr(args, name, tuple(value) if isinstance(value, list) else value)
 
     def given_flags(self, argv):
@@ -198,8 +199,7 @@ class ArgumentParser(argparse.ArgumentParser):
         """The command that continues the run of `flags`: its flags that are not defaults."""
         words = [self.prog]
         for a in self._actions:
-            if not a.option_strings or a.dest not in flags or a.dest in ("resume", "overwrite", "out_dir", "device", "fsdp",
-                                                                                        "help"):
+            if not a.option_strings or a.dest not in flags or a.dest in (*THIS_INVOCATION, "help"):
                 continue
             value, option = flags[a.dest], a.option_strings[0]
             if as_saved(value) == as_saved(a.default):
