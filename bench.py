@@ -317,11 +317,11 @@ def run(args, depths):
     from tqdm import tqdm
 
     device = torch.device(args.device)
+    config = {k: v for k, v in vars(args).items() if k != "measure_memory"}
     results = []
     for depth in tqdm(depths, desc="depths"):
         results += measure_depth(args, depth, device)
         if args.json:  # after each depth, atomically: a run cut short keeps what it measured
-            config = {k: v for k, v in vars(args).items() if k != "measure_memory"}
             table = {"config": config, "device": device_name(device), "results": results}
             data.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=2)))
     print_table(args, results)
