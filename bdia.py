@@ -26,6 +26,7 @@ This file imports only torch and the standard library: copy it into your project
 """
 
 import contextlib
+import functools
 import math
 import sys
 import warnings
@@ -109,14 +110,18 @@ def bdia_unstep(x_next, x, h, gamma, bits, side=None):
         return (x_next - (1 - gamma) * x - (1 + gamma) * h) / gamma  # (16)
     return (x_next - mixed_term(x, h, gamma, bits)) / gamma - side * 2.0**-bits  # (24)
 
-def draw_gammas(config, batch, depth, device, dtype):
-    """gamma_k for every sample and block k = 1..K-1, uniformly from config.gammas: (batch, K-1)."""
-    table = torch.tensor(config.gammas, device=device, dtype=dtype)
-    return table[torch.randint(len(table), (batch, max(depth - 1, 0)), device=device)]
+def draw_gamma(gammas, x):
+    """gamma_k of one block k >= 1, per sample x[i], uniformly from the tensor gammas, shaped to broadcast over x."""
+    return gammas[torch.randint(len(gammas), (x.shape[0],), device=x.device)].view(-1, *[1] * (x.dim() - 1))
 
-def gamma_of_block(gammas, k, x):
-    """Block k's gamma_k, per sample: column k - 1 of the (batch, K-1) table, shaped to broadcast over x."""
-    return gammas[:, k - 1].view(-1, *[1] * (x.dim() - 1))
+def bdia_block(k, x_prev, x, h, gamma, config, training=True):
+    """x_{k+1} of block k by (19), (21) or (10), and the s_{k-1} (20) it used (or None: inference, bits None,
+    gammas not +-2^-m, where gamma x_{k-1} is rounded instead)."""
+    if k == 0:
+        return x + quantize(h, config.bits), None  # (19)
+    m = side_bits(config.gammas)
+    side = None if config.bits is None or m is None or not training else side_info(x_prev, config.bits, m)  # (20)
+    return bdia_step(x_prev, x, h, gamma, config.bits, side), side  # (21)
 
 
 # -----------------------------------------------------------------------------
@@ -151,19 +156,18 @@ def run_blocks(blocks, x, config, *context, **kwargs):
         for block in blocks:
             x = output_of(block(x, *context, **kwargs))
         return x
-    if not training:
-        return bdia_inference(blocks, x, config, context, kwargs)
-    check_stream(x, config.bits)
-    gammas = draw_gammas(config, x.shape[0], len(blocks), x.device, x.dtype)  # per sample x[i]
-    if config.reversible and torch.is_grad_enabled():
-        # Under torch.compile(model) the stack runs eagerly: dynamo would compile the forward's blocks, not the
-        # recomputation's (loss.backward() runs outside its graph), whose rounding then differs. block.compile() works.
-        compiling = torch.compiler.is_compiling()
-        stack = torch.compiler.disable(reversible_stack) if compiling else reversible_stack
-        return stack(blocks, x, gammas, config, context, kwargs, compiling)
-    x_prev, x = None, quantize(x, config.bits)  # (18)
-    for k, block in enumerate(blocks):
-        x_prev, x = x, bdia_block(block, k, x_prev, x, gammas, config, context, kwargs)[0]
+    if training and config.reversible and torch.is_grad_enabled() and torch.compiler.is_compiling():
+        # Under torch.compile(model) the reversible stack runs eagerly: dynamo would compile the forward's blocks, not
+        # the recomputation's (loss.backward() runs outside its graph), whose rounding then differs. block.compile() works.
+        return torch.compiler.disable(run_chain)(blocks, x, config, training, context, kwargs, True)
+    return run_chain(blocks, x, config, training, context, kwargs)
+
+def run_chain(blocks, x, config, training, context, kwargs, compiling=False):
+    chain = Chain(config, x, training, compiling or any(compiled(b) for b in blocks))
+    for block in blocks:
+        x = chain.step(block, block, context, kwargs)[0]
+    if chain.tape is not None:
+        chain.tape.check_range()  # one device sync per step
     return x
 
 def blocks_and_mode(blocks):
@@ -177,21 +181,74 @@ def blocks_and_mode(blocks):
                          "on the whole model")
     return list(blocks), modes == {True}
 
+class Chain:
+    """x on its way through a stack, block by block: k, x_{k-1}, x_k and, in reversible training, the tape.
+    Its step is the one run_blocks takes for each block and a model's own loop for each layer of a BDIAStack."""
+
+    def __init__(self, config, x, training, compiled=False):
+        if training:
+            check_stream(x, config.bits)
+        self.config, self.training, self.k = config, training, 0
+        self.gammas = torch.tensor(config.gammas, device=x.device, dtype=x.dtype)
+        self.x_prev, self.x = None, quantize(x, config.bits)  # (18)
+        reversible = training and config.reversible and torch.is_grad_enabled()
+        self.tape = Tape(config, self.x, compiled) if reversible else None
+
+    def step(self, block, call, args, kwargs):
+        """x_{k+1} from block k, and the block's other outputs (None if it returns a tensor). call(x, *args,
+        **kwargs) is the block's output: `block` itself, or (a model's own loop) its forward, hooks run around."""
+        k, x_prev, x, config = self.k, self.x_prev, self.x, self.config
+        gamma = None if k == 0 else draw_gamma(self.gammas, x) if self.training else config.eval_gamma
+        if not self.training and config.eval_gamma == 0:
+            out = block_output(block, call, x, args, kwargs)
+            x_next, rest = quantize(output_of(out), config.bits), others(out)  # (25)
+        elif self.tape is not None:
+            if getattr(block, "gradient_checkpointing", False):  # Hugging Face's gradient_checkpointing_enable()
+                raise BDIAError(f"BDIA: layer {k} ({type(block).__name__}) is gradient-checkpointed, which reversible "
+                                "BDIA makes redundant (each layer would run three times): call "
+                                "model.gradient_checkpointing_disable(), or use reversible=False")
+            arguments = Arguments(block, call, args, kwargs, k)
+            params = [p for p in block.parameters() if p.requires_grad]
+            x_next, *extras = ReversibleBlock.apply(self.tape, arguments, k, gamma, x_prev, x, *arguments.tensors,
+                                                    *params)  # (19), (21)
+            rest = arguments.outputs(extras)
+        else:
+            h, rest = residual_of(block, call, x, args, kwargs)
+            x_next = bdia_block(k, x_prev, x, h, gamma, config, self.training)[0]  # (19), (21), (10)
+        self.k, self.x_prev, self.x = k + 1, x, x_next
+        return x_next, rest
+
 def output_of(y):
     """A block's output: the residual stream, the first element if it returns a tuple or list."""
     return y[0] if isinstance(y, (tuple, list)) else y
 
-def residual_of(block, x, context, kwargs):
-    """h_k(x_k): block.residual(x, ...) if the block has it, else block(x, ...) - x (whose float error
-    the recomputation repeats bit for bit), in x's dtype (the block may run under autocast). A compiled
-    block (block.compile(), torch.compile(block)) is called as compiled: block(x, ...) - x."""
-    if hasattr(block, "residual") and not compiled(block):
+def others(y):
+    """A block's other outputs (T5's layers return the position bias), None if it returns a tensor."""
+    return tuple(y[1:]) if isinstance(y, (tuple, list)) else None
+
+def residual_of(block, call, x, args, kwargs):
+    """h_k(x_k) and the block's other outputs: block.residual(x, ...) if the block has it, else call(x, ...) - x
+    (whose float error the recomputation repeats bit for bit), in x's dtype (the block may run under autocast).
+    A compiled block (block.compile(), torch.compile(block)) is called as compiled: block(x, ...) - x."""
+    if call is block and hasattr(block, "residual") and not compiled(block):
         if fsdp_sharded(block) and "residual" not in vars(block):  # FSDP2 gathers parameters only around forward
             sys.modules["torch.distributed.fsdp"].register_fsdp_forward_method(block, "residual")
-        h = block.residual(x, *context, **kwargs)
+        h, rest = block.residual(x, *args, **kwargs), None
     else:
-        h = output_of(block(x, *context, **kwargs)) - x
-    return h if h.dtype == x.dtype else h.to(x.dtype)
+        out = block_output(block, call, x, args, kwargs)
+        h, rest = output_of(out) - x, others(out)
+    return (h if h.dtype == x.dtype else h.to(x.dtype)), rest
+
+def block_output(block, call, x, args, kwargs):
+    """call(x, *args, **kwargs); the LayerStep of a BDIAStack's layer lets the engine's own call go through."""
+    step = vars(block).get("forward")
+    if not isinstance(step, LayerStep):
+        return call(x, *args, **kwargs)
+    step.through = True
+    try:
+        return call(x, *args, **kwargs)
+    finally:
+        step.through = False
 
 def compiled(block):
     """Whether block.compile() or torch.compile(block) compiled the block's call (residual() is not)."""
@@ -204,118 +261,161 @@ def fsdp_sharded(module):
     fsdp = sys.modules.get("torch.distributed.fsdp")
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
-def bdia_block(block, k, x_prev, x, gammas, config, context, kwargs, h=None):
-    """Block k of BDIA training: x_{k+1} by (19), (21) or (10), and the s_{k-1} (20) it used (or None);
-    h: h_k(x_k) if computed already."""
-    h = residual_of(block, x, context, kwargs) if h is None else h
-    if k == 0:
-        return x + quantize(h, config.bits), None  # (19)
-    m = side_bits(config.gammas)
-    side = None if config.bits is None or m is None else side_info(x_prev, config.bits, m)  # (20)
-    return bdia_step(x_prev, x, h, gamma_of_block(gammas, k, x), config.bits, side), side  # (21)
-
-def bdia_inference(blocks, x, config, context, kwargs):
-    """(25), x_{k+1} = Q_l[block(x_k)], when eval_gamma is 0: with bits None the plain stack bit for bit.
-    A constant eval_gamma (Fig. 1) runs (10), or (21) without side information (it serves only (24))."""
-    gamma, bits = config.eval_gamma, config.bits
-    x_prev, x = None, quantize(x, bits)  # (18)
-    for k, block in enumerate(blocks):
-        if gamma == 0:
-            x_prev, x = x, quantize(output_of(block(x, *context, **kwargs)), bits)  # (25)
-        elif k == 0:
-            x_prev, x = x, x + quantize(residual_of(block, x, context, kwargs), bits)  # (19)
-        else:
-            x_prev, x = x, bdia_step(x_prev, x, residual_of(block, x, context, kwargs), gamma, bits)  # (10)/(21)
-    return x
-
 class BDIAStack(nn.Sequential):
-    """The same blocks as an nn.Sequential, whose forward is run_blocks, with the same state_dict
-    keys: `model.blocks = BDIAStack(model.blocks, BDIAConfig())` turns a model that calls one
-    Sequential into a BDIA one; pretrained weights load as they are. config None: the plain stack."""
+    """The same blocks as an nn.Sequential, with the same state_dict keys, for either kind of model:
+    `model.blocks = BDIAStack(model.blocks, BDIAConfig())` where the model calls its blocks as one module
+    (the stack's forward is run_blocks), `model.model.layers = BDIAStack(model.model.layers, BDIAConfig())`
+    where its own forward loops over them (each layer's forward becomes a LayerStep). config None: plain."""
 
     def __init__(self, blocks, config=None):
         if isinstance(blocks, nn.Module):
             blocks = OrderedDict(blocks.named_children())
         super().__init__(blocks) if isinstance(blocks, dict) else super().__init__(*blocks)  # a dict: a slice
-        self.config = config
+        self.config, self.chain = config, None
+        for i, block in enumerate(self):
+            block.forward = LayerStep(self, i, block)  # the layer is the same module: keys, attributes, class
 
     def forward(self, x, *context, **kwargs):
         return run_blocks(self, x, self.config, *context, **kwargs)
 
-    def __getitem__(self, index):  # a slice is a BDIAStack of the same config
-        item = super().__getitem__(index)
-        if isinstance(item, BDIAStack):
-            item.config = self.config
-        return item
+    def __getitem__(self, index):  # a slice: the same layers, still their stack's, as a BDIAStack of its config
+        if not isinstance(index, slice):
+            return super().__getitem__(index)
+        part = nn.Sequential(OrderedDict(list(self._modules.items())[index]))
+        part.__class__, part.config, part.chain = BDIAStack, self.config, None
+        return part
+
+class LayerStep:
+    """The forward a BDIAStack gives each layer, for a model whose own loop calls them (every Hugging Face
+    model: `for layer in self.layers[: n]: hidden = layer(hidden, mask_of_this_layer, ...)`): the layer's
+    hooks run around it, its own forward inside it, as block k of the chain the stack's first layer starts.
+    Called by the engine itself (the stack's forward, run_blocks), it is the layer's own forward."""
+
+    def __init__(self, stack, index, layer):
+        self.stack, self.index, self.layer, self.through = stack, index, layer, False
+
+    def __call__(self, *args, **kwargs):
+        forward = functools.partial(type(self.layer).forward, self.layer)
+        if self.through or self.stack.config is None:
+            return forward(*args, **kwargs)
+        step = torch.compiler.disable(layer_step) if torch.compiler.is_compiling() else layer_step
+        return step(self, forward, args, kwargs)
+
+def layer_step(step, forward, args, kwargs):
+    """Layer step.index of a BDIAStack called by the model: x_{k+1} in the place of its output's x_k + h_k(x_k)."""
+    layer, stack, name = step.layer, step.stack, f"layer {step.index} ({type(step.layer).__name__})"
+    if not args or not torch.is_tensor(args[0]):
+        raise BDIAError(f"BDIA: {name} got no hidden state as its first positional argument: pass it first")
+    if compiled(layer) or fsdp_sharded(layer):
+        raise BDIAError(f"BDIA: {name} is compiled or sharded, which a model's own loop over a BDIAStack runs eagerly "
+                        "and unsharded; call the stack as one module (its forward, run_blocks) to compile or shard")
+    chain, x = stack.chain, args[0]
+    if chain is None or chain.output() is not x:  # not the previous layer's output: a new pass starts
+        if step.index != 0 and (layer.training or stack.config.eval_gamma != 0):  # (25) needs no chain
+            raise BDIAError(f"BDIA: {name} got a hidden state that is not the previous layer's output; the model "
+                            "changes it between layers or starts mid-stack: run the layers with run_blocks instead")
+        chain = Chain(stack.config, x, layer.training)
+    elif chain.training != layer.training:
+        raise ValueError("BDIA: some layers are in training mode, some in eval mode; call .train() or .eval() on "
+                         "the whole model")
+    x_next, rest = chain.step(layer, forward, args[1:], kwargs)
+    chain.output, stack.chain = weakref.ref(x_next), chain
+    return x_next if rest is None else (x_next, *rest)
 
 
 # -----------------------------------------------------------------------------
-# Online back-propagation: one autograd Function per block, inputs x_{k-1}, x_k, the context and the
-# block's parameters, keeps only the packed side bits. Each backward, from the top, rebuilds x_{k-1} by (24)
+# Online back-propagation: one autograd Function per block, inputs x_{k-1}, x_k, the block's tensor arguments
+# and its parameters, keeps only the packed side bits. Each backward, from the top, rebuilds x_{k-1} by (24)
 # for the one below: parameter gradients arrive block by block (DDP's hooks fire as for a plain model).
 
-def reversible_stack(blocks, x, gammas, config, context, kwargs, compiling=False):
-    """BDIA training (18)-(21) whose backward rebuilds the activations by (24)."""
-    x_prev, x = None, quantize(x, config.bits)  # (18)
-    tape = Tape(x, gammas, config, context, kwargs, compiling or any(compiled(b) for b in blocks))
-    for k, block in enumerate(blocks):
-        params = [p for p in block.parameters() if p.requires_grad]
-        x_prev, x = x, ReversibleBlock.apply(tape, block, k, x_prev, x, *tape.tensors, *params)
-    check_magnitudes(tape.magnitudes, x, config.bits)
-    tape.rebuilt = {len(blocks): x.detach(), len(blocks) - 1: x_prev.detach()}  # the top pair
-    return x
-
 class Tape:
-    """What one reversible stack shares: config, gammas, context, the rebuilt x_k, |x_k|, the checks of (24)."""
+    """What the blocks of one reversible pass share: config, the rebuilt x_k, |x_k|, the checks of (24)."""
 
-    def __init__(self, x0, gammas, config, context, kwargs, compiled):
-        self.config, self.gammas, self.m, self.compiled = config, gammas, side_bits(config.gammas), compiled
-        self.leaves, self.spec = tree_flatten((context, kwargs))  # context tensors, also nested ones
-        self.tensors = [t for t in self.leaves if torch.is_tensor(t)]
-        self.fingerprint = fingerprint(x0 + 0.0)  # + 0.0: -0.0 and 0.0, one number, one pattern ((24) may give either)
+    def __init__(self, config, x0, compiled):
+        self.config, self.dtype, self.m, self.compiled = config, x0.dtype, side_bits(config.gammas), compiled
         self.magnitudes = [torch.aminmax(x0.detach())]  # NaN stays NaN
-        self.rebuilt, self.checks, self.lowest = {}, [], None
+        self.rebuilt, self.checks, self.lowest, self.target = {}, [], None, None
 
     def take(self, k):
         """x_{k+1} and x_k for block k's backward; x_{k+1} is needed no more (nor x_0 by block 0)."""
+        self.check_range()  # at the top block's backward when a model's own loop ran the layers
         if k + 1 not in self.rebuilt:
-            raise BDIAError("BDIA: this reversible graph was already back-propagated (retain_graph=True)")
+            raise BDIAError(f"BDIA: block {k}'s backward has no x_{k + 1}: this reversible graph was back-propagated "
+                            "already (retain_graph=True), or the loss does not use the last block's output")
         return self.rebuilt.pop(k + 1), self.rebuilt.pop(k) if k == 0 else self.rebuilt[k]
 
     def rebuild(self, k, x):
-        """x_k, rebuilt by (24) for block k's backward; x_0 is checked against the forward's."""
+        """x_k, rebuilt by (24) for block k's backward; the lowest rebuilt x_k is checked against the forward's."""
         self.rebuilt[k] = x
-        if k == 0:
-            self.checks.append(("x_0", self.fingerprint, fingerprint(x + 0.0)))
+        if k == self.target[0]:
+            self.checks.append((f"x_{k}", self.target[1], fingerprint(x + 0.0)))
 
-    def context(self, tensors=None):
-        """(context, kwargs) as given, or with these tensors in the places of its tensors."""
-        tensors = iter(self.tensors if tensors is None else tensors)
-        return tree_unflatten([next(tensors) if torch.is_tensor(t) else t for t in self.leaves], self.spec)
+    def check_range(self):
+        if self.magnitudes:
+            magnitudes, self.magnitudes = self.magnitudes, []
+            check_magnitudes(magnitudes, self.dtype, self.config.bits)
+
+class Arguments:
+    """Block k's call on x_k with its other arguments (masks, rotary embeddings, a position bias), whose tensors
+    are inputs of its autograd Function; Hugging Face KV caches become None (the recomputation must not see what
+    the forward wrote into them), as under Hugging Face's own gradient checkpointing."""
+
+    def __init__(self, block, call, args, kwargs, k):
+        self.block, self.call = block, call
+        self.leaves, self.spec = tree_flatten((args, kwargs))
+        cache = getattr(sys.modules.get("transformers.cache_utils"), "Cache", ())
+        for i, leaf in enumerate(self.leaves):
+            if isinstance(leaf, cache) and leaf.get_seq_length() > 0:
+                raise BDIAError(f"BDIA: layer {k} got a KV cache that holds tokens already, which reversible training "
+                                "cannot recompute with; pass no cache (use_cache=False), or use reversible=False")
+            if isinstance(leaf, cache):
+                warnings.warn("BDIA: reversible training runs the layers without their KV cache; pass "
+                              "use_cache=False to the model in training", stacklevel=6)
+                self.leaves[i] = None
+        self.tensors = [t for t in self.leaves if torch.is_tensor(t)]
+
+    def residual(self, x, tensors):
+        """h_k(x_k) and the block's other outputs, with these tensors in the places of the arguments' tensors."""
+        tensors = iter(tensors)
+        args, kwargs = tree_unflatten([next(tensors) if torch.is_tensor(t) else t for t in self.leaves], self.spec)
+        h, rest = residual_of(self.block, self.call, x, args, kwargs)
+        rest, self.rest_spec = tree_flatten(rest)
+        self.rest = [None if torch.is_tensor(t) else (t,) for t in rest]  # kept: what is not a tensor
+        return h, [t for t in rest if torch.is_tensor(t)]
+
+    def outputs(self, extras):
+        """The block's other outputs, with the Function's outputs in the places of their tensors."""
+        extras = iter(extras)
+        return tree_unflatten([next(extras) if t is None else t[0] for t in self.rest], self.rest_spec)
 
 class ReversibleBlock(torch.autograd.Function):
-    """Block k of a reversible stack: (tape, block, k, x_{k-1}, x_k, *context, *parameters) -> x_{k+1}."""
+    """Block k of a reversible pass: (tape, arguments, k, gamma_k, x_{k-1}, x_k, *its tensors, *its parameters)
+    -> x_{k+1}, and the tensors among the block's other outputs."""
 
     @staticmethod
-    def forward(ctx, tape, block, k, x_prev, x, *tensors_and_params):
-        ctx.tape, ctx.block, ctx.k = tape, block, k
-        ctx.context_needs_grad = ctx.needs_input_grad[5 : 5 + len(tape.tensors)]
-        ctx.n_params = len(tensors_and_params) - len(tape.tensors)  # FSDP2: its shards get no gradient here
+    def forward(ctx, tape, arguments, k, gamma, x_prev, x, *tensors_and_params):
+        ctx.tape, ctx.arguments, ctx.k, ctx.gamma = tape, arguments, k, gamma
+        ctx.context_needs_grad = ctx.needs_input_grad[6 : 6 + len(arguments.tensors)]
+        ctx.n_params = len(tensors_and_params) - len(arguments.tensors)  # FSDP2: its shards get no gradient here
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
         if tape.lowest is None and any(ctx.needs_input_grad):
-            tape.lowest = k  # the last block whose backward runs: it checks the recomputation
+            # the last block whose backward runs checks the recomputation, and the lowest x_k it rebuilds
+            tape.lowest, tape.target = k, (max(k - 1, 0), fingerprint((x if k == 0 else x_prev) + 0.0))
         rng = generator_states(x.device)  # the block's random draws are replayed by observation
-        h = residual_with_graph(ctx, x)[0]
+        h, extras = residual_with_graph(ctx, x)[:2]
         drew = any(a is not None and not torch.equal(a, b) for a, b in zip(rng, generator_states(x.device)))
         ctx.rng = rng if drew else None  # kept only where the block drew
         ctx.h_fingerprint = fingerprint(h)
-        x_next, side = bdia_block(block, k, x_prev, x, tape.gammas, tape.config, (), {}, h.detach())  # (19), (21)
+        x_next, side = bdia_block(k, x_prev, x, h.detach(), gamma, tape.config)  # (19), (21)
         tape.magnitudes.append(torch.aminmax(x_next.detach()))
+        tape.rebuilt = {k + 1: x_next.detach(), k: x.detach()}  # the top pair so far
         ctx.save_for_backward(None if side is None else pack_bits(side, tape.m))  # m bits per element
-        return x_next
+        detached = [t.detach() for t in extras]  # their graph, too, is not kept
+        ctx.mark_non_differentiable(*[t for t, e in zip(detached, extras) if not e.requires_grad])
+        return (x_next, *detached)
 
     @staticmethod
-    def backward(ctx, grad_next):
+    def backward(ctx, grad_next, *grad_extras):
         """The chain rule of (21), Q_l's gradient taken as the identity (straight-through):
 
             dL/dh_k     = (1 + gamma_k) dL/dx_{k+1}
@@ -326,58 +426,60 @@ class ReversibleBlock(torch.autograd.Function):
         Autograd adds the dL/dx_k of blocks k and k+1 (both read x_k) before block k-1's backward.
         Blocks go from the top, so x_{k+1} and x_k are known (the top pair, or rebuilt by block k+1);
         block k rebuilds x_{k-1} by (24) and frees x_{k+1}: three x_k alive, whatever the depth."""
-        tape, k = ctx.tape, ctx.k
+        tape, k, gamma = ctx.tape, ctx.k, ctx.gamma
         x_next, x = tape.take(k)  # x_{k+1}, x_k
-        h, leaves = recompute(ctx, x)  # h_k(x_k) as in the forward, now with its graph
+        h, extras, leaves = recompute(ctx, x)  # h_k(x_k) as in the forward, now with its graph
         if k > 0:
-            gamma = gamma_of_block(tape.gammas, k, x)
             side = unpack_bits(ctx.saved_tensors[0], tape.m, x.shape, x.dtype)  # s_{k-1}
             tape.rebuild(k - 1, bdia_unstep(x_next, x, h.detach(), gamma, tape.config.bits, side))  # (24)
         if k == tape.lowest:
-            check_recomputation(tape)  # after the stack's last backward
+            check_recomputation(tape)  # after the pass's last backward
+        grad_h = grad_next if k == 0 else (1 + gamma) * grad_next  # (19): dL/dh_0; (21): dL/dh_k
+        grad_x, grad_rest = vector_jacobian(ctx, [h, *extras], [grad_h, *grad_extras], leaves)  # dL/dh_k dh_k/dx_k, ...
         if k == 0:
-            grad_x, grad_rest = vector_jacobian(ctx, h, leaves, grad_next)  # (19): dL/dh_0 dh_0/dx_0, ...
-            return None, None, None, None, grad_next + grad_x, *grad_rest  # (19): dL/dx_0
-        grad_h = (1 + gamma) * grad_next  # (21): dL/dh_k
-        grad_x, grad_rest = vector_jacobian(ctx, h, leaves, grad_h)  # dL/dh_k dh_k/dx_k; context's, parameters'
-        return None, None, None, gamma * grad_next, (1 - gamma) * grad_next + grad_x, *grad_rest  # (21)
+            return None, None, None, None, None, grad_next + grad_x, *grad_rest  # (19): dL/dx_0
+        return None, None, None, None, gamma * grad_next, (1 - gamma) * grad_next + grad_x, *grad_rest  # (21)
 
 def recompute(ctx, x):
     """h_k(x_k) again, with the forward's random draws: its graph is checked once per block, and its
     fingerprint against the forward's (read by check_recomputation)."""
     with replayed_generators(ctx.rng, x.device):
-        h, x_leaf, context_leaves = residual_with_graph(ctx, x)
-    params = [p for p in ctx.block.parameters() if p.requires_grad]  # FSDP2: the unsharded ones, now
-    check_graph(ctx.block, ctx.k, h, [x_leaf, *params, *context_leaves])
+        h, extras, x_leaf, context_leaves = residual_with_graph(ctx, x)
+    block = ctx.arguments.block
+    params = [p for p in block.parameters() if p.requires_grad]  # FSDP2: the unsharded ones, now
+    check_graph(block, ctx.k, [h, *extras], [x_leaf, *params, *context_leaves])
     ctx.tape.checks.append((f"h_{ctx.k}", ctx.h_fingerprint, fingerprint(h)))
-    return h, (x_leaf, params, context_leaves)
+    return h, extras, (x_leaf, params, context_leaves)
 
-def vector_jacobian(ctx, h, leaves, grad_h):
-    """dL/dh_k dh_k/dx_k, and the gradients of the context's tensors and the block's parameters, in the
-    order of forward's inputs. Under FSDP2 backward(), not grad(): it reduce-scatters .grad to the shards."""
+def vector_jacobian(ctx, outputs, grads, leaves):
+    """dL/dh_k dh_k/dx_k (with the block's other outputs' share), and the gradients of its tensor arguments and
+    parameters, in the order of forward's inputs. Under FSDP2 backward(), not grad(): it reduce-scatters .grad."""
     x_leaf, params, context_leaves = leaves
-    if any(fsdp_sharded(m) for m in ctx.block.modules()):
-        torch.autograd.backward(h, grad_h, inputs=[x_leaf, *params, *context_leaves])
+    outputs, grads = zip(*[(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad])
+    if any(fsdp_sharded(m) for m in ctx.arguments.block.modules()):
+        torch.autograd.backward(outputs, grads, inputs=[x_leaf, *params, *context_leaves])
         grad_x, grad_params, grads = x_leaf.grad, [None] * ctx.n_params, iter([t.grad for t in context_leaves])
     else:
-        grad_x, *grads = torch.autograd.grad(h, [x_leaf, *params, *context_leaves], grad_h, allow_unused=True)
+        grad_x, *grads = torch.autograd.grad(outputs, [x_leaf, *params, *context_leaves], grads, allow_unused=True)
         grad_params, grads = grads[: len(params)], iter(grads[len(params) :])
     grad_context = [next(grads) if need else None for need in ctx.context_needs_grad]
-    return torch.zeros_like(grad_h) if grad_x is None else grad_x, (*grad_context, *grad_params)
+    return torch.zeros_like(x_leaf) if grad_x is None else grad_x, (*grad_context, *grad_params)
 
 def residual_with_graph(ctx, x):
-    """h_k(x_k) with its graph, x_k and the context's tensors that need grad as leaves, under the forward's
-    autocast: the one computation the forward runs for (21) and the backward for (24) and the gradients, so
-    a compiled block runs one graph both times (with grad off, an inference graph might round otherwise)."""
+    """h_k(x_k) and the tensors of the block's other outputs with their graph, x_k and the arguments' tensors that
+    need grad as leaves, under the forward's autocast: the one computation the forward runs for (21) and the
+    backward for (24) and the gradients, so a compiled block runs one graph both times (with grad off, an
+    inference graph might round otherwise)."""
     x_leaf = x.detach().requires_grad_()
-    leaves = [t.detach().requires_grad_() if need else t for t, need in zip(ctx.tape.tensors, ctx.context_needs_grad)]
+    tensors = ctx.arguments.tensors
+    leaves = [t.detach().requires_grad_() if need else t for t, need in zip(tensors, ctx.context_needs_grad)]
     with torch.enable_grad(), torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-        h = residual_of(ctx.block, x_leaf, *ctx.tape.context(leaves))
-    return h, x_leaf, [t for t, need in zip(leaves, ctx.context_needs_grad) if need]
+        h, extras = ctx.arguments.residual(x_leaf, leaves)
+    return h, extras, x_leaf, [t for t, need in zip(leaves, ctx.context_needs_grad) if need]
 
 _CHECKED = weakref.WeakSet()  # blocks whose graph was looked at once
 
-def check_graph(block, k, h, inputs):
+def check_graph(block, k, outputs, inputs):
     """At a block's first backward, refuse a tensor that requires grad, that h_k's graph reaches and that is
     not among the Function's inputs (a parameter kept outside the block: it would get no gradient), and
     reentrant activation checkpointing (it cannot run under torch.autograd.grad)."""
@@ -385,7 +487,7 @@ def check_graph(block, k, h, inputs):
         return
     checkpoint = sys.modules.get("torch.utils.checkpoint")
     reentrant = checkpoint and checkpoint.CheckpointFunction._backward_cls  # the graph node it leaves
-    own, seen, nodes = {id(t) for t in inputs}, set(), [h.grad_fn]
+    own, seen, nodes = {id(t) for t in inputs}, set(), [out.grad_fn for out in outputs]
     while nodes:
         node = nodes.pop()
         if node is None or node in seen:
@@ -404,17 +506,19 @@ def check_graph(block, k, h, inputs):
     _CHECKED.add(block)
 
 def check_recomputation(tape):
-    """After the stack's last backward, one read of every check: each recomputed h_k was the forward's
-    bit for bit, and (24) rebuilt x_0. The first that failed (from the top) is the cause."""
+    """After the pass's last backward, one read of every check: each recomputed h_k was the forward's bit for
+    bit, and (24) rebuilt the lowest x_k (x_0, unless the lowest blocks need no gradient). The first that
+    failed (from the top) is the cause."""
     checks, tape.checks = tape.checks, []
     failed = torch.stack([before for _, before, _ in checks]) != torch.stack([again for _, _, again in checks])
     if not bool(failed.any()):
         return
     what = checks[int(failed.nonzero()[0])][0]
-    where = "rebuilt x_0" if what == "x_0" else f"recomputed {what} (block {what[2:]})"
+    where = f"rebuilt {what}" if what[0] == "x" else f"recomputed {what} (block {what[2:]})"
     why = ("under torch.compile: try without compile, or use reversible=False" if tape.compiled else
            "a block is not deterministic; make it so or use reversible=False")
     raise ReconstructionError(f"BDIA: the reversible backward {where} otherwise than the forward, {why}")
+
 
 def generator_states(device):
     """The CPU generator's state, and that of x's CUDA device (what a block's draws change)."""
@@ -477,10 +581,10 @@ def check_stream(x, bits):
         raise PrecisionError(f"BDIA: {x.dtype} holds the 2^-{bits} grid only for |x| < "
                              f"{exact_limit(x.dtype, bits):g}; use bits <= {mantissa_bits(x.dtype) - 3}")
 
-def check_magnitudes(magnitudes, x, bits):
-    """An x_k beyond the range where x.dtype holds the grid (Lemma 4.2): DivergedError, else PrecisionError."""
+def check_magnitudes(magnitudes, dtype, bits):
+    """An x_k beyond the range where dtype holds the grid (Lemma 4.2): DivergedError, else PrecisionError."""
     lows, highs = zip(*magnitudes)  # torch.aminmax of each x_k
-    limit, magnitudes = exact_limit(x.dtype, bits), torch.maximum(-torch.stack(lows), torch.stack(highs))
+    limit, magnitudes = exact_limit(dtype, bits), torch.maximum(-torch.stack(lows), torch.stack(highs))
     if bool((magnitudes < limit).all()):  # one device sync per step; NaN fails too
         return
     k = int((~(magnitudes < limit)).nonzero()[0])
@@ -489,8 +593,8 @@ def check_magnitudes(magnitudes, x, bits):
     if not math.isfinite(size) or size > 2.0**20:  # no sensible l needs |x| this large in a normalised stream
         raise DivergedError(f"BDIA: |x| reached {size:.4g} at {where}: training diverged. Lower the learning "
                             "rate or clip gradients, and resume from the last checkpoint")
-    fewer = math.floor(mantissa_bits(x.dtype) - math.log2(size)) - 1
-    raise PrecisionError(f"BDIA: |x| reached {size:.4g} at {where}, but {x.dtype} holds the 2^-{bits} grid only "
+    fewer = math.floor(mantissa_bits(dtype) - math.log2(size)) - 1
+    raise PrecisionError(f"BDIA: |x| reached {size:.4g} at {where}, but {dtype} holds the 2^-{bits} grid only "
                          f"below {limit:g}; use fewer bits (at most bits={fewer} for this |x|) or normalise the input")
 
 def fingerprint(x):

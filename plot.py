@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from bdia import BDIAConfig, bdia_block, bdia_unstep, draw_gammas, gamma_of_block, quantize, residual_of
+from bdia import BDIAConfig, bdia_block, bdia_unstep, draw_gamma, quantize, residual_of
 
 
 def pyplot():
@@ -155,16 +155,18 @@ def reconstruction_errors(depth=12, dim=256, heads=8, batch=4, seq=64, bits=9, s
     functions, block by block, in the open."""
     torch.manual_seed(seed)
     blocks = [nn.TransformerEncoderLayer(dim, heads, 4 * dim, 0, batch_first=True, norm_first=True) for _ in range(depth)]
-    x0, gammas, errors = torch.randn(batch, seq, dim), draw_gammas(BDIAConfig(), batch, depth, "cpu", torch.float32), {}
+    x0, errors = torch.randn(batch, seq, dim), {}
+    gammas = [None] + [draw_gamma(torch.tensor(BDIAConfig().gammas), x0) for _ in range(1, depth)]  # gamma_k per sample, k >= 1
     for name, b in (("eq16", None), ("eq24", bits)):
         config, xs, sides = BDIAConfig(bits=b, reversible=False), [quantize(x0, b)], []  # every x_k, s_{k-1}
         for k, block in enumerate(blocks):  # forward: (18), (19), then (21) or (10); x_prev unused at k = 0
-            x_next, side = bdia_block(block, k, xs[k - 1], xs[k], gammas, config, (), {})
+            h = residual_of(block, block, xs[k], (), {})[0]
+            x_next, side = bdia_block(k, xs[k - 1], xs[k], h, gammas[k], config)
             xs, sides = xs + [x_next], sides + [side]
         rebuilt = list(xs)  # then from the top pair down, each x_{k-1} by (24) or (16)
         for k in range(depth - 1, 0, -1):
-            h = residual_of(blocks[k], rebuilt[k], (), {})
-            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gamma_of_block(gammas, k, h), b, sides[k])
+            h = residual_of(blocks[k], blocks[k], rebuilt[k], (), {})[0]
+            rebuilt[k - 1] = bdia_unstep(rebuilt[k + 1], rebuilt[k], h, gammas[k], b, sides[k])
         errors[name] = [(r - x).abs().max().item() for r, x in zip(rebuilt, xs)]
     return errors
 

@@ -443,7 +443,7 @@ def test_a_block_that_draws_is_replayed_and_one_that_does_not_keeps_no_rng_state
         node, states = out.grad_fn, []
         while node is not None:  # from the top block down, along x_k's producers
             states.append(node.rng)
-            node = node.next_functions[1][0] if node.k > 0 else None  # its tensor inputs: x_{k-1}, x_k, ...
+            node = node.next_functions[2][0] if node.k > 0 else None  # its tensor inputs: gamma_k, x_{k-1}, x_k, ...
         kept[p] = states
         out.sum().backward()
     assert len(kept[0.0]) == len(kept[0.3]) == 3
@@ -589,7 +589,7 @@ def test_side_information_only_for_gammas_that_are_powers_of_two():
     x_prev, x = grid((2, 3, 8), bits, seed=1), grid((2, 3, 8), bits, seed=2)
     gammas = torch.tensor([[0.6], [-0.6]])
     config = BDIAConfig(gammas=(-0.6, 0.6), bits=bits, reversible=False)
-    x_next, side = bdia.bdia_block(block, 1, x_prev, x, gammas, config, (), {})
+    x_next, side = bdia.bdia_block(1, x_prev, x, block.residual(x), gammas.view(2, 1, 1), config)
     g = gammas.view(2, 1, 1)
     expected = bdia.quantize(g * x_prev, bits) + bdia.quantize((1 - g) * x + (1 + g) * block.residual(x), bits)
     assert side is None and torch.equal(x_next, expected)
@@ -754,7 +754,7 @@ def test_back_propagating_a_reversible_graph_twice_is_refused():
     blocks = make_stack(3).train()
     out = run_blocks(blocks, torch.randn(2, 3, 8, requires_grad=True), BDIAConfig())
     out.sum().backward(retain_graph=True)
-    with pytest.raises(bdia.BDIAError, match="already back-propagated"):
+    with pytest.raises(bdia.BDIAError, match="back-propagated already"):
         out.sum().backward()
 
 
@@ -774,13 +774,13 @@ def test_the_gamma_of_each_block_is_its_own_eq_19_and_21_by_hand():
     blocks = make_stack(depth).train()
     x = torch.randn(6, 3, 8)
     torch.manual_seed(4)
-    gammas = bdia.draw_gammas(BDIAConfig(), 6, depth, x.device, x.dtype)  # (batch, K-1)
-    assert len(set(map(tuple, gammas.T.tolist()))) > 1  # the blocks' columns differ
+    gammas = [None] + [bdia.draw_gamma(torch.tensor(BDIAConfig().gammas), x) for _ in range(1, depth)]  # drawn block by block
+    assert len({tuple(g.flatten().tolist()) for g in gammas[1:]}) > 1  # the blocks' gammas differ
     q = lambda y: bdia.quantize(y, bits)  # noqa: E731
     xs = [q(x)]  # (18)
     xs.append(xs[0] + q(blocks[0].residual(xs[0])))  # (19)
     for k in range(1, depth):
-        gamma = gammas[:, k - 1].view(-1, 1, 1)
+        gamma = gammas[k]
         s = torch.remainder(-xs[k - 1] * 2**bits, 2)  # (20), the parity
         xs.append(gamma * (xs[k - 1] + s * 2.0**-bits) + q((1 - gamma) * xs[k] + (1 + gamma) * blocks[k].residual(xs[k])))
     for reversible in (True, False):

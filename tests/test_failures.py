@@ -470,7 +470,7 @@ def test_a_second_run_on_a_held_folder_names_the_process_and_touches_nothing(scr
 
 def test_bits_beyond_the_measured_range_say_fewer_bits(places, capsys, monkeypatch):
     def too_large(*args, **kwargs):
-        bdia.check_magnitudes([torch.aminmax(torch.tensor(100.0))], torch.zeros(1), 20)  # the engine's own error
+        bdia.check_magnitudes([torch.aminmax(torch.tensor(100.0))], torch.float32, 20)  # the engine's own error
 
     found = places("vit")
     bdia_run("vit")(found)
