@@ -154,16 +154,13 @@ def run_blocks(blocks, x, config, *context, **kwargs):
     blocks, training = blocks_and_mode(blocks)
     if config is None or not blocks:
         for block in blocks:
-            x = output_of(block(x, *context, **kwargs))
+            x = split(block(x, *context, **kwargs))[0]
         return x
     if training and config.reversible and torch.is_grad_enabled() and torch.compiler.is_compiling():
         # Under torch.compile(model) the reversible stack runs eagerly: dynamo would compile the forward's blocks, not
         # the recomputation's (loss.backward() runs outside its graph), whose rounding then differs. block.compile() works.
-        return torch.compiler.disable(run_chain)(blocks, x, config, training, context, kwargs, True)
-    return run_chain(blocks, x, config, training, context, kwargs)
-
-def run_chain(blocks, x, config, training, context, kwargs, compiling=False):
-    chain = Chain(config, x, training, compiling or any(compiled(b) for b in blocks))
+        return torch.compiler.disable(run_blocks)(blocks, x, config, *context, **kwargs)
+    chain = Chain(config, x, training, any(compiled(b) for b in blocks))
     for block in blocks:
         x = chain.step(block, block, context, kwargs)[0]
     if chain.tape is not None:
@@ -200,13 +197,13 @@ class Chain:
         k, x_prev, x, config = self.k, self.x_prev, self.x, self.config
         gamma = None if k == 0 else draw_gamma(self.gammas, x) if self.training else config.eval_gamma
         if not self.training and config.eval_gamma == 0:
-            out = block_output(block, call, x, args, kwargs)
-            x_next, rest = quantize(output_of(out), config.bits), others(out)  # (25)
+            x_next, rest = split(block_output(block, call, x, args, kwargs))
+            x_next = quantize(x_next, config.bits)  # (25)
         elif self.tape is not None:
             if getattr(block, "gradient_checkpointing", False):  # Hugging Face's gradient_checkpointing_enable()
-                raise BDIAError(f"BDIA: layer {k} ({type(block).__name__}) is gradient-checkpointed, which reversible "
-                                "BDIA makes redundant (each layer would run three times): call "
-                                "model.gradient_checkpointing_disable(), or use reversible=False")
+                raise BDIAError(f"BDIA: layer {k} ({type(block).__name__}) is gradient-checkpointed, which reversible BDIA "
+                                "makes redundant: call model.gradient_checkpointing_disable() (or activation_checkpointing_disable()), "
+                                "or use reversible=False")
             arguments = Arguments(block, call, args, kwargs, k)
             params = [p for p in block.parameters() if p.requires_grad]
             x_next, *extras = ReversibleBlock.apply(self.tape, arguments, k, gamma, x_prev, x, *arguments.tensors,
@@ -218,13 +215,10 @@ class Chain:
         self.k, self.x_prev, self.x = k + 1, x, x_next
         return x_next, rest
 
-def output_of(y):
-    """A block's output: the residual stream, the first element if it returns a tuple or list."""
-    return y[0] if isinstance(y, (tuple, list)) else y
-
-def others(y):
-    """A block's other outputs (T5's layers return the position bias), None if it returns a tensor."""
-    return tuple(y[1:]) if isinstance(y, (tuple, list)) else None
+def split(y):
+    """A block's output: the residual stream (the first element if it returns a tuple or list), and the other
+    outputs (T5's layers return the position bias), None if it returns a tensor."""
+    return (y[0], tuple(y[1:])) if isinstance(y, (tuple, list)) else (y, None)
 
 def residual_of(block, call, x, args, kwargs):
     """h_k(x_k) and the block's other outputs: block.residual(x, ...) if the block has it, else call(x, ...) - x
@@ -235,8 +229,8 @@ def residual_of(block, call, x, args, kwargs):
             sys.modules["torch.distributed.fsdp"].register_fsdp_forward_method(block, "residual")
         h, rest = block.residual(x, *args, **kwargs), None
     else:
-        out = block_output(block, call, x, args, kwargs)
-        h, rest = output_of(out) - x, others(out)
+        out, rest = split(block_output(block, call, x, args, kwargs))
+        h = out - x
     return (h if h.dtype == x.dtype else h.to(x.dtype)), rest
 
 def block_output(block, call, x, args, kwargs):
@@ -298,29 +292,28 @@ class LayerStep:
         forward = functools.partial(type(self.layer).forward, self.layer)
         if self.through or self.stack.config is None:
             return forward(*args, **kwargs)
-        step = torch.compiler.disable(layer_step) if torch.compiler.is_compiling() else layer_step
-        return step(self, forward, args, kwargs)
+        return (torch.compiler.disable(self.step) if torch.compiler.is_compiling() else self.step)(forward, args, kwargs)
 
-def layer_step(step, forward, args, kwargs):
-    """Layer step.index of a BDIAStack called by the model: x_{k+1} in the place of its output's x_k + h_k(x_k)."""
-    layer, stack, name = step.layer, step.stack, f"layer {step.index} ({type(step.layer).__name__})"
-    if not args or not torch.is_tensor(args[0]):
-        raise BDIAError(f"BDIA: {name} got no hidden state as its first positional argument: pass it first")
-    if compiled(layer) or fsdp_sharded(layer):
-        raise BDIAError(f"BDIA: {name} is compiled or sharded, which a model's own loop over a BDIAStack runs eagerly "
-                        "and unsharded; call the stack as one module (its forward, run_blocks) to compile or shard")
-    chain, x = stack.chain, args[0]
-    if chain is None or chain.output() is not x:  # not the previous layer's output: a new pass starts
-        if step.index != 0 and (layer.training or stack.config.eval_gamma != 0):  # (25) needs no chain
-            raise BDIAError(f"BDIA: {name} got a hidden state that is not the previous layer's output; the model "
-                            "changes it between layers or starts mid-stack: run the layers with run_blocks instead")
-        chain = Chain(stack.config, x, layer.training)
-    elif chain.training != layer.training:
-        raise ValueError("BDIA: some layers are in training mode, some in eval mode; call .train() or .eval() on "
-                         "the whole model")
-    x_next, rest = chain.step(layer, forward, args[1:], kwargs)
-    chain.output, stack.chain = weakref.ref(x_next), chain
-    return x_next if rest is None else (x_next, *rest)
+    def step(self, forward, args, kwargs):
+        """x_{k+1} in the place of x_k + h_k(x_k) in the layer's output, block k of the chain of this pass."""
+        layer, stack, name = self.layer, self.stack, f"layer {self.index} ({type(self.layer).__name__})"
+        if not args or not torch.is_tensor(args[0]):
+            raise BDIAError(f"BDIA: {name} got no hidden state as its first positional argument: pass it first")
+        if compiled(layer) or fsdp_sharded(layer):
+            raise BDIAError(f"BDIA: {name} is compiled or sharded, which a model's own loop over a BDIAStack runs eagerly "
+                            "and unsharded; call the stack as one module (its forward, run_blocks) to compile or shard")
+        chain, x = stack.chain, args[0]
+        if chain is None or chain.output() is not x:  # not the previous layer's output: a new pass starts
+            if self.index != 0 and (layer.training or stack.config.eval_gamma != 0):  # (25) needs no chain
+                raise BDIAError(f"BDIA: {name} got a hidden state that is not the previous layer's output; the model "
+                                "changes it between layers or starts mid-stack: run the layers with run_blocks instead")
+            chain = Chain(stack.config, x, layer.training)
+        elif chain.training != layer.training:
+            raise ValueError("BDIA: some layers are in training mode, some in eval mode; call .train() or .eval() on "
+                             "the whole model")
+        x_next, rest = chain.step(layer, forward, args[1:], kwargs)
+        chain.output, stack.chain = weakref.ref(x_next), chain
+        return x_next if rest is None else (x_next, *rest)
 
 
 # -----------------------------------------------------------------------------
@@ -363,15 +356,14 @@ class Arguments:
     def __init__(self, block, call, args, kwargs, k):
         self.block, self.call = block, call
         self.leaves, self.spec = tree_flatten((args, kwargs))
-        cache = getattr(sys.modules.get("transformers.cache_utils"), "Cache", ())
-        for i, leaf in enumerate(self.leaves):
-            if isinstance(leaf, cache) and leaf.get_seq_length() > 0:
-                raise BDIAError(f"BDIA: layer {k} got a KV cache that holds tokens already, which reversible training "
-                                "cannot recompute with; pass no cache (use_cache=False), or use reversible=False")
-            if isinstance(leaf, cache):
-                warnings.warn("BDIA: reversible training runs the layers without their KV cache; pass "
-                              "use_cache=False to the model in training", stacklevel=6)
-                self.leaves[i] = None
+        cache = getattr(sys.modules.get("transformers.cache_utils"), "Cache", ())  # Hugging Face's, if loaded
+        if any(isinstance(t, cache) and t.get_seq_length() > 0 for t in self.leaves):
+            raise BDIAError(f"BDIA: layer {k} got a KV cache that holds tokens already, which reversible training "
+                            "cannot recompute with; pass no cache (use_cache=False), or use reversible=False")
+        if any(isinstance(t, cache) for t in self.leaves):
+            warnings.warn("BDIA: reversible training runs the layers without their KV cache; pass use_cache=False "
+                          "to the model in training", stacklevel=6)
+        self.leaves = [None if isinstance(t, cache) else t for t in self.leaves]
         self.tensors = [t for t in self.leaves if torch.is_tensor(t)]
 
     def residual(self, x, tensors):

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bdia  # noqa: E402
 from bdia import BDIAConfig, BDIAStack  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
@@ -421,3 +422,27 @@ def test_what_a_models_own_loop_cannot_do_exactly_is_refused_with_one_line():
     plain = [Layer(16) for _ in range(2)]
     outside = BDIAStack(plain, BDIAConfig(bits=None, reversible=False)).eval()
     assert torch.equal(outside[1](x, scale)[0], plain[1].__class__.forward(plain[1], x, scale)[0])  # (25) needs no chain
+
+
+# ----------------------------------------------------------------------------- the README's script
+
+
+def test_the_readmes_one_line_script_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The first code block of README's "BDIA in your own model", run as it is there: it trains three
+    steps, generates, and saves a checkpoint whose keys are an unconverted GPT-2's."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("## BDIA in your own model")[1].split("\n## ")[0]
+    script = section.split("```python")[1].split("```")[0]
+    assert "BDIAStack(model.transformer.h, BDIAConfig())" in script
+    monkeypatch.chdir(tmp_path)
+    takes, take = [], bdia.Tape.take
+    monkeypatch.setattr(bdia.Tape, "take", lambda tape, k: (takes.append(k), take(tape, k))[1])
+    torch.manual_seed(0)
+    namespace = {"__name__": "readme_one_line"}
+    exec(compile(script, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    losses = [float(line.split()[-1]) for line in printed.splitlines() if line.startswith("step ")]
+    assert len(losses) == 3 and losses[2] < losses[0]
+    assert takes == [3, 2, 1, 0] * 3  # three reversible backward passes, each from the top layer down
+    plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "bdia-gpt2")  # loads as the standard model
+    assert list(plain.state_dict()) == list(namespace["model"].state_dict())

@@ -1,4 +1,5 @@
-"""README's "BDIA in your own model": its three recipes, run as written there (the first, a
+"""README's "BDIA in your own model": its three recipes for code you write (the one-line conversion
+before them is tests/test_one_line.py's), run as written there (the first, a
 complete script, is run from the README itself), on blocks this project did not write. Each recipe must (a) at inference with gamma 0 and bits None be
 the plain model bit for bit, and (b) train reversibly: the same loss, bit for bit, as
 stored-activation BDIA under the same seed, and every gradient (block 0's included) within
@@ -57,7 +58,7 @@ def readme_recipes():
 def run_recipe_1():
     """Recipe 1 exactly as the README has it: it trains three steps and prints their losses."""
     namespace = {"__name__": "readme_recipe_1"}
-    exec(compile(readme_recipes()[0], "README.md recipe 1", "exec"), namespace)
+    exec(compile(readme_recipes()[1], "README.md recipe 1", "exec"), namespace)
     return namespace
 
 
@@ -245,7 +246,7 @@ def test_the_readme_recipes_are_the_code_these_tests_run():
     with open(os.path.abspath(__file__)) as f:
         here = {" ".join(line.split()) for line in f}
     recipes = readme_recipes()
-    assert len(recipes) == 3
-    lines = [" ".join(line.split()) for recipe in recipes[1:] for line in recipe.splitlines()]
+    assert len(recipes) == 4  # the one-line conversion, then recipes 1 to 3
+    lines = [" ".join(line.split()) for recipe in recipes[2:] for line in recipe.splitlines()]
     missing = [line for line in lines if line and not line.startswith(("from ", "import ")) and line not in here]
     assert not missing, f"README recipe lines not run by these tests: {missing}"
