@@ -1,5 +1,5 @@
 """
-Memory and speed of one training step of a transformer block stack, in every mode a
+Memory and speed of one training step of a transformer block stack (or a whole Hugging Face GPT-2), in every mode a
 user would choose between:
 
     plain       standard back-propagation (all activations stored)
@@ -8,6 +8,14 @@ user would choose between:
     bdia-rev    BDIA with online back-propagation (activations rebuilt by eq. 24)
     revvit      RevViT's two-stream reversible blocks with their own online back-propagation
                 (the paper's reversible baseline; vit family only)
+
+Families: vit, the paper's ViT block; gpt, a nanoGPT block (both this project's models.Block, a stack
+fed random activations); hf-gpt2, a whole Hugging Face GPT2LMHeadModel (random init, GPT-2 small's
+width, SDPA attention, its own loss on random tokens), in the modes as a user gets them: plain;
+checkpoint, HF's model.gradient_checkpointing_enable() (use_reentrant False); bdia and bdia-rev, the
+one statement model.transformer.h = BDIAStack(model.transformer.h, BDIAConfig(...)). Its activation
+memory includes the logits and the loss's (depth-independent); its modes' timed models share one set
+of parameters, gradients and AdamW state (three 48-layer ones would not fit 23 GB). Needs transformers.
 
 Memory is measured per mode and depth in a fresh process: on CUDA max_memory_allocated
 over one forward and backward, on CPU the peak-RSS rise over them (MALLOC_MMAP_THRESHOLD_=65536,
@@ -28,6 +36,7 @@ as torchtitan does; RevViT: its F and G), the eager and compiled modes interleav
     python bench.py --kernels --modes plain,checkpoint,bdia,bdia-rev --dim 64
     python bench.py --compile --modes plain,checkpoint,bdia-rev,revvit --depths 12 --no-memory
     python bench.py --family gpt --tokens 1024 --batch-size 8 --depths 12   # GPT-2 small's blocks
+    python bench.py --family hf-gpt2 --modes plain,checkpoint,bdia-rev --depths 12,24,48 --batch-size 2
 """
 
 import argparse
@@ -37,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,14 +55,21 @@ import torch.utils.checkpoint
 
 import data
 import runlib
-from bdia import BDIAConfig, run_blocks, side_bits
+from bdia import BDIAConfig, BDIAStack, run_blocks, side_bits
 from models import Block, RevBlock, run_rev_blocks
 
 MODES = ("plain", "checkpoint", "bdia", "bdia-rev", "revvit")
 FAMILIES = {  # (width, heads, MLP width, tokens, causal)
     "vit": (512, 8, 512, 65, False),  # the paper's ViT on CIFAR: 64 patches + CLS
     "gpt": (768, 12, 3072, 256, True),  # nanoGPT-like
+    "hf-gpt2": (768, 12, 3072, 256, True),  # transformers' GPT2LMHeadModel, GPT-2 small's width
 }
+HF_VOCAB = 50257  # GPT-2's
+
+
+def build(args, mode, depth):
+    """The model of `mode` at `depth`: a block stack, or (hf-gpt2) a whole Hugging Face model."""
+    return build_hf_gpt2(args, mode, depth) if args.family == "hf-gpt2" else build_stack(args, mode, depth)
 
 
 def build_stack(args, mode, depth):
@@ -70,6 +87,26 @@ def build_stack(args, mode, depth):
         else:
             block.compile()
     return blocks
+
+
+def build_hf_gpt2(args, mode, depth):
+    """GPT2LMHeadModel, random init, converted as a user would: HF's own checkpointing, or BDIA's one statement."""
+    import transformers  # optional: only this family needs it (main() says so when it is missing)
+
+    transformers.logging.set_verbosity_error()  # not its note that the config's loss_type=None means the default loss
+    dim, heads, mlp, tokens, _ = family(args)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=dim, n_head=heads, n_inner=mlp, n_layer=depth, n_positions=max(1024, tokens),
+                                     vocab_size=args.vocab_size or HF_VOCAB, resid_pdrop=args.dropout,
+                                     embd_pdrop=args.dropout, attn_pdrop=args.dropout, attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel(config)
+    if mode == "checkpoint":
+        with warnings.catch_warnings():  # transformers 5 calls it a deprecated alias of activation_checkpointing_enable
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif mode in ("bdia", "bdia-rev"):
+        model.transformer.h = BDIAStack(model.transformer.h, BDIAConfig(reversible=mode == "bdia-rev"))
+    return model
 
 
 def family(args):
@@ -91,16 +128,28 @@ def forward(mode, blocks, x):
     return run_blocks(blocks, x, BDIAConfig(reversible=mode == "bdia-rev"))
 
 
-def make_step(args, mode, depth, device):
-    """One training step of a fresh stack, and its forward and backward alone."""
-    blocks = build_stack(args, mode, depth).to(device).train()
+def make_step(args, mode, depth, device, shared=None):
+    """One training step of a fresh model, and its forward and backward alone. shared: a dict that the first
+    call fills with its model and optimizer, whose parameters (and so gradients and AdamW state) later calls use."""
+    model = build(args, mode, depth).to(device).train()
+    if shared:
+        model.load_state_dict(shared["model"].state_dict(keep_vars=True), assign=True)  # the same Parameters
+    else:
+        shared = {} if shared is None else shared
+        shared.update(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4))
+    optimizer = shared["optimizer"]
     _, _, _, tokens, _ = family(args)
-    x = torch.randn(args.batch_size, tokens, family(args)[0], device=device)
-    optimizer = torch.optim.AdamW(blocks.parameters(), lr=1e-4)
+    if args.family == "hf-gpt2":
+        ids = torch.randint(args.vocab_size or HF_VOCAB, (args.batch_size, tokens), device=device,
+                            generator=torch.Generator(device).manual_seed(0))
+        loss_of = lambda: model(ids, labels=ids, use_cache=False).loss  # noqa: E731
+    else:
+        x = torch.randn(args.batch_size, tokens, family(args)[0], device=device)
+        loss_of = lambda: forward(mode, model, x).float().square().mean()  # noqa: E731
 
     def forward_backward():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = forward(mode, blocks, x).float().square().mean()
+            loss = loss_of()
         loss.backward()
 
     def step():
@@ -214,7 +263,8 @@ def memory_in_fresh_process(args, mode, depth):
 
 
 def measure_times(args, depth, device):
-    steps = {mode: make_step(args, mode, depth, device)[0] for mode in args.modes}
+    shared = {} if args.family == "hf-gpt2" else None  # one set of weights and AdamW state for every mode
+    steps = {mode: make_step(args, mode, depth, device, shared)[0] for mode in args.modes}
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -231,7 +281,8 @@ def measure_times(args, depth, device):
 
 def state_bytes(args, mode, depth):
     """Parameters, gradients and AdamW's two moments: 4 float32 copies of the weights."""
-    return 4 * 4 * sum(p.numel() for p in build_stack(args, mode, depth).parameters())
+    with torch.device("meta"):  # counted, not allocated
+        return 4 * 4 * sum(p.numel() for p in build(args, mode, depth).parameters())
 
 
 def side_info_bytes(args, depth):
@@ -244,7 +295,8 @@ def side_info_bytes(args, depth):
 def main():
     p = runlib.ArgumentParser(description=__doc__)  # runlib's --help: the docstring's layout, and the defaults
     p.add_argument("--family", choices=FAMILIES, default="vit", help="vit: the paper's ViT block (512 wide, 65 tokens); "
-                   "gpt: a nanoGPT block (768 wide, 256 tokens, causal)")
+                   "gpt: a nanoGPT block (768 wide, 256 tokens, causal); hf-gpt2: a Hugging Face GPT2LMHeadModel "
+                   "(768 wide, 256 tokens; needs transformers)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)} "
                    "(revvit: vit family)")
     p.add_argument("--depths", default="6,12,24,48", help="comma-separated numbers of blocks")
@@ -254,6 +306,7 @@ def main():
     p.add_argument("--mlp-dim", type=int, default=None, help="override the family's MLP width")
     p.add_argument("--tokens", type=int, default=None, help="override the family's tokens per sequence "
                    "(GPT-2 small: --family gpt --tokens 1024)")
+    p.add_argument("--vocab-size", type=int, default=None, help=f"hf-gpt2's vocabulary (GPT-2's: {HF_VOCAB})")
     p.add_argument("--dropout", type=float, default=0.0, help="in every block (CPU dropout is slow: 0 compares engines)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda where available")
@@ -269,8 +322,17 @@ def main():
     p.add_argument("--measure-memory", nargs=2, metavar=("MODE", "DEPTH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.modes = args.modes.split(",")
-    if args.family == "gpt" and "revvit" in args.modes:
+    if args.family != "vit" and "revvit" in args.modes:
         args.modes.remove("revvit")  # RevViT is the ViT family's baseline
+    if args.family == "hf-gpt2":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            p.error("--family hf-gpt2 needs transformers (pip install transformers), an optional dependency")
+        if args.compile:
+            p.error("--compile compiles this project's blocks; --family hf-gpt2 is not measured compiled")
+    elif args.vocab_size is not None:
+        p.error("--vocab-size is hf-gpt2's; the block-stack families have no vocabulary")
     if bad := [m for m in args.modes if m not in MODES]:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     if args.compile and args.kernels:
@@ -278,14 +340,14 @@ def main():
     if args.compile and not args.measure_memory:
         args.modes += [m + "+compile" for m in args.modes]
     if not args.modes:
-        p.error("--modes revvit is the vit family's baseline: with --family gpt no mode is left to run")
+        p.error(f"--modes revvit is the vit family's baseline: with --family {args.family} no mode is left to run")
     try:
         depths = [int(d) for d in args.depths.split(",")]
     except ValueError:
         p.error(f"--depths takes comma-separated integers, got {args.depths!r}")
     if min(depths) < 1:
         p.error(f"--depths must be at least 1, got {args.depths!r}")
-    for name in ("batch_size", "steps", "dim", "heads", "mlp_dim", "tokens"):
+    for name in ("batch_size", "steps", "dim", "heads", "mlp_dim", "tokens", "vocab_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -322,7 +384,8 @@ def run(args, depths):
     for depth in tqdm(depths, desc="depths"):
         results += measure_depth(args, depth, device)
         if args.json:  # after each depth, atomically: a run cut short keeps what it measured
-            table = {"config": config, "device": device_name(device), "results": results}
+            table = {"config": config, "device": device_name(device), "results": results,
+                     "activation_mb_per_layer": slopes(results)}
             data.atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=2)))
     print_table(args, results)
 
@@ -346,6 +409,17 @@ def measure_depth(args, depth, device):
     return rows
 
 
+def slopes(results):
+    """Per mode, the activation memory's slope in depth (MB per layer, least squares over the depths measured)."""
+    out = {}
+    for mode in dict.fromkeys(r["mode"] for r in results):
+        points = [(r["depth"], r["activation_mb"]) for r in results if r["mode"] == mode and r["activation_mb"]]
+        if len({d for d, _ in points}) >= 2:
+            d0, m0 = statistics.fmean(d for d, _ in points), statistics.fmean(m for _, m in points)
+            out[mode] = sum((d - d0) * (m - m0) for d, m in points) / sum((d - d0) ** 2 for d, _ in points)
+    return out
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -354,20 +428,25 @@ def device_name(device):
 
 def print_table(args, results):
     dim, heads, mlp, tokens, _ = family(args)
-    print(f"\n{args.family} stack: width {dim}, {heads} heads, MLP {mlp}, {tokens} tokens, batch {args.batch_size}, "
+    what = (f"hf-gpt2 model (GPT2LMHeadModel, vocabulary {args.vocab_size or HF_VOCAB}, SDPA)" if args.family == "hf-gpt2"
+            else f"{args.family} stack")
+    print(f"\n{what}: width {dim}, {heads} heads, MLP {mlp}, {tokens} tokens, batch {args.batch_size}, "
           f"dropout {args.dropout}, {device_name(torch.device(args.device))}")
     print("act. MB: what a training step's forward and backward allocate beyond the parameters, gradients and optimizer state (state MB)")
     print(f"{'mode':>16} {'depth':>5} {'state MB':>9} {'act. MB':>9} {'x plain':>8} {'step ms':>9} {'x plain':>8} "
           f"{'side MB':>8} {'side %':>7}")
 
     def fmt(v, spec):
-        return format(v, spec) if v is not None else "-"
+        return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
 
     for r in results:
         share = r.get("side_info_share")
         print(f"{r['mode']:>16} {r['depth']:>5} {r['state_mb']:9.1f} {fmt(r['activation_mb'], '9.1f')} "
               f"{fmt(r['memory_vs_plain'], '8.2f')} {r['step_ms']:9.1f} {fmt(r['time_vs_plain'], '8.2f')} "
               f"{fmt(r.get('side_info_mb'), '8.2f')} {fmt(share and 100 * share, '7.1f')}")
+    if per_layer := slopes(results):
+        print("act. MB per layer (slope in depth, least squares): "
+              + ", ".join(f"{mode} {mb:.2f}" for mode, mb in per_layer.items()))
 
 
 if __name__ == "__main__":

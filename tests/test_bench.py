@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -81,3 +83,40 @@ def test_a_bench_cut_short_keeps_the_depths_it_measured(tmp_path):
     run.send_signal(signal.SIGTERM)
     run.wait(timeout=60)
     assert [(r["mode"], r["depth"]) for r in json.loads(out.read_text())["results"]] == [("plain", 1)]
+
+
+def test_hf_gpt2_family_runs_its_three_modes_and_bdia_rev_memory_is_flat_in_depth(tmp_path):
+    """A Hugging Face GPT2LMHeadModel as a user runs it: plain, HF's gradient checkpointing, the one-statement
+    BDIAStack. Between depths 2 and 6 plain's activations grow by about 7 MB a layer here (8 x 128 tokens,
+    width 64), checkpointing's and bdia-rev's by a few per cent of that."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "bench.py", "--family", "hf-gpt2", "--dim", "64", "--heads", "4", "--depths", "2,6",
+            "--tokens", "128", "--batch-size", "8", "--vocab-size", "64", "--modes", "plain,checkpoint,bdia-rev",
+            "--steps", "1", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr
+    table = json.loads(out.read_text())
+    assert [(r["mode"], r["depth"]) for r in table["results"]] == [
+        (m, d) for d in (2, 6) for m in ("plain", "checkpoint", "bdia-rev")]
+    assert all(r["step_ms"] > 0 and r["activation_mb"] > 0 and r["state_mb"] > 0 for r in table["results"])
+    slope = table["activation_mb_per_layer"]
+    assert slope["plain"] > 3, slope  # MB per layer
+    assert slope["bdia-rev"] < 0.2 * slope["plain"] and slope["checkpoint"] < 0.2 * slope["plain"], slope
+    assert "GPT2LMHeadModel, vocabulary 64" in run.stdout and "act. MB per layer" in run.stdout
+
+
+def test_bench_help_names_the_families():
+    run = subprocess.run([sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0 and "hf-gpt2" in run.stdout and "gradient_checkpointing_enable()" in run.stdout, run.stderr
+
+
+def test_hf_gpt2_family_without_transformers_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(ROOT)
+    import bench
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--family", "hf-gpt2"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and "--family hf-gpt2 needs transformers (pip install transformers)" in capsys.readouterr().err
