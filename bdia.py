@@ -1,26 +1,22 @@
 """
-BDIA: exact bit-level reversible transformers that keep the standard architecture
-at inference (Zhang, Lewis, Kleijn, ICML 2025). Equation numbers are the paper's.
-
-A transformer block k maps the residual stream x_k to x_k + h_k(x_k); for a pre-norm
-block h_k(x) = f_k(x) + g_k(x + f_k(x)) (4). BDIA training draws, per sample and per
-block k >= 1, a random gamma_k (e.g. +-1/2) and computes
+BDIA: exact bit-level reversible transformers that keep the standard architecture at inference
+(Zhang, Lewis, Kleijn, ICML 2025). Equation numbers are the paper's. A block k maps the residual
+stream x_k to x_k + h_k(x_k) (pre-norm: h_k(x) = f_k(x) + g_k(x + f_k(x)), (4)). BDIA training
+draws, per sample and block k >= 1, a random gamma_k (e.g. +-1/2) and computes
 
     x_0     <- Q_l[x_0]                                                     (18)
     x_1      = x_0 + Q_l[h_0(x_0)]                                          (19)
     x_{k+1}  = gamma_k (x_{k-1} + s_{k-1} 2^-l)
                + Q_l[(1 - gamma_k) x_k + (1 + gamma_k) h_k(x_k)]            (21)
 
-where Q_l rounds to multiples of 2^-l (17) and the side information s_{k-1} (20), m bits per
-element for gamma = +-2^-m, makes the product exact (23), so that (24) rebuilds x_{k-1} from
-(x_k, x_{k+1}) bit for bit: training keeps x_{K-1}, x_K and the side bits, not the activations.
-At inference E[gamma] = 0 gives the standard transformer (25).
+where Q_l rounds to multiples of 2^-l (17) and the side information s_{k-1} (20: 1 bit per element
+for gamma = +-1/2; m bits for +-2^-m, this project's extension) makes the product exact (23), so
+(24) rebuilds x_{k-1} from (x_k, x_{k+1}) bit for bit: training keeps x_{K-1}, x_K and s_0..s_{K-2}
+(Prop. 4.4), not the activations. At inference E[gamma] = 0 gives the standard transformer (25).
+h_k is block.residual(x, ...) where a block has one, else block(x, ...) - x; so any block works:
 
-Any block works: h_k is block.residual(x, ...) if it has one, else block(x, ...) - x:
-
-    config = BDIAConfig(gammas=(-0.5, 0.5), bits=9, reversible=True)
-    x = run_blocks(self.blocks, x, config)      # instead of: for b in self.blocks: x = b(x)
-    model.blocks = BDIAStack(model.blocks, config)   # a model that calls an nn.Sequential
+    x = run_blocks(self.blocks, x, BDIAConfig())    # instead of: for b in self.blocks: x = b(x)
+    model.model.layers = BDIAStack(model.model.layers, BDIAConfig())   # a model that loops over its own
 
 This file imports only torch and the standard library: copy it into your project.
 """
@@ -47,18 +43,15 @@ class _RoundSTE(torch.autograd.Function):
 
 def quantize(x, bits):
     """Q_l[x] = round(x / 2^-l) 2^-l, eq. (17); identity when bits is None."""
-    if bits is None:
-        return x
-    return _RoundSTE.apply(x * 2.0**bits) / 2.0**bits  # powers of two: the multiply and divide are exact
+    return x if bits is None else _RoundSTE.apply(x * 2.0**bits) / 2.0**bits  # powers of two: both exact
 
 def side_info(x, bits, m):
-    """s = (-n) mod 2^m for x = n 2^-l on the grid: so n + s is a multiple of 2^m, and for |gamma| = 2^-m,
-    gamma (x + s 2^-l) = +-(n + s) / 2^m 2^-l is on the grid, with no rounding (Prop. 4.3). m = 1 (gamma
-    +-1/2) is eq. (20), s = 1 where n is odd; m >= 2 is this project's extension. The code takes the low
-    m bits of the integer -n, whose two's complement makes it right for negative n too:
+    """s = (-n) mod 2^m for x = n 2^-l on the grid, so that n + s is a multiple of 2^m and, for |gamma| = 2^-m,
+    gamma (x + s 2^-l) is on the grid with no rounding (Prop. 4.3). m = 1 (gamma +-1/2) is eq. (20), s = 1 where
+    n is odd; m >= 2 is this project's extension. The low m bits of the integer -n (two's complement: n < 0 too):
 
-        n       5  -3   4  |  5  -3   6        (l is bits, the grid's; m is side_bits(gammas), the
-        m       1   1   1  |  2   2   2         side information's width)
+        n       5  -3   4  |  5  -3   6        (l is bits, the grid's; m is side_bits(gammas),
+        m       1   1   1  |  2   2   2         the side information's width)
         s       1   1   0  |  3   3   2
         n + s   6  -2   4  |  8   0   8"""
     integers = torch.int64 if x.dtype == torch.float64 else torch.int32
@@ -115,8 +108,7 @@ def draw_gamma(gammas, x):
     return gammas[torch.randint(len(gammas), (x.shape[0],), device=x.device)].view(-1, *[1] * (x.dim() - 1))
 
 def bdia_block(k, x_prev, x, h, gamma, config, training=True):
-    """x_{k+1} of block k by (19), (21) or (10), and the s_{k-1} (20) it used (or None: inference, bits None,
-    gammas not +-2^-m, where gamma x_{k-1} is rounded instead)."""
+    """x_{k+1} of block k by (19), (21) or (10), and the s_{k-1} (20) it used (None: gamma x_{k-1} rounded)."""
     if k == 0:
         return x + quantize(h, config.bits), None  # (19)
     m = side_bits(config.gammas)
@@ -146,19 +138,18 @@ class BDIAConfig:
 
 def run_blocks(blocks, x, config, *context, **kwargs):
     """Run blocks (an nn.ModuleList, nn.Sequential, BDIAStack, a slice, a list) on x, batch first; return x_K.
-    config None: the plain stack, x = block(x, *context, **kwargs). Training (the blocks' own mode):
-    BDIA (18)-(21), or (10) when bits is None; reversible: the activations rebuilt by (24) in backward.
-    Eval: (25) with gamma = config.eval_gamma. Context, positional (encoder memory, masks) and keyword
-    (rotary embeddings), goes to every block; its tensors that require grad (also nested in a tuple,
-    list or dict) get their gradient summed over the blocks, in reversible training too."""
+    config None: the plain stack, x = block(x, *context, **kwargs). Training (the blocks' own mode): BDIA
+    (18)-(21), or (10) when bits is None; reversible: the activations rebuilt by (24) in backward. Eval:
+    (25) with gamma = config.eval_gamma. Context, positional (encoder memory, masks) and keyword (rotary
+    embeddings), goes to every block; its tensors that require grad get their gradient summed over blocks."""
     blocks, training = blocks_and_mode(blocks)
     if config is None or not blocks:
         for block in blocks:
             x = split(block(x, *context, **kwargs))[0]
         return x
     if training and config.reversible and torch.is_grad_enabled() and torch.compiler.is_compiling():
-        # Under torch.compile(model) the reversible stack runs eagerly: dynamo would compile the forward's blocks, not
-        # the recomputation's (loss.backward() runs outside its graph), whose rounding then differs. block.compile() works.
+        # Under torch.compile(model) the reversible stack runs eagerly: dynamo would compile the forward's h_k, not the
+        # recomputation's (loss.backward() runs outside its graph), whose rounding then differs. block.compile() works.
         return torch.compiler.disable(run_blocks)(blocks, x, config, *context, **kwargs)
     chain = Chain(config, x, training, any(compiled(b) for b in blocks))
     for block in blocks:
@@ -174,13 +165,11 @@ def blocks_and_mode(blocks):
         raise TypeError("run_blocks: pass the blocks as an nn.ModuleList, nn.Sequential or list of nn.Modules")
     modes = {block.training for block in blocks}
     if len(modes) > 1:
-        raise ValueError("run_blocks: some blocks are in training mode, some in eval mode; call .train() or .eval() "
-                         "on the whole model")
+        raise ValueError("BDIA: some blocks are in training mode, some in eval mode; call .train() or .eval() on all")
     return list(blocks), modes == {True}
 
 class Chain:
-    """x on its way through a stack, block by block: k, x_{k-1}, x_k and, in reversible training, the tape.
-    Its step is the one run_blocks takes for each block and a model's own loop for each layer of a BDIAStack."""
+    """x on its way through the blocks: k, x_{k-1}, x_k and the tape. run_blocks and LayerStep take its step."""
 
     def __init__(self, config, x, training, compiled=False):
         if training:
@@ -192,23 +181,20 @@ class Chain:
         self.tape = Tape(config, self.x, compiled) if reversible else None
 
     def step(self, block, call, args, kwargs):
-        """x_{k+1} from block k, and the block's other outputs (None if it returns a tensor). call(x, *args,
-        **kwargs) is the block's output: `block` itself, or (a model's own loop) its forward, hooks run around."""
+        """x_{k+1} of block k, and its other outputs. call: `block`, or its own forward (a model's own loop)."""
         k, x_prev, x, config = self.k, self.x_prev, self.x, self.config
         gamma = None if k == 0 else draw_gamma(self.gammas, x) if self.training else config.eval_gamma
         if not self.training and config.eval_gamma == 0:
             x_next, rest = split(block_output(block, call, x, args, kwargs))
-            x_next = quantize(x_next, config.bits)  # (25)
+            # (25); at block 0 it rounds x_0 + h_0(x_0) where (19) adds x_0 to Q_l[h_0(x_0)]: the same on paper,
+            # in float a few elements one grid step apart (x_0 + h_0 may round first; README, "What BDIA is")
+            x_next = quantize(x_next, config.bits)
         elif self.tape is not None:
-            if getattr(block, "gradient_checkpointing", False):  # Hugging Face's gradient_checkpointing_enable()
-                raise BDIAError(f"BDIA: layer {k} ({type(block).__name__}) is gradient-checkpointed, which reversible BDIA "
-                                "makes redundant: call model.gradient_checkpointing_disable() (or activation_checkpointing_disable()), "
-                                "or use reversible=False")
             arguments = Arguments(block, call, args, kwargs, k)
             params = [p for p in block.parameters() if p.requires_grad]
             x_next, *extras = ReversibleBlock.apply(self.tape, arguments, k, gamma, x_prev, x, *arguments.tensors,
                                                     *params)  # (19), (21)
-            rest = arguments.outputs(extras)
+            rest = with_tensors(arguments.rest, arguments.rest_spec, extras)  # the other outputs, as Function's
         else:
             h, rest = residual_of(block, call, x, args, kwargs)
             x_next = bdia_block(k, x_prev, x, h, gamma, config, self.training)[0]  # (19), (21), (10)
@@ -216,14 +202,12 @@ class Chain:
         return x_next, rest
 
 def split(y):
-    """A block's output: the residual stream (the first element if it returns a tuple or list), and the other
-    outputs (T5's layers return the position bias), None if it returns a tensor."""
+    """A block's output: the stream (a tuple's or list's first element) and the others (T5: the position bias)."""
     return (y[0], tuple(y[1:])) if isinstance(y, (tuple, list)) else (y, None)
 
 def residual_of(block, call, x, args, kwargs):
-    """h_k(x_k) and the block's other outputs: block.residual(x, ...) if the block has it, else call(x, ...) - x
-    (whose float error the recomputation repeats bit for bit), in x's dtype (the block may run under autocast).
-    A compiled block (block.compile(), torch.compile(block)) is called as compiled: block(x, ...) - x."""
+    """h_k(x_k), in x's dtype (the block may run under autocast), and the block's other outputs: block.residual(x,
+    ...) if it has it and is not compiled, else call(x, ...) - x, whose float error the recomputation repeats."""
     if call is block and hasattr(block, "residual") and not compiled(block):
         if fsdp_sharded(block) and "residual" not in vars(block):  # FSDP2 gathers parameters only around forward
             sys.modules["torch.distributed.fsdp"].register_fsdp_forward_method(block, "residual")
@@ -236,13 +220,11 @@ def residual_of(block, call, x, args, kwargs):
 def block_output(block, call, x, args, kwargs):
     """call(x, *args, **kwargs); the LayerStep of a BDIAStack's layer lets the engine's own call go through."""
     step = vars(block).get("forward")
-    if not isinstance(step, LayerStep):
+    with contextlib.ExitStack() as after:
+        if isinstance(step, LayerStep):
+            step.through = True
+            after.callback(setattr, step, "through", False)
         return call(x, *args, **kwargs)
-    step.through = True
-    try:
-        return call(x, *args, **kwargs)
-    finally:
-        step.through = False
 
 def compiled(block):
     """Whether block.compile() or torch.compile(block) compiled the block's call (residual() is not)."""
@@ -256,15 +238,14 @@ def fsdp_sharded(module):
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 class BDIAStack(nn.Sequential):
-    """The same blocks as an nn.Sequential, with the same state_dict keys, for either kind of model:
-    `model.blocks = BDIAStack(model.blocks, BDIAConfig())` where the model calls its blocks as one module
-    (the stack's forward is run_blocks), `model.model.layers = BDIAStack(model.model.layers, BDIAConfig())`
-    where its own forward loops over them (each layer's forward becomes a LayerStep). config None: plain."""
+    """The same blocks, keys and modules, as an nn.Sequential whose forward is run_blocks and whose blocks each
+    get a LayerStep: `model.blocks = BDIAStack(model.blocks, BDIAConfig())` converts a model that calls them as
+    one module, or loops over them itself (`model.model.layers`, Hugging Face). config None: the plain stack."""
 
     def __init__(self, blocks, config=None):
         if isinstance(blocks, nn.Module):
             blocks = OrderedDict(blocks.named_children())
-        super().__init__(blocks) if isinstance(blocks, dict) else super().__init__(*blocks)  # a dict: a slice
+        super().__init__(blocks) if isinstance(blocks, dict) else super().__init__(*blocks)
         self.config, self.chain = config, None
         for i, block in enumerate(self):
             block.forward = LayerStep(self, i, block)  # the layer is the same module: keys, attributes, class
@@ -280,10 +261,9 @@ class BDIAStack(nn.Sequential):
         return part
 
 class LayerStep:
-    """The forward a BDIAStack gives each layer, for a model whose own loop calls them (every Hugging Face
-    model: `for layer in self.layers[: n]: hidden = layer(hidden, mask_of_this_layer, ...)`): the layer's
-    hooks run around it, its own forward inside it, as block k of the chain the stack's first layer starts.
-    Called by the engine itself (the stack's forward, run_blocks), it is the layer's own forward."""
+    """The forward a BDIAStack gives a layer, for a model whose own loop calls it (`for layer in self.layers[: n]:
+    hidden = layer(hidden, mask_of_this_layer, ...)`): one step of the pass its first layer starts, the layer's
+    hooks around it, its own forward inside. Called by the engine itself, it is the layer's own forward."""
 
     def __init__(self, stack, index, layer):
         self.stack, self.index, self.layer, self.through = stack, index, layer, False
@@ -292,34 +272,31 @@ class LayerStep:
         forward = functools.partial(type(self.layer).forward, self.layer)
         if self.through or self.stack.config is None:
             return forward(*args, **kwargs)
-        return (torch.compiler.disable(self.step) if torch.compiler.is_compiling() else self.step)(forward, args, kwargs)
+        step = torch.compiler.disable(self.step) if torch.compiler.is_compiling() else self.step  # run eagerly
+        return step(forward, args, kwargs)
 
-    def step(self, forward, args, kwargs):
-        """x_{k+1} in the place of x_k + h_k(x_k) in the layer's output, block k of the chain of this pass."""
+    def step(self, forward, args, kwargs):  # x_{k+1} in the place of x_k + h_k(x_k) in the layer's output
         layer, stack, name = self.layer, self.stack, f"layer {self.index} ({type(self.layer).__name__})"
         if not args or not torch.is_tensor(args[0]):
             raise BDIAError(f"BDIA: {name} got no hidden state as its first positional argument: pass it first")
-        if compiled(layer) or fsdp_sharded(layer):
-            raise BDIAError(f"BDIA: {name} is compiled or sharded, which a model's own loop over a BDIAStack runs eagerly "
-                            "and unsharded; call the stack as one module (its forward, run_blocks) to compile or shard")
+        if compiled(layer) or fsdp_sharded(layer):  # the loop runs its own forward: uncompiled, unsharded
+            raise BDIAError(f"BDIA: {name} is compiled or sharded; run the stack as one module (run_blocks) for that")
         chain, x = stack.chain, args[0]
         if chain is None or chain.output() is not x:  # not the previous layer's output: a new pass starts
             if self.index != 0 and (layer.training or stack.config.eval_gamma != 0):  # (25) needs no chain
-                raise BDIAError(f"BDIA: {name} got a hidden state that is not the previous layer's output; the model "
-                                "changes it between layers or starts mid-stack: run the layers with run_blocks instead")
-            chain = Chain(stack.config, x, layer.training)
+                raise BDIAError(f"BDIA: {name} got a hidden state that is not the previous layer's output (changed "
+                                "between layers, or a start mid-stack): run the layers with run_blocks instead")
+            chain = Chain(stack.config, x, blocks_and_mode(stack)[1])  # the mode of all the stack's layers
         elif chain.training != layer.training:
-            raise ValueError("BDIA: some layers are in training mode, some in eval mode; call .train() or .eval() on "
-                             "the whole model")
+            raise ValueError(f"BDIA: {name} is in another mode than the layers before it; call .train() or .eval()")
         x_next, rest = chain.step(layer, forward, args[1:], kwargs)
         chain.output, stack.chain = weakref.ref(x_next), chain
         return x_next if rest is None else (x_next, *rest)
 
 
 # -----------------------------------------------------------------------------
-# Online back-propagation: one autograd Function per block, inputs x_{k-1}, x_k, the block's tensor arguments
-# and its parameters, keeps only the packed side bits. Each backward, from the top, rebuilds x_{k-1} by (24)
-# for the one below: parameter gradients arrive block by block (DDP's hooks fire as for a plain model).
+# Online back-propagation: one autograd Function per block (inputs x_{k-1}, x_k, its tensor arguments, parameters)
+# keeps the packed side bits; each backward, from the top, rebuilds x_{k-1} by (24) for the block below.
 
 class Tape:
     """What the blocks of one reversible pass share: config, the rebuilt x_k, |x_k|, the checks of (24)."""
@@ -331,7 +308,7 @@ class Tape:
 
     def take(self, k):
         """x_{k+1} and x_k for block k's backward; x_{k+1} is needed no more (nor x_0 by block 0)."""
-        self.check_range()  # at the top block's backward when a model's own loop ran the layers
+        self.check_range()
         if k + 1 not in self.rebuilt:
             raise BDIAError(f"BDIA: block {k}'s backward has no x_{k + 1}: this reversible graph was back-propagated "
                             "already (retain_graph=True), or the loss does not use the last block's output")
@@ -343,19 +320,19 @@ class Tape:
         if k == self.target[0]:
             self.checks.append((f"x_{k}", self.target[1], fingerprint(x + 0.0)))
 
-    def check_range(self):
-        if self.magnitudes:
-            magnitudes, self.magnitudes = self.magnitudes, []
-            check_magnitudes(magnitudes, self.dtype, self.config.bits)
+    def check_range(self):  # once: after the forward (run_blocks), or at the top block's backward
+        magnitudes, self.magnitudes = self.magnitudes, []
+        check_magnitudes(magnitudes, self.dtype, self.config.bits) if magnitudes else None
 
 class Arguments:
-    """Block k's call on x_k with its other arguments (masks, rotary embeddings, a position bias), whose tensors
-    are inputs of its autograd Function; Hugging Face KV caches become None (the recomputation must not see what
-    the forward wrote into them), as under Hugging Face's own gradient checkpointing."""
+    """Block k's other arguments (masks, rotary embeddings, a position bias), their tensors its Function's inputs.
+    HF KV caches become None (as under HF's checkpointing): the recomputation must not see what the forward wrote."""
 
     def __init__(self, block, call, args, kwargs, k):
-        self.block, self.call = block, call
-        self.leaves, self.spec = tree_flatten((args, kwargs))
+        if getattr(block, "gradient_checkpointing", False):  # Hugging Face's gradient_checkpointing_enable()
+            raise BDIAError(f"BDIA: layer {k} is gradient-checkpointed, which reversible BDIA makes redundant: call "
+                            "model.gradient_checkpointing_disable(), or use reversible=False")
+        self.block, self.call, (self.leaves, self.spec) = block, call, tree_flatten((args, kwargs))
         cache = getattr(sys.modules.get("transformers.cache_utils"), "Cache", ())  # Hugging Face's, if loaded
         if any(isinstance(t, cache) and t.get_seq_length() > 0 for t in self.leaves):
             raise BDIAError(f"BDIA: layer {k} got a KV cache that holds tokens already, which reversible training "
@@ -367,22 +344,19 @@ class Arguments:
         self.tensors = [t for t in self.leaves if torch.is_tensor(t)]
 
     def residual(self, x, tensors):
-        """h_k(x_k) and the block's other outputs, with these tensors in the places of the arguments' tensors."""
-        tensors = iter(tensors)
-        args, kwargs = tree_unflatten([next(tensors) if torch.is_tensor(t) else t for t in self.leaves], self.spec)
-        h, rest = residual_of(self.block, self.call, x, args, kwargs)
+        """h_k(x_k) and the tensors of the block's other outputs, these tensors in the arguments' places."""
+        h, rest = residual_of(self.block, self.call, x, *with_tensors(self.leaves, self.spec, tensors))
         rest, self.rest_spec = tree_flatten(rest)
-        self.rest = [None if torch.is_tensor(t) else (t,) for t in rest]  # kept: what is not a tensor
+        self.rest = [t.detach() if torch.is_tensor(t) else t for t in rest]  # without their graph
         return h, [t for t in rest if torch.is_tensor(t)]
 
-    def outputs(self, extras):
-        """The block's other outputs, with the Function's outputs in the places of their tensors."""
-        extras = iter(extras)
-        return tree_unflatten([next(extras) if t is None else t[0] for t in self.rest], self.rest_spec)
+def with_tensors(leaves, spec, tensors):
+    """The tree of these leaves, with these tensors in the places of theirs."""
+    tensors = iter(tensors)
+    return tree_unflatten([next(tensors) if torch.is_tensor(t) else t for t in leaves], spec)
 
 class ReversibleBlock(torch.autograd.Function):
-    """Block k of a reversible pass: (tape, arguments, k, gamma_k, x_{k-1}, x_k, *its tensors, *its parameters)
-    -> x_{k+1}, and the tensors among the block's other outputs."""
+    """Block k: (tape, arguments, k, gamma_k, x_{k-1}, x_k, *tensors, *parameters) -> x_{k+1}, *other outputs."""
 
     @staticmethod
     def forward(ctx, tape, arguments, k, gamma, x_prev, x, *tensors_and_params):
@@ -390,8 +364,7 @@ class ReversibleBlock(torch.autograd.Function):
         ctx.context_needs_grad = ctx.needs_input_grad[6 : 6 + len(arguments.tensors)]
         ctx.n_params = len(tensors_and_params) - len(arguments.tensors)  # FSDP2: its shards get no gradient here
         ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
-        if tape.lowest is None and any(ctx.needs_input_grad):
-            # the last block whose backward runs checks the recomputation, and the lowest x_k it rebuilds
+        if tape.lowest is None and any(ctx.needs_input_grad):  # the last backward checks h_k and the lowest x_k
             tape.lowest, tape.target = k, (max(k - 1, 0), fingerprint((x if k == 0 else x_prev) + 0.0))
         rng = generator_states(x.device)  # the block's random draws are replayed by observation
         h, extras = residual_with_graph(ctx, x)[:2]
@@ -433,13 +406,11 @@ class ReversibleBlock(torch.autograd.Function):
         return None, None, None, None, gamma * grad_next, (1 - gamma) * grad_next + grad_x, *grad_rest  # (21)
 
 def recompute(ctx, x):
-    """h_k(x_k) again, with the forward's random draws: its graph is checked once per block, and its
-    fingerprint against the forward's (read by check_recomputation)."""
+    """h_k(x_k) again with the forward's random draws; its graph checked once per block, its fingerprint queued."""
     with replayed_generators(ctx.rng, x.device):
         h, extras, x_leaf, context_leaves = residual_with_graph(ctx, x)
-    block = ctx.arguments.block
-    params = [p for p in block.parameters() if p.requires_grad]  # FSDP2: the unsharded ones, now
-    check_graph(block, ctx.k, [h, *extras], [x_leaf, *params, *context_leaves])
+    params = [p for p in ctx.arguments.block.parameters() if p.requires_grad]  # FSDP2: the unsharded ones, now
+    check_graph(ctx.arguments.block, ctx.k, [h, *extras], [x_leaf, *params, *context_leaves])
     ctx.tape.checks.append((f"h_{ctx.k}", ctx.h_fingerprint, fingerprint(h)))
     return h, extras, (x_leaf, params, context_leaves)
 
@@ -458,23 +429,19 @@ def vector_jacobian(ctx, outputs, grads, leaves):
     return torch.zeros_like(x_leaf) if grad_x is None else grad_x, (*grad_context, *grad_params)
 
 def residual_with_graph(ctx, x):
-    """h_k(x_k) and the tensors of the block's other outputs with their graph, x_k and the arguments' tensors that
-    need grad as leaves, under the forward's autocast: the one computation the forward runs for (21) and the
-    backward for (24) and the gradients, so a compiled block runs one graph both times (with grad off, an
-    inference graph might round otherwise)."""
-    x_leaf = x.detach().requires_grad_()
-    tensors = ctx.arguments.tensors
-    leaves = [t.detach().requires_grad_() if need else t for t, need in zip(tensors, ctx.context_needs_grad)]
+    """h_k(x_k) and the other outputs, with their graph from leaves x_k and the tensors that need grad, under the
+    forward's autocast: the one computation of (21), (24) and the gradients (a compiled block: one graph)."""
+    x_leaf, needs = x.detach().requires_grad_(), ctx.context_needs_grad
+    leaves = [t.detach().requires_grad_() if need else t for t, need in zip(ctx.arguments.tensors, needs)]
     with torch.enable_grad(), torch.autocast(x.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
         h, extras = ctx.arguments.residual(x_leaf, leaves)
-    return h, extras, x_leaf, [t for t, need in zip(leaves, ctx.context_needs_grad) if need]
+    return h, extras, x_leaf, [t for t, need in zip(leaves, needs) if need]
 
 _CHECKED = weakref.WeakSet()  # blocks whose graph was looked at once
 
 def check_graph(block, k, outputs, inputs):
-    """At a block's first backward, refuse a tensor that requires grad, that h_k's graph reaches and that is
-    not among the Function's inputs (a parameter kept outside the block: it would get no gradient), and
-    reentrant activation checkpointing (it cannot run under torch.autograd.grad)."""
+    """At a block's first backward, refuse a tensor that requires grad, that h_k's graph reaches and that is not an
+    input (a parameter kept outside the block: no gradient), and reentrant checkpointing (no autograd.grad)."""
     if block in _CHECKED:
         return
     checkpoint = sys.modules.get("torch.utils.checkpoint")
@@ -486,21 +453,19 @@ def check_graph(block, k, outputs, inputs):
             continue
         seen.add(node)
         if type(node) is reentrant:
-            raise BDIAError(f"BDIA: block {k} ({type(block).__name__}) runs torch.utils.checkpoint with use_reentrant="
-                            "True, which reversible training cannot back-propagate; pass use_reentrant=False (Hugging "
-                            "Face: gradient_checkpointing_kwargs={'use_reentrant': False}), or drop it")
+            raise BDIAError(f"BDIA: block {k} ({type(block).__name__}) runs torch.utils.checkpoint with "
+                            "use_reentrant=True, which reversible BDIA cannot back-propagate; pass use_reentrant=False")
         leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor that gets .grad
         if leaf is not None and id(leaf) not in own:
             raise BDIAError(f"BDIA: block {k} ({type(block).__name__}) reads a tensor of shape {tuple(leaf.shape)} "
-                            "that requires grad but is neither its parameter nor context: reversible=True would "
-                            "give it no gradient; pass it as context or make it a parameter of the block")
+                            "that requires grad but is neither its parameter nor context: reversible=True would give "
+                            "it no gradient; pass it as context or make it a parameter of the block")
         nodes.extend(next_node for next_node, _ in node.next_functions)
     _CHECKED.add(block)
 
 def check_recomputation(tape):
-    """After the pass's last backward, one read of every check: each recomputed h_k was the forward's bit for
-    bit, and (24) rebuilt the lowest x_k (x_0, unless the lowest blocks need no gradient). The first that
-    failed (from the top) is the cause."""
+    """After the pass's last backward, one read of every check: each recomputed h_k was the forward's bit for bit,
+    and (24) rebuilt the lowest x_k (x_0 unless lower blocks need no gradient). The first that failed is the cause."""
     checks, tape.checks = tape.checks, []
     failed = torch.stack([before for _, before, _ in checks]) != torch.stack([again for _, _, again in checks])
     if not bool(failed.any()):
@@ -532,13 +497,10 @@ def replayed_generators(state, device):
 
 class BDIAError(RuntimeError):
     """Base of the engine's runtime errors: scripts catch these by type."""
-
 class DivergedError(BDIAError):
     """The residual stream blew up (NaN, infinity or |x| > 2^20): the training diverged."""
-
 class PrecisionError(BDIAError):
     """The stream left the range where its dtype holds the 2^-l grid exactly: (24) would be inexact."""
-
 class ReconstructionError(BDIAError):
     """The reversible backward recomputed an h_k, or rebuilt x_0, otherwise: the gradients would be wrong."""
 
