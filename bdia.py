@@ -321,8 +321,9 @@ class Tape:
             self.checks.append((f"x_{k}", self.target[1], fingerprint(x + 0.0)))
 
     def check_range(self):  # once: after the forward (run_blocks), or at the top block's backward
-        magnitudes, self.magnitudes = self.magnitudes, []
-        check_magnitudes(magnitudes, self.dtype, self.config.bits) if magnitudes else None
+        if self.magnitudes:
+            check_magnitudes(self.magnitudes, self.dtype, self.config.bits)
+            self.magnitudes = []
 
 class Arguments:
     """Block k's other arguments (masks, rotary embeddings, a position bias), their tensors its Function's inputs.

@@ -469,3 +469,15 @@ def test_a_compiled_converted_model_trains_as_the_eager_one(monkeypatch):
     assert takes == [2, 1, 0] * 2  # reversible both times
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_a_stream_beyond_the_grid_is_refused_at_the_first_backward_of_a_models_own_loop():
+    """run_blocks checks |x_k| after its forward; a model's own loop does not say where its last layer is,
+    so the same check runs at the top layer's backward, before any x_k is rebuilt."""
+    torch.manual_seed(0)
+    model = OwnLoop(3).train()
+    model.layers = BDIAStack(model.layers, BDIAConfig())
+    model.embed.bias.data[0] = 2.0**15  # float32 holds the 2^-9 grid below 2^14
+    loss = model(torch.randn(4, 5, 3))
+    with pytest.raises(bdia.PrecisionError, match=r"input of the stack \(x_0\).*fewer bits"):
+        loss.backward()
