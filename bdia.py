@@ -278,7 +278,8 @@ class LayerStep:
     def step(self, forward, args, kwargs):  # x_{k+1} in the place of x_k + h_k(x_k) in the layer's output
         layer, stack, name = self.layer, self.stack, f"layer {self.index} ({type(self.layer).__name__})"
         if not args or not torch.is_tensor(args[0]):
-            raise BDIAError(f"BDIA: {name} got no hidden state as its first positional argument: pass it first")
+            raise BDIAError(f"BDIA: {name} got no hidden state as its first positional argument: pass it so, or "
+                            "write the loop yourself with run_blocks")
         if compiled(layer) or fsdp_sharded(layer):  # the loop runs its own forward: uncompiled, unsharded
             raise BDIAError(f"BDIA: {name} is compiled or sharded; run the stack as one module (run_blocks) for that")
         chain, x = stack.chain, args[0]
