@@ -43,8 +43,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-import data
-import runlib
+from plumbing import data, runlib
 from bdia import BDIAConfig, run_blocks, side_bits
 from models import Block, RevBlock, run_rev_blocks
 

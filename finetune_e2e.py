@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
+from plumbing import data
 import gpt2
-import metrics
-import runlib
+from plumbing import metrics
+from plumbing import runlib
 
 SCRIPT = Path(__file__).name
 SINGLE = runlib.Dist(0, 1, 0, False)  # one process, no torchrun

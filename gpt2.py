@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdia import run_blocks
-from data import DataError, atomic_write, download
+from plumbing.data import DataError, atomic_write, download
 from models import GPT
 
 GPT2_MODELS = {  # name -> (n_layer, n_head, n_embd); all have vocab 50257 and 1024 positions

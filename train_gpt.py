@@ -37,8 +37,8 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
-import data
-import runlib
+from plumbing import data
+from plumbing import runlib
 from models import GPT, constant_gamma
 
 SCRIPT = Path(__file__).name

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
-import runlib
-from metrics import corpus_bleu
+from plumbing import data
+from plumbing import runlib
+from plumbing.metrics import corpus_bleu
 from models import Seq2Seq
 
 SCRIPT = Path(__file__).name

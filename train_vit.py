@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
-import runlib
+from plumbing import data
+from plumbing import runlib
 from models import RevViT, ViT, constant_gamma
-from randaugment import rand_augment
+from plumbing.randaugment import rand_augment
 
 SCRIPT = Path(__file__).name
 

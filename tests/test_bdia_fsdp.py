@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import runlib  # noqa: E402
+from plumbing import runlib  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from conftest import counting  # noqa: E402
 from models import GPT, Seq2Seq  # noqa: E402

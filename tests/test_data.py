@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+from plumbing import data  # noqa: E402
 
 
 def test_download_verifies_and_never_leaves_a_partial_file(tmp_path):

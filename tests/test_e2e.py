@@ -16,9 +16,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import finetune_e2e  # noqa: E402
-import data  # noqa: E402
+from plumbing import data  # noqa: E402
 import gpt2  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import runlib  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from gpt2 import LoRALinear, add_lora, banned_tokens, set_lora_merged  # noqa: E402
 from models import GPT  # noqa: E402

@@ -30,7 +30,7 @@ import plot  # noqa: E402
 import train_gpt  # noqa: E402
 import train_translate  # noqa: E402
 import train_vit  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import runlib  # noqa: E402
 from models import GPT  # noqa: E402
 
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
+from plumbing import data  # noqa: E402
 import train_gpt  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import GPT  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import finetune_e2e  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import runlib  # noqa: E402
 import train_gpt  # noqa: E402
 import train_translate  # noqa: E402
 import train_vit  # noqa: E402
@@ -302,7 +302,7 @@ def test_a_run_that_waited_on_a_removed_lock_file_locks_the_new_one(tmp_path):
 RACE = """
 import os, sys
 sys.path.insert(0, sys.argv[3])
-import runlib
+from plumbing import runlib
 folder, inside = sys.argv[1], sys.argv[2]
 held = 0
 for _ in range(300):

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import finetune_e2e  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import runlib  # noqa: E402
 import train_gpt  # noqa: E402
 import train_translate  # noqa: E402
 import train_vit  # noqa: E402

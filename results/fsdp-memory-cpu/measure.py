@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch
-import runlib
+from plumbing import runlib
 from bdia import BDIAConfig
 from models import GPT
 from torch.distributed.tensor import DTensor

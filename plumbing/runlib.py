@@ -33,7 +33,7 @@ import torch
 import torch.distributed
 
 from bdia import BDIAConfig, BDIAError, DivergedError, PrecisionError, exact_limit, mantissa_bits
-from data import DataError, atomic_write
+from plumbing.data import DataError, atomic_write
 import models
 
 # what a CUDA out-of-memory error suggests, in every script
