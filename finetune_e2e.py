@@ -45,10 +45,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import data
 import gpt2
-from plumbing import metrics
-from plumbing import runlib
+from plumbing import data, gpt2_files, metrics, runlib
 
 SCRIPT = Path(__file__).name
 SINGLE = runlib.Dist(0, 1, 0, False)  # one process, no torchrun
@@ -66,7 +64,7 @@ def parse_args(argv=None):
                         "or pytorch_model.bin and config.json")
     g.add_argument("--tokenizer", default=None, help="folder with encoder.json+vocab.bpe or vocab.json+merges.txt "
                                                      "(None: that of --init-from)")
-    g.add_argument("--cache-dir", default=gpt2.DEFAULT_CACHE, help="where hub downloads are kept")
+    g.add_argument("--cache-dir", default=gpt2_files.DEFAULT_CACHE, help="where hub downloads are kept")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout in the blocks")
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     g.add_argument("--lora-alpha", type=float, default=32, help="LoRA scale alpha (the update is alpha/rank B A)")
@@ -427,11 +425,11 @@ def train(args):
     out, main_process = Path(args.out_dir), dist.rank == 0
     ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
     torch.manual_seed(args.seed + dist.rank)  # --fsdp: rank 0's adapters are broadcast; dropout and gammas differ
-    if Path(args.init_from).is_dir() and (missing := gpt2.missing_files(args.init_from, tokenizer=not args.tokenizer)):
-        raise data.DataError(f"--init-from {args.init_from} lacks {gpt2.and_list(missing)}: put {'it' if len(missing) == 1 else 'them'} "
+    if Path(args.init_from).is_dir() and (missing := gpt2_files.missing_files(args.init_from, tokenizer=not args.tokenizer)):
+        raise data.DataError(f"--init-from {args.init_from} lacks {gpt2_files.and_list(missing)}: put {'it' if len(missing) == 1 else 'them'} "
                              "there" + (" (--tokenizer DIR may give the tokenizer's)" if not args.tokenizer else ""))
     try:
-        tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
+        tok = gpt2_files.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
     except ValueError as e:  # a vocabulary that is not JSON, or not UTF-8
         raise data.DataError(f"cannot read the tokenizer of {args.tokenizer or args.init_from} ({e})") from e
     if tok.eos_id is None:

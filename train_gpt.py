@@ -37,9 +37,8 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
-from plumbing import data
-from plumbing import runlib
 from models import GPT, constant_gamma
+from plumbing import data, runlib
 
 SCRIPT = Path(__file__).name
 

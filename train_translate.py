@@ -31,10 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import data
-from plumbing import runlib
-from plumbing.metrics import corpus_bleu
 from models import Seq2Seq
+from plumbing import data, runlib
+from plumbing.metrics import corpus_bleu
 
 SCRIPT = Path(__file__).name
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"

@@ -40,9 +40,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import data
-from plumbing import runlib
 from models import RevViT, ViT, constant_gamma
+from plumbing import data, runlib
 from plumbing.randaugment import rand_augment
 
 SCRIPT = Path(__file__).name
