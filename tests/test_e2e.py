@@ -1,6 +1,7 @@
 """GPT-2 files (safetensors, HF layout, BPE), LoRA, KV-cache beam search and finetune_e2e.py,
 on tiny checkpoints, vocabularies and E2E files the tests write."""
 
+import argparse
 import csv
 import json
 import math
@@ -507,7 +508,8 @@ def test_loss_is_label_smoothed_on_completion_tokens_only_and_lr_is_linear():
     eps = 0.1  # smoothed target: (1 - eps) on the label plus eps / 10 on every token
     expected = [-(1 - eps) * lp - eps * mean_logp for lp in (logp9, logp_other)]
     assert finetune_e2e.loss_on(Uniform(), x, y, eps).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
-    assert [runlib.linear_lr(s, 10, 1.0, warmup=4) for s in (0, 3, 4, 7, 10)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+    args = argparse.Namespace(lr=1.0, warmup_steps=4)
+    assert [finetune_e2e.learning_rate(s, 10, args) for s in (0, 3, 4, 7, 10)] == [0.25, 1.0, 1.0, 0.5, 0.0]
 
 
 def test_lora_repo_line_format_and_mr_conversion(tmp_path):

@@ -29,26 +29,61 @@ SCRIPTS = (train_vit, train_gpt, train_translate, finetune_e2e)
 
 
 def parser():
+    """A script's parser as the scripts build theirs: its own flags, its BDIA flags, the run flags."""
     p = runlib.ArgumentParser(prog="test.py")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_training_flags(out_dir="out")
+    p.add_argument("--bdia", action="store_true")
+    p.add_argument("--gammas", nargs="+", action=runlib.Numbers, default=(-0.5, 0.5))
+    p.add_argument("--bits", type=runlib.parse_bits, default=9)
+    p.add_argument("--no-reversible", action="store_true")
+    p.add_argument("--eval-gamma", type=float, default=0.0)
+    p.add_run_flags(out_dir="out")
     return p
 
 
 def parse(argv):
-    return parser().parse(argv, at_least_1=("width", "epochs"))
+    p = parser()
+    args = p.parse(argv, at_least_1=("width", "epochs"))
+    args.bdia_config = p.checked_config(train_vit.bdia_config, args)
+    return args
 
 
-def test_bdia_flags_build_the_config():
-    assert parse([]).bdia_config is None
-    assert parse(["--bdia", "--compile", "--no-reversible"]).bdia_config == BDIAConfig(reversible=False)
-    assert parse(["--bdia", "--compile"]).bdia_config == BDIAConfig()  # compiled per block (tests/test_compile.py)
-    assert parse(["--bdia", "--gammas", "-0.25", "0.25", "--bits", "5"]).bdia_config == BDIAConfig((-0.25, 0.25), 5)
-    config = parse(["--bdia", "--bits", "none", "--no-reversible", "--gammas=-0.5,0,0.5"]).bdia_config  # commas too
-    assert config == BDIAConfig((-0.5, 0.0, 0.5), None, False, 0.0)
+# the flags each script needs beside the BDIA ones to parse (nothing is read while parsing)
+NEEDED = {train_vit: [], train_gpt: ["--text-file", "t.txt"], train_translate: ["--dataset", "gettext-fr"], finetune_e2e: []}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.SCRIPT)
+def test_each_scripts_bdia_flags_build_the_config_its_model_gets(script):
+    def config(*argv):
+        return script.parse_args([*NEEDED[script], *argv]).bdia_config
+
+    assert config() is None
+    assert config("--bdia", "--compile", "--no-reversible") == BDIAConfig(reversible=False)
+    assert config("--bdia", "--compile") == BDIAConfig()  # compiled per block (tests/test_compile.py)
+    assert config("--bdia", "--gammas", "-0.25", "0.25", "--bits", "5") == BDIAConfig((-0.25, 0.25), 5)
+    assert config("--bdia", "--bits", "none", "--no-reversible", "--gammas=-0.5,0,0.5") == \
+        BDIAConfig((-0.5, 0.0, 0.5), None, False, 0.0)  # commas too
+    assert config("--bdia", "--eval-gamma", "0.5") == BDIAConfig(eval_gamma=0.5)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.SCRIPT)
+def test_a_grid_the_stream_starts_below_is_said_at_the_start(script, capsys):
+    """--bits -5 (the paper's l < 0): the stream is rounded to multiples of 32, so a stream near 1 starts
+    as 0 and nothing trains for a long while; it is allowed (Table 4 goes to -2) but said, once."""
+    for bits, said in (("-5", "multiples of 2^5 = 32: every entry below 16 in magnitude becomes 0"),
+                       ("0", "multiples of 2^0 = 1: every entry below 0.5 in magnitude becomes 0"), ("1", None)):
+        script.parse_args([*NEEDED[script], "--bdia", "--bits", bits])
+        err = capsys.readouterr().err
+        if said is None:
+            assert err == ""
+        else:
+            assert err.startswith(f"{script.SCRIPT}: warning: --bits {bits} rounds the residual stream to {said}")
+            assert err.count("\n") == 1 and "the paper trains with --bits 9" in err
+    script.parse_args([*NEEDED[script], "--bits", "-5"])  # without --bdia nothing is rounded
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -101,7 +136,7 @@ def test_resume_refuses_another_flag_and_prints_the_runs_command_line(tmp_path, 
 def test_a_checkpoint_of_another_script_names_it(tmp_path):
     checkpoint_of(tmp_path, [])
     p = runlib.ArgumentParser(prog="other.py")
-    p.add_training_flags(out_dir="out")
+    p.add_run_flags(out_dir="out")
     with pytest.raises(runlib.CheckpointError, match=r"was written by test.py, not other.py"):
         p.parse(["--resume", "--out-dir", str(tmp_path)])
 
@@ -233,8 +268,14 @@ def test_jsonl_log_appends_and_resumes(tmp_path):
     assert runlib.JsonlLog(tmp_path / "log.jsonl").read() == []  # a fresh run starts a new log
 
 
-def test_cosine_lr_warms_up_then_decays_to_min_lr():
-    lrs = [runlib.cosine_lr(s, 100, 1.0, warmup=10, min_lr=0.1) for s in range(101)]
+@pytest.mark.parametrize("script", [train_gpt, train_translate], ids=lambda s: s.SCRIPT)
+def test_cosine_lr_warms_up_then_decays_to_min_lr(script):
+    if script is train_gpt:
+        args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
+        lrs = [train_gpt.learning_rate(s, args) for s in range(101)]
+    else:
+        args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup=10, cosine=True)
+        lrs = [train_translate.learning_rate(s, 100, args) for s in range(101)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
