@@ -268,8 +268,10 @@ def refuse_to_replace(args):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         held = (f"{'a finished' if run_is_finished(ckpt) else 'an unfinished'} run of "
                 f"{ckpt.get('script') or 'another program'} ({position(ckpt)})")
-    except Exception:  # damaged: still not this run's to replace unasked
-        held = f"{path}, which cannot be read"
+    except Exception:  # damaged: still not this run's to replace unasked, and --resume cannot continue it
+        raise CheckpointError(f"{args.out_dir} holds {path}, which cannot be read ({checkpoint_damage(path)}), so "
+                              "--resume cannot continue it: start over with --overwrite (which replaces it), or delete "
+                              "it, or use another --out-dir") from None
     raise CheckpointError(f"{args.out_dir} holds {held}: continue it with --resume, or start over with --overwrite "
                           "(which replaces it), or use another --out-dir")
 

@@ -423,7 +423,7 @@ def test_fsdp_under_torchrun_matches_one_process_with_the_global_batch(checkpoin
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_e2e.py",
             *flags, "--batch-size", "5", "--fsdp", "--out-dir", str(tmp_path / "fsdp")]
-    run_fsdp = subprocess.run(fsdp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    run_fsdp = subprocess.run(fsdp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # a hang guard
     assert run_fsdp.returncode == 0, run_fsdp.stderr[-3000:]
     finetune_e2e.main([*flags, "--batch-size", "10", "--out-dir", str(tmp_path / "single")])
     rows = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("fsdp", "single")]

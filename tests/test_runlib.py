@@ -3,6 +3,7 @@ lock, checkpoints (atomic, every RNG state, a full disk), the log, schedules."""
 
 import argparse
 import contextlib
+import json
 import errno
 import fcntl
 import os
@@ -11,7 +12,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -26,6 +26,7 @@ import train_vit  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 
 SCRIPTS = (train_vit, train_gpt, train_translate, finetune_e2e)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parser():
@@ -145,14 +146,14 @@ def test_a_checkpoint_of_another_script_names_it(tmp_path):
 # One run per folder
 
 
-HOLD = "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); " \
-       "f.write('process 4242'); f.flush(); print('held', flush=True); time.sleep(60)"
+HOLD = "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); " \
+       "f.write('process 4242'); f.flush(); print('held', flush=True); sys.stdin.read()"  # holds it until killed
 
 
 def test_a_live_run_holds_the_folder_and_a_killed_one_does_not(tmp_path):
     (tmp_path / "out").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out" / "run.lock")], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out" / "run.lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(runlib.FolderInUse, match=r"out is in use by a running process \(process 4242\)"):
@@ -367,7 +368,7 @@ def test_runs_racing_for_one_folder_never_hold_it_at_once(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = [sys.executable, "-c", RACE, str(tmp_path / "out"), str(tmp_path / "held"), root]
     racers = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    results = [racer.communicate(timeout=120) for racer in racers]
+    results = [racer.communicate(timeout=600) for racer in racers]  # a hang guard
     assert [racer.returncode for racer in racers] == [0, 0, 0], [err for _, err in results]
     assert all(int(out) > 0 for out, _ in results)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no run.lock left behind
@@ -394,24 +395,25 @@ def test_resume_of_a_finished_run_says_so(tmp_path, text_file, capsys):
 
 
 def test_a_killed_run_leaves_its_lock_and_resume_continues(tmp_path, text_file):
+    """SIGKILL, which no process can catch, where iteration 3 begins (the run kills itself there, so the
+    point does not depend on the machine's speed): the lock file stays, the OS released the lock, and
+    --resume continues from the checkpoint of iteration 2."""
+    from test_signals import STOP_AT
+
     flags = ["--text-file", str(text_file), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
              "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "2", "--device", "cpu", "--out-dir",
-             str(tmp_path)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.Popen([sys.executable, os.path.join(root, "train_gpt.py"), *flags, "--max-iters", "100000"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "ckpt.pt").is_file() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert (tmp_path / "ckpt.pt").is_file()
-    finally:
-        run.send_signal(signal.SIGKILL)
-        run.wait()
-    assert (tmp_path / "run.lock").read_text() == f"process {run.pid}\n"  # the killed run's lock file is still there
-    killed_at = runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"]
-    train_gpt.main(["--out-dir", str(tmp_path), "--resume", "--max-iters", str(killed_at + 2)])  # not blocked
-    assert runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"] == killed_at + 2
+             str(tmp_path / "out"), "--max-iters", "100000"]
+    (tmp_path / "stop_at.py").write_text(STOP_AT)
+    plan = json.dumps(dict(at=4, signals=[int(signal.SIGKILL)]))
+    run = subprocess.Popen([sys.executable, str(tmp_path / "stop_at.py"), ROOT, plan, os.path.join(ROOT, "train_gpt.py"),
+                            *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.wait(timeout=600) == -signal.SIGKILL  # a hang guard
+    out = tmp_path / "out"
+    assert (out / "run.lock").read_text() == f"process {run.pid}\n"  # the killed run's lock file is still there
+    assert runlib.read_checkpoint(out / "ckpt.pt", "train_gpt.py")["iter"] == 2
+    train_gpt.main(["--out-dir", str(out), "--resume", "--max-iters", "4"])  # not blocked
+    assert runlib.read_checkpoint(out / "ckpt.pt", "train_gpt.py")["iter"] == 4
 
 
 def test_finetune_e2e_resumes_with_other_decoding_flags(tmp_path):

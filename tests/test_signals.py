@@ -245,6 +245,22 @@ def test_each_script_refuses_a_new_run_over_an_unfinished_one(script, tmp_path, 
         "continue it with --resume, or start over with --overwrite (which replaces it), or use another --out-dir\n")
 
 
+def test_a_new_run_over_a_truncated_checkpoint_does_not_send_the_user_to_resume(tmp_path, capsys):
+    """--resume cannot continue a checkpoint that cannot be read: the line says what it holds and the
+    ways that work."""
+    argv = fill([*FLAGS["vit"], "--epochs", "3"], dict(data=tmp_path / "nowhere", out=tmp_path / "out"))
+    runlib.save_checkpoint(tmp_path / "out" / "ckpt.pt", train_vit.parse_args(argv), epoch=1)
+    path = tmp_path / "out" / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as e:
+        train_vit.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (
+        f"train_vit.py: error: {tmp_path / 'out'} holds {path}, which cannot be read (it is truncated (a zip archive "
+        "without its end, 1000 bytes)), so --resume cannot continue it: start over with --overwrite (which replaces "
+        "it), or delete it, or use another --out-dir\n")
+
+
 def test_a_stopped_main_called_from_python_leaves_the_callers_handlers(data_of, tmp_path, capsys, monkeypatch):
     """train_gpt.main() called in this process, a real SIGINT raised as its first checkpoint is
     written: the run stops and saves as from a shell (SystemExit 130), and Ctrl-C works in the
