@@ -11,7 +11,8 @@ Language modelling with GPT and BDIA-GPT in nanoGPT style (paper Appendix F).
     python train_gpt.py --out-dir out/gpt --resume --eval-gammas -0.5 0 0.5   # Fig. 1 of a finished run
 
 The defaults are GPT-2 124M (12 x 768, 1024 tokens): too large for a CPU. A small run that
-finishes on a CPU in under a minute, its validation loss falling from 4.3 to about 2.8:
+finishes on a CPU in under a minute, its validation loss falling from 4.3 to about 2.8 (timed on
+one quiet 2-core CPU; a busy one takes several times longer, and --compile adds minutes):
 
     python train_gpt.py --text-file /usr/share/common-licenses/GPL-3 --n-layer 2 --n-head 2 --n-embd 64 \\
         --block-size 64 --batch-size 8 --max-iters 200 --eval-interval 100 --eval-iters 5 --out-dir out/gpt-small

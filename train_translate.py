@@ -8,7 +8,8 @@ both the encoder and the decoder (paper 5.3, Fig. 5: validation loss per epoch).
     python train_translate.py --dataset gettext-fr --bdia         # offline: this machine's French .mo files
     python train_translate.py --translate "Open the file"         # translate with OUT_DIR/ckpt.pt
 
-A small run that finishes on a CPU in under a minute (offline, this machine's French
+A small run that finishes on a CPU in under a minute (timed on one quiet 2-core CPU; a busy
+one takes longer; offline, this machine's French
 gettext catalogues), its validation loss falling every epoch and its BLEU above 0 from epoch 3
 or so (12.6 at epoch 8 where it was measured; the catalogues installed decide the pairs):
 

@@ -6,10 +6,10 @@ Image classification with ViT, BDIA-ViT and RevViT (paper 5.2: Tables 2-5, Fig. 
     python train_vit.py --model revvit               # RevViT
     python train_vit.py --bdia --dataset cifar100 --eval-gammas -0.5 -0.25 0 0.25 0.5
 
-A small run that finishes on a CPU in under a minute, at about 0.8 validation accuracy after its 4
-epochs (chance: 0.1; Fashion-MNIST: offline from Debian's copy, `apt-get install
-dataset-fashion-mnist`, or from the four idx-ubyte.gz files put into DATA_DIR/fashion-mnist/;
-downloaded there when online):
+A small run that finishes on a CPU in under a minute (timed on one quiet 2-core CPU: 84 s on a busy
+one, and with --compile 289 s there), at about 0.8 validation accuracy after its 4 epochs (chance:
+0.1; Fashion-MNIST: offline from Debian's copy, `apt-get install dataset-fashion-mnist`, or from
+the four idx-ubyte.gz files put into DATA_DIR/fashion-mnist/; downloaded there when online):
 
     python train_vit.py --bdia --dataset fashion-mnist --limit-train 5000 --limit-val 1000 --epochs 4 --lr 2e-3 \\
         --no-augment --patch 8 --depth 2 --dim 64 --heads 4 --mlp-dim 128 --batch-size 64 --out-dir out/vit-small
@@ -246,8 +246,8 @@ def compiled(model, args):
     (block.compile(), as torchtitan does; the state_dict keys stay): bdia.run_blocks keeps the
     reversible stack out of the model's graph, because a block's forward and its recomputation in the
     backward pass must run the same compiled code for eq. (24) to be exact. Compiling takes minutes
-    on a CPU (the small ViT of the docstring: 289 s compiled against 84 s eager, on a busy 2-core
-    machine); it pays off on long runs, on a GPU."""
+    on a CPU (the small run of the docstring, once on a busy 2-core CPU: 289 s compiled, 84 s eager);
+    it pays off only on long runs."""
     if not args.compile:
         return model
     if args.bdia_config is not None and args.bdia_config.reversible:
