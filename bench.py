@@ -53,9 +53,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-import data
-import runlib
 from bdia import BDIAConfig, BDIAStack, run_blocks, side_bits
+from plumbing import data, runlib
 from models import Block, RevBlock, run_rev_blocks
 
 MODES = ("plain", "checkpoint", "bdia", "bdia-rev", "revvit")

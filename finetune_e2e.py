@@ -45,13 +45,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
 import gpt2
-import metrics
-import runlib
+from bdia import BDIAConfig
+from plumbing import data, gpt2_files, metrics, runlib
+from plumbing.distributed import Dist, distributed, shard_model, unsharded_states
 
 SCRIPT = Path(__file__).name
-SINGLE = runlib.Dist(0, 1, 0, False)  # one process, no torchrun
+SINGLE = Dist(0, 1, 0, False)  # one process, no torchrun
 PAD_ID = 0  # padding follows each example's end: the scored positions of a causal model never see it
 
 # -----------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def parse_args(argv=None):
                         "or pytorch_model.bin and config.json")
     g.add_argument("--tokenizer", default=None, help="folder with encoder.json+vocab.bpe or vocab.json+merges.txt "
                                                      "(None: that of --init-from)")
-    g.add_argument("--cache-dir", default=gpt2.DEFAULT_CACHE, help="where hub downloads are kept")
+    g.add_argument("--cache-dir", default=gpt2_files.DEFAULT_CACHE, help="where hub downloads are kept")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout in the blocks")
     g.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     g.add_argument("--lora-alpha", type=float, default=32, help="LoRA scale alpha (the update is alpha/rank B A)")
@@ -100,11 +100,23 @@ def parse_args(argv=None):
     g.add_argument("--no-test", action="store_true", help="skip decoding and scoring")
     p.add_argument("--export", metavar="DIR", help="write the fine-tuned model (LoRA merged) as an HF GPT-2 checkpoint")
     p.add_argument("--table", nargs="+", metavar="OUT_DIR", help="print Table 1 from these runs' e2e_scores.json and exit")
-    p.add_training_flags(out_dir="out/e2e", fsdp=True)
+    g = p.add_argument_group("BDIA (bdia.py; what they train: bdia_config below)")
+    g.add_argument("--bdia", action="store_true", help="fine-tune GPT-2 with BDIA: FT-BDIA, or LoRA+BDIA with "
+                   "--lora-rank (otherwise FT or LoRA)")
+    g.add_argument("--gammas", nargs="+", action=runlib.Numbers, default=(-0.5, 0.5), metavar="G",
+                   help="the values gamma_k is drawn from, uniformly, per example and block k >= 1")
+    g.add_argument("--bits", type=runlib.parse_bits, default=9, help="l: the residual stream is rounded to multiples of "
+                   "2^-l (Q_l, eq. 17), or 'none'; gammas of +-2^-m keep m side bits per element and block")
+    g.add_argument("--no-reversible", action="store_true", help="store the activations instead of rebuilding them "
+                   "in the backward pass (eq. 24)")
+    g.add_argument("--eval-gamma", type=float, default=0.0, help="the constant gamma at inference (0: the standard "
+                   "GPT-2, eq. 25)")
+    p.add_run_flags(out_dir="out/e2e", fsdp=True)
     args = p.parse(argv, at_least_1=("epochs", "batch_size", "beam", "max_new_tokens", "decode_batch", "max_seq_len"),
                    at_least_0=("lora_rank", "warmup_steps", "train_limit", "valid_limit", "test_limit",
                                "no_repeat_ngram", "length_penalty", "eval_interval", "weight_decay", "grad_clip"),
                    positive=("lr",), fractions=("dropout", "lora_dropout", "label_smoothing"))
+    args.bdia_config = p.checked_config(bdia_config, args)  # None without --bdia; what cannot work: one line, exit 2
     if "RANK" in os.environ and not args.fsdp and not args.table:  # else every process would run the whole job
         p.error("under torchrun finetune_e2e.py trains with --fsdp only: add --fsdp, or run it without torchrun")
     return args
@@ -162,6 +174,33 @@ def collate(examples, batch, device):
 # Model and optimizer
 
 
+def bdia_config(args):
+    """What the BDIA flags train: the BDIAConfig that gpt2.from_pretrained(bdia=...) gives the GPT, whose
+    forward hands it to bdia.run_blocks with its blocks (None without --bdia: plain fine-tuning).
+    --bdia --gammas -0.25 0.25 --bits 9, for instance, fine-tunes GPT-2's blocks by eq. (21): every
+    example draws, for each block k >= 1, gamma_k = -1/4 or +1/4, the residual stream is rounded to
+    multiples of 2^-9 (eqs. 17-19), and the backward pass rebuilds each block's input by eq. (24) (2
+    side bits per element and block), LoRA or not. Validation and decoding run eq. (25) with gamma =
+    --eval-gamma, 0: the standard GPT-2 on the 2^-9 grid; --export writes the plain GPT-2."""
+    if not args.bdia:
+        return None
+    return BDIAConfig(gammas=args.gammas, bits=args.bits, reversible=not args.no_reversible, eval_gamma=args.eval_gamma)
+
+
+def compiled(model, args):
+    """--compile: torch.compile(model). With reversible --bdia each block is compiled on its own too
+    (block.compile(), as torchtitan does, before --fsdp shards them; the state_dict keys stay):
+    bdia.run_blocks keeps the reversible stack out of the model's graph, because a block's forward and its
+    recomputation in the backward pass must run the same compiled code for eq. (24) to be exact.
+    Compiling takes minutes on a CPU."""
+    if not args.compile:
+        return model
+    if args.bdia_config is not None and args.bdia_config.reversible:
+        for block in model.transformer.h:
+            block.compile()
+    return torch.compile(model)
+
+
 def build_model(args, device):
     """GPT-2 from --init-from, with LoRA adapters when --lora-rank > 0 (base frozen)."""
     try:
@@ -200,8 +239,19 @@ def check_base_model(ckpt, frozen_sha256, args, out):
 
 
 def configure_optimizer(model, args):
-    """AdamW (betas 0.9, 0.999, eps 1e-6) over the trainable parameters; no decay on biases and LayerNorms."""
-    return torch.optim.AdamW(runlib.decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
+    """AdamW (betas 0.9, 0.999, eps 1e-6) over the trainable parameters: weight decay on the 2-D weights
+    (matmuls, embeddings, adapters) only, none on biases and LayerNorm gains (as the LoRA repository)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-6)
+
+
+def learning_rate(step, total_steps, args):
+    """Linear warm-up for --warmup-steps steps, then linear decay to 0 at the last step (the LoRA repository's)."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
 
 
 def trainable_state(model):
@@ -260,7 +310,7 @@ def train_epoch(model, train_model, optimizer, examples, args, epoch, log, evalu
             stop_within(dict(epoch=epoch, step=i, steps=len(epoch_batches), batch=global_batch, since=since, lr=lr,
                              tokens=tokens, seconds=time.perf_counter() - t0))
         step = (epoch - 1) * steps_per_epoch + i
-        lr = runlib.linear_lr(step, total_steps, args.lr, args.warmup_steps)
+        lr = learning_rate(step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y, weight = share(examples, batch, dist, device) if dist.enabled else (*collate(examples, batch, device), None)
@@ -422,16 +472,16 @@ def print_table(folders):
 
 
 def train(args):
-    dist = runlib.distributed(args.device) if args.fsdp else SINGLE
+    dist = distributed(args.device) if args.fsdp else SINGLE
     device = torch.device("cuda", dist.local_rank) if dist.enabled and args.device == "cuda" else torch.device(args.device)
     out, main_process = Path(args.out_dir), dist.rank == 0
     ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
     torch.manual_seed(args.seed + dist.rank)  # --fsdp: rank 0's adapters are broadcast; dropout and gammas differ
-    if Path(args.init_from).is_dir() and (missing := gpt2.missing_files(args.init_from, tokenizer=not args.tokenizer)):
-        raise data.DataError(f"--init-from {args.init_from} lacks {gpt2.and_list(missing)}: put {'it' if len(missing) == 1 else 'them'} "
+    if Path(args.init_from).is_dir() and (missing := gpt2_files.missing_files(args.init_from, tokenizer=not args.tokenizer)):
+        raise data.DataError(f"--init-from {args.init_from} lacks {gpt2_files.and_list(missing)}: put {'it' if len(missing) == 1 else 'them'} "
                              "there" + (" (--tokenizer DIR may give the tokenizer's)" if not args.tokenizer else ""))
     try:
-        tok = gpt2.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
+        tok = gpt2_files.load_tokenizer(args.tokenizer or args.init_from, args.cache_dir)
     except ValueError as e:  # a vocabulary that is not JSON, or not UTF-8
         raise data.DataError(f"cannot read the tokenizer of {args.tokenizer or args.init_from} ({e})") from e
     if tok.eos_id is None:
@@ -446,12 +496,14 @@ def train(args):
     optimizer = configure_optimizer(model, args)
     start_epoch = 1
     if ckpt is not None:  # only the trainable weights are in the checkpoint (the adapters, with LoRA)
+        if main_process:
+            print(f"resuming {out / 'ckpt.pt'}, saved after {runlib.position(ckpt)}")
         runlib.restore(ckpt, model, optimizer, rank=dist.rank)
         start_epoch = ckpt["epoch"] + 1
     within = runlib.point_within(ckpt, args.batch_size * dist.world_size)  # stopped by a signal within start_epoch
     if args.fsdp:  # loaded whole; now each process keeps its shards
-        optimizer = runlib.shard_model(model, model.transformer.h, optimizer, lambda m: configure_optimizer(m, args))
-    train_model = runlib.compiled(model, args)
+        optimizer = shard_model(model, model.transformer.h, optimizer, lambda m: configure_optimizer(m, args))
+    train_model = compiled(model, args)
     # points within an epoch have a fractional epoch: those after the checkpoint's point are dropped
     done = (start_epoch - 1) * within["steps"] + within["step"] if within else 0  # steps before a point within
 
@@ -471,7 +523,7 @@ def train(args):
 
     def save(epoch, within=None):  # the trained weights: every process gives its shards and RNG; rank 0 writes
         if args.fsdp:
-            weights, optimizer_state = runlib.unsharded_states(model, optimizer, keep=main_process, names=trained)
+            weights, optimizer_state = unsharded_states(model, optimizer, keep=main_process, names=trained)
             rngs = [None] * dist.world_size  # every process's RNG goes into the one checkpoint
             torch.distributed.all_gather_object(rngs, runlib.random_states())
         else:
@@ -515,7 +567,7 @@ def unsharded_model(model, args, device, main_process, needed):
     """--fsdp after training: the whole model on rank 0, as a plain GPT-2 to export and decode
     (beam search runs a varying number of forwards, which sharded processes cannot share); the
     process group ends here, so that no process waits on rank 0's decoding. None elsewhere."""
-    weights = runlib.unsharded_states(model, None, keep=main_process)[0] if needed else None
+    weights = unsharded_states(model, None, keep=main_process)[0] if needed else None
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     if not main_process or not needed:

@@ -8,8 +8,8 @@ BDIA and is a standard model at inference (its state_dict is the same in every m
     GPT      language modelling (Appendix F) and GPT-2 fine-tuning (5.1; gpt2.py loads it)
 
 Parameter names follow nanoGPT/GPT-2 (ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
-mlp.c_proj) so that pretrained checkpoints map onto them simply. Decoding, LoRA and GPT-2's
-files live beside the scripts that use them (train_translate.py, gpt2.py).
+mlp.c_proj) so that pretrained checkpoints map onto them simply. Decoding and LoRA live beside
+the scripts that use them (train_translate.py, gpt2.py); GPT-2's files in plumbing/gpt2_files.py.
 """
 
 import contextlib

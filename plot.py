@@ -6,6 +6,8 @@ The paper's figures, drawn from this project's own outputs (matplotlib, optional
     python plot.py gamma-sweep OUT_A/gamma_sweep.json OUT_B/gamma_sweep.json -o gamma.png       # Fig. 1
     python plot.py reconstruction -o reconstruction.png              # Fig. 2, 6: also prints the table
     python plot.py bench bench.json -o bench.png                  # memory and step time vs depth
+
+Without -o a figure goes to out/plots/FIGURE.png (out/ is git-ignored), not into the repository.
 """
 
 import argparse
@@ -239,7 +241,7 @@ def draw(argv):
     p.add_argument("--x", choices=["auto", "epoch", "iter", "step", "time"], default="auto",
                    help="curves: the x axis (auto: epoch, else iteration; time: wall-clock minutes, Fig. 7)")
     p.add_argument("--depth", type=int, default=12, help="reconstruction: blocks in the stack")
-    p.add_argument("-o", "--output", default=None, help="PNG file (default: FIGURE.png)")
+    p.add_argument("-o", "--output", default=None, help="PNG file (default: out/plots/FIGURE.png)")
     args = p.parse_args(argv)
     if args.figure != "reconstruction" and not args.files:
         p.error(f"{args.figure} needs at least one input file")
@@ -265,8 +267,10 @@ def draw(argv):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    output = args.output or f"{args.figure}.png"
+    output = args.output or f"out/plots/{args.figure}.png"
     try:
+        if args.output is None:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(output, dpi=100)
     except (OSError, ValueError) as e:  # no such folder; a suffix matplotlib cannot write
         sys.exit(f"plot.py: error: cannot write {output} ({e})")

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-import runlib
+from plumbing import runlib
 
 ROOT = Path(__file__).resolve().parent  # the scripts, and the data/ their presets read, are here
 SCRIPT = Path(__file__).name

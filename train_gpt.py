@@ -11,7 +11,8 @@ Language modelling with GPT and BDIA-GPT in nanoGPT style (paper Appendix F).
     python train_gpt.py --out-dir out/gpt --resume --eval-gammas -0.5 0 0.5   # Fig. 1 of a finished run
 
 The defaults are GPT-2 124M (12 x 768, 1024 tokens): too large for a CPU. A small run that
-finishes on a CPU in under a minute, its validation loss falling from 4.3 to about 2.8:
+finishes on a CPU in under a minute, its validation loss falling from 4.3 to about 2.8 (timed on
+one quiet 2-core CPU; a busy one takes several times longer, and --compile adds minutes):
 
     python train_gpt.py --text-file /usr/share/common-licenses/GPL-3 --n-layer 2 --n-head 2 --n-embd 64 \\
         --block-size 64 --batch-size 8 --max-iters 200 --eval-interval 100 --eval-iters 5 --out-dir out/gpt-small
@@ -29,6 +30,8 @@ processes (the same run exactly on the same number).
 import argparse
 import contextlib
 import gc
+import json
+import math
 import time
 from pathlib import Path
 
@@ -37,9 +40,10 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
-import data
-import runlib
+from bdia import BDIAConfig
 from models import GPT, constant_gamma
+from plumbing import data, runlib
+from plumbing.distributed import distributed, shard_model, unsharded_states
 
 SCRIPT = Path(__file__).name
 
@@ -84,11 +88,22 @@ def parse_args(argv=None):
     g.add_argument("--sample-tokens", type=int, default=300, help="tokens per sample")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     g.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens")
-    p.add_training_flags(out_dir="out/gpt", fsdp=True)
+    g = p.add_argument_group("BDIA (bdia.py; what they train: bdia_config below)")
+    g.add_argument("--bdia", action="store_true", help="train the GPT with BDIA (otherwise the plain GPT)")
+    g.add_argument("--gammas", nargs="+", action=runlib.Numbers, default=(-0.5, 0.5), metavar="G",
+                   help="the values gamma_k is drawn from, uniformly, per sequence and block k >= 1")
+    g.add_argument("--bits", type=runlib.parse_bits, default=9, help="l: the residual stream is rounded to multiples of "
+                   "2^-l (Q_l, eq. 17), or 'none'; gammas of +-2^-m keep m side bits per element and block")
+    g.add_argument("--no-reversible", action="store_true", help="store the activations instead of rebuilding them "
+                   "in the backward pass (eq. 24)")
+    g.add_argument("--eval-gamma", type=float, default=0.0, help="the constant gamma at inference (0: the standard "
+                   "GPT, eq. 25)")
+    p.add_run_flags(out_dir="out/gpt", fsdp=True)
     args = p.parse(argv, at_least_1=("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
                                      "max_iters", "eval_interval", "eval_iters", "top_k"),
                    at_least_0=("warmup_iters", "sample", "min_lr", "weight_decay", "grad_clip", "sample_tokens"),
                    positive=("lr", "temperature"), fractions=("dropout",))
+    args.bdia_config = p.checked_config(bdia_config, args)  # None without --bdia; what cannot work: one line, exit 2
     if not args.sample and not (args.dataset or args.data_dir or args.text_file):
         p.error("give the data: --dataset shakespeare_char, --data-dir DIR or --text-file FILE")
     if not 0 < args.train_fraction <= 1:
@@ -132,9 +147,49 @@ def global_batch_slice(tokens, generator, args, dist, device):
 # Model and optimizer
 
 
+def bdia_config(args):
+    """What the BDIA flags train: the BDIAConfig that GPT(bdia=...) hands to bdia.run_blocks with its blocks
+    (None without --bdia: the plain GPT). --bdia --gammas -0.25 0.25 --bits 9, for instance, trains the
+    GPT's blocks by eq. (21): every sequence draws, for each block k >= 1, gamma_k = -1/4 or +1/4 (equally
+    likely), the residual stream is rounded to multiples of 2^-9 (eqs. 17-19), and the backward pass
+    rebuilds each block's input by eq. (24) instead of storing it (2 side bits per element and block, as
+    |gamma| = 2^-2). Evaluation and sampling run eq. (25) with gamma = --eval-gamma, 0: the standard GPT
+    on the 2^-9 grid; the state_dict is the plain GPT's. args: the flags, or those a checkpoint holds."""
+    if not args.bdia:
+        return None
+    return BDIAConfig(gammas=args.gammas, bits=args.bits, reversible=not args.no_reversible, eval_gamma=args.eval_gamma)
+
+
+def compiled(model, args):
+    """--compile: torch.compile(model), as nanoGPT. With reversible --bdia each block is compiled on its own
+    too (block.compile(), as torchtitan does, before --fsdp shards them; the state_dict keys stay):
+    bdia.run_blocks keeps the reversible stack out of the model's graph, because a block's forward and its
+    recomputation in the backward pass must run the same compiled code for eq. (24) to be exact.
+    Compiling takes minutes on a CPU; it pays off on long runs, on a GPU."""
+    if not args.compile:
+        return model
+    if args.bdia_config is not None and args.bdia_config.reversible:
+        for block in model.transformer.h:
+            block.compile()
+    return torch.compile(model)
+
+
 def configure_optimizer(model, args):
-    """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only, as nanoGPT."""
-    return torch.optim.AdamW(runlib.decay_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only, none on biases and LayerNorm
+    gains, as nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+def learning_rate(it, args):
+    """nanoGPT's schedule: linear warm-up for --warmup-iters steps, then cosine decay from --lr to --min-lr
+    at --max-iters."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    progress = min(1.0, (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
 # -----------------------------------------------------------------------------
@@ -197,11 +252,19 @@ def gamma_sweep(model, val_tokens, args, dist, device):
     return results
 
 
+def write_gamma_sweep(out, sweep):
+    """OUT_DIR/gamma_sweep.json, written atomically (reproduce.py counts a run with it as swept), and printed."""
+    data.atomic_write(out / "gamma_sweep.json", lambda tmp: Path(tmp).write_text(json.dumps(sweep, indent=1)))
+    print("gamma at inference   val loss")
+    for row in sweep:
+        print(f"{row['gamma']:>18.3f}   {row['val_loss']:.4f}")
+
+
 def sample(args, device):
     """Print --sample samples of the checkpoint's model, built from its own flags."""
     ckpt = runlib.read_checkpoint(Path(args.out_dir) / "ckpt.pt", SCRIPT)
     # the BDIA model samples as it was evaluated: eq. (25) on the 2^-l grid
-    model = GPT(**ckpt["model_args"], bdia=runlib.bdia_config(ckpt["args"])).to(device).eval()
+    model = GPT(**ckpt["model_args"], bdia=bdia_config(argparse.Namespace(**ckpt["args"]))).to(device).eval()
     model.load_state_dict(ckpt["model"])
     itos = ckpt.get("itos")
     start = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -232,7 +295,7 @@ def main(argv=None):
 
 
 def train(args):
-    dist = runlib.distributed(args.device)
+    dist = distributed(args.device)
     device = torch.device("cuda", dist.local_rank) if dist.enabled and args.device == "cuda" else torch.device(args.device)
     out, main_process = Path(args.out_dir), dist.rank == 0
     ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
@@ -254,11 +317,13 @@ def train(args):
     optimizer = configure_optimizer(model, args)
     start_iter = 0
     if ckpt is not None:
+        if main_process:
+            print(f"resuming {out / 'ckpt.pt'}, saved after {runlib.position(ckpt)}")
         runlib.restore(ckpt, model, optimizer, rank=dist.rank)
         start_iter = ckpt["iter"]
     if args.fsdp:  # the checkpoint was loaded whole; now each process keeps its shards
-        optimizer = runlib.shard_model(model, model.transformer.h, optimizer, lambda m: configure_optimizer(m, args))
-    train_model = runlib.compiled(model, args)
+        optimizer = shard_model(model, model.transformer.h, optimizer, lambda m: configure_optimizer(m, args))
+    train_model = compiled(model, args)
     if dist.enabled and not args.fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
@@ -284,7 +349,7 @@ def train(args):
         else:
             rngs = [runlib.random_states()]
         if args.fsdp:  # every process gathers; rank 0 keeps the whole model
-            model_state, optimizer_state = runlib.unsharded_states(model, optimizer, keep=main_process)
+            model_state, optimizer_state = unsharded_states(model, optimizer, keep=main_process)
         elif main_process:
             model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
         if main_process:
@@ -299,7 +364,7 @@ def train(args):
             # the learning rate follows from the iteration and the flags alone: a resumed run (maybe
             # with a lower --lr after a divergence) continues the same schedule. The log line of
             # iteration `it` (the losses before its step, as nanoGPT's) gives the rate its step trains with.
-            lr = runlib.cosine_lr(it, args.max_iters, args.lr, args.warmup_iters, args.min_lr)
+            lr = learning_rate(it, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # a resumed run does not evaluate start_iter again: the log has it, and the weights are the same
@@ -333,7 +398,7 @@ def train(args):
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
         sweep = gamma_sweep(model, val_tokens, args, dist, device)
         if main_process:
-            runlib.write_gamma_sweep(out, sweep)
+            write_gamma_sweep(out, sweep)
     if dist.enabled:
         torch.distributed.barrier()  # no process tears the group down while another still uses it
         torch.distributed.destroy_process_group()

@@ -8,7 +8,8 @@ both the encoder and the decoder (paper 5.3, Fig. 5: validation loss per epoch).
     python train_translate.py --dataset gettext-fr --bdia         # offline: this machine's French .mo files
     python train_translate.py --translate "Open the file"         # translate with OUT_DIR/ckpt.pt
 
-A small run that finishes on a CPU in under a minute (offline, this machine's French
+A small run that finishes on a CPU in under a minute (timed on one quiet 2-core CPU; a busy
+one takes longer; offline, this machine's French
 gettext catalogues), its validation loss falling every epoch and its BLEU above 0 from epoch 3
 or so (12.6 at epoch 8 where it was measured; the catalogues installed decide the pairs):
 
@@ -22,6 +23,8 @@ per epoch: train_loss, val_loss, val_bleu, ...) and OUT_DIR/ckpt.pt (atomic, aft
 epoch; --resume continues exactly).
 """
 
+import argparse
+import math
 import re
 import time
 from collections import Counter
@@ -31,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
-import runlib
-from metrics import corpus_bleu
+from bdia import BDIAConfig
 from models import Seq2Seq
+from plumbing import data, runlib
+from plumbing.metrics import corpus_bleu
 
 SCRIPT = Path(__file__).name
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
@@ -83,11 +86,23 @@ def parse_args(argv=None):
     g.add_argument("--translate", metavar="TEXT", help="translate TEXT with the checkpoint and exit")
     g.add_argument("--checkpoint", help="the checkpoint --translate uses (default OUT_DIR/ckpt.pt)")
     g.add_argument("--beam", type=int, default=4, help="beam size (1: greedy)")
-    p.add_training_flags(out_dir="out/translate")
+    g = p.add_argument_group("BDIA (bdia.py; what they train: bdia_config below)")
+    g.add_argument("--bdia", action="store_true", help="train the encoder and the decoder with BDIA (otherwise the "
+                   "plain model)")
+    g.add_argument("--gammas", nargs="+", action=runlib.Numbers, default=(-0.5, 0.5), metavar="G",
+                   help="the values gamma_k is drawn from, uniformly, per sentence and block k >= 1 of each stack")
+    g.add_argument("--bits", type=runlib.parse_bits, default=9, help="l: the residual streams are rounded to multiples "
+                   "of 2^-l (Q_l, eq. 17), or 'none'; gammas of +-2^-m keep m side bits per element and block")
+    g.add_argument("--no-reversible", action="store_true", help="store the activations instead of rebuilding them "
+                   "in the backward pass (eq. 24)")
+    g.add_argument("--eval-gamma", type=float, default=0.0, help="the constant gamma at inference (0: the standard "
+                   "transformer, eq. 25)")
+    p.add_run_flags(out_dir="out/translate")
     args = p.parse(argv, at_least_1=("epochs", "batch_size", "max_tokens", "min_freq", "beam", "dim", "heads",
                                      "mlp_dim", "enc_layers", "dec_layers"),
                    at_least_0=("max_pairs", "warmup", "bleu_every", "bleu_samples", "min_lr", "grad_clip"),
                    positive=("lr",), fractions=("dropout",))
+    args.bdia_config = p.checked_config(bdia_config, args)  # None without --bdia; what cannot work: one line, exit 2
     if args.translate is not None:
         return args
     if args.data and args.dataset:
@@ -201,6 +216,44 @@ def collate(examples, batch, device):
 # Model
 
 
+def bdia_config(args):
+    """What the BDIA flags train: the BDIAConfig that Seq2Seq(bdia=...) hands to bdia.run_blocks with its
+    encoder's blocks and, separately, its decoder's (None without --bdia: the plain model). --bdia
+    --gammas -0.25 0.25 --bits 9, for instance, trains both stacks by eq. (21): every sentence draws,
+    for each block k >= 1, gamma_k = -1/4 or +1/4, the residual streams are rounded to multiples of
+    2^-9 (eqs. 17-19), and the backward pass rebuilds each block's input by eq. (24) (2 side bits per
+    element and block). Evaluation and decoding run eq. (25) with gamma = --eval-gamma, 0: the
+    standard transformer on the 2^-9 grid. args: the flags, or those a checkpoint holds."""
+    if not args.bdia:
+        return None
+    return BDIAConfig(gammas=args.gammas, bits=args.bits, reversible=not args.no_reversible, eval_gamma=args.eval_gamma)
+
+
+def compiled(model, args):
+    """--compile: torch.compile(model), for sentences of every length (dynamic: compiled once, not again for
+    each length). With reversible --bdia each block of both stacks is compiled on its own too
+    (block.compile(), as torchtitan does; the state_dict keys stay): bdia.run_blocks keeps the reversible
+    stacks out of the model's graph, because a block's forward and its recomputation in the backward pass
+    must run the same compiled code for eq. (24) to be exact. Compiling takes minutes on a CPU."""
+    if not args.compile:
+        return model
+    if args.bdia_config is not None and args.bdia_config.reversible:
+        for block in [*model.encoder, *model.decoder]:
+            block.compile(dynamic=True)
+    return torch.compile(model, dynamic=True)
+
+
+def learning_rate(step, total_steps, args):
+    """--cosine: linear warm-up for --warmup steps, then cosine decay from --lr to --min-lr at the last
+    step; otherwise --lr throughout (the tutorial's)."""
+    if not args.cosine:
+        return args.lr
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, total_steps - args.warmup))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
 def model_args(args, src_vocab, tgt_vocab):
     return dict(src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab), dim=args.dim, heads=args.heads,
                 mlp_dim=args.mlp_dim, enc_layers=args.enc_layers, dec_layers=args.dec_layers,
@@ -232,7 +285,7 @@ def train_epoch(model, optimizer, examples, args, epoch, step, total_steps, devi
         if signals.received(device):
             stop_within(dict(epoch=epoch, step=i, steps=len(batches), batch=args.batch_size, loss_sum=loss_sum, lr=lr),
                         step)
-        lr = runlib.cosine_lr(step, total_steps, args.lr, args.warmup, args.min_lr) if args.cosine else args.lr
+        lr = learning_rate(step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         src, tgt = collate(examples, batch, device)
@@ -335,7 +388,7 @@ def translate(args):
     path = Path(args.checkpoint or Path(args.out_dir) / "ckpt.pt")
     ckpt = runlib.read_checkpoint(path, SCRIPT)
     src_vocab, tgt_vocab = Vocab(ckpt["src_vocab"]), Vocab(ckpt["tgt_vocab"])
-    model = Seq2Seq(**ckpt["model_args"], bdia=runlib.bdia_config(ckpt["args"])).to(device).eval()
+    model = Seq2Seq(**ckpt["model_args"], bdia=bdia_config(argparse.Namespace(**ckpt["args"]))).to(device).eval()
     model.load_state_dict(ckpt["model"])
     max_tokens = ckpt["model_args"]["max_len"] - 2
     tokens = tokenize(args.translate, ckpt["lowercase"])[:max_tokens]
@@ -390,10 +443,11 @@ def train(args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-9)  # the tutorial's
     start_epoch, step = 1, 0
     if ckpt is not None:
+        print(f"resuming {out / 'ckpt.pt'}, saved after {runlib.position(ckpt)}")
         runlib.restore(ckpt, model, optimizer)
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
     within = runlib.point_within(ckpt, args.batch_size)  # stopped by a signal within start_epoch
-    train_model = runlib.compiled(model, args, dynamic=True)  # sentences of every length
+    train_model = compiled(model, args)
     log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     total_steps = args.epochs * len(length_batches(train_ex, args.batch_size))
     mode = "plain" if args.bdia_config is None else f"bdia{'' if args.bdia_config.reversible else '-stored'}"

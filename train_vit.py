@@ -6,10 +6,10 @@ Image classification with ViT, BDIA-ViT and RevViT (paper 5.2: Tables 2-5, Fig. 
     python train_vit.py --model revvit               # RevViT
     python train_vit.py --bdia --dataset cifar100 --eval-gammas -0.5 -0.25 0 0.25 0.5
 
-A small run that finishes on a CPU in under a minute, at about 0.8 validation accuracy after its 4
-epochs (chance: 0.1; Fashion-MNIST: offline from Debian's copy, `apt-get install
-dataset-fashion-mnist`, or from the four idx-ubyte.gz files put into DATA_DIR/fashion-mnist/;
-downloaded there when online):
+A small run that finishes on a CPU in under a minute (timed on one quiet 2-core CPU: 84 s on a busy
+one, and with --compile 289 s there), at about 0.8 validation accuracy after its 4 epochs (chance:
+0.1; Fashion-MNIST: offline from Debian's copy, `apt-get install dataset-fashion-mnist`, or from
+the four idx-ubyte.gz files put into DATA_DIR/fashion-mnist/; downloaded there when online):
 
     python train_vit.py --bdia --dataset fashion-mnist --limit-train 5000 --limit-val 1000 --epochs 4 --lr 2e-3 \\
         --no-augment --patch 8 --depth 2 --dim 64 --heads 4 --mlp-dim 128 --batch-size 64 --out-dir out/vit-small
@@ -31,6 +31,8 @@ writes OUT_DIR/ckpt.pt atomically (the GradScaler's state too); --resume continu
 interrupted run exactly where it stopped.
 """
 
+import json
+import math
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -40,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import data
-import runlib
+from bdia import BDIAConfig
 from models import RevViT, ViT, constant_gamma
-from randaugment import rand_augment
+from plumbing import data, runlib
+from plumbing.randaugment import rand_augment
 
 SCRIPT = Path(__file__).name
 
@@ -90,13 +92,24 @@ def parse_args(argv=None):
     p.add_argument("--eval-gammas", nargs="+", type=float, default=None, metavar="G",
                    help="after training, validation accuracy with each constant gamma (paper Fig. 1)")
     p.add_argument("--eval-batch-size", type=int, default=1000, help="images per evaluation batch")
-    p.add_training_flags(out_dir="out/vit")
+    g = p.add_argument_group("BDIA (bdia.py; what they train: bdia_config below)")
+    g.add_argument("--bdia", action="store_true", help="train the ViT with BDIA (otherwise the plain ViT)")
+    g.add_argument("--gammas", nargs="+", action=runlib.Numbers, default=(-0.5, 0.5), metavar="G",
+                   help="the values gamma_k is drawn from, uniformly, per image and block k >= 1")
+    g.add_argument("--bits", type=runlib.parse_bits, default=9, help="l: the residual stream is rounded to multiples of "
+                   "2^-l (Q_l, eq. 17), or 'none'; gammas of +-2^-m keep m side bits per element and block")
+    g.add_argument("--no-reversible", action="store_true", help="store the activations instead of rebuilding them "
+                   "in the backward pass (eq. 24)")
+    g.add_argument("--eval-gamma", type=float, default=0.0, help="the constant gamma at inference (0: the standard "
+                   "ViT, eq. 25)")
+    p.add_run_flags(out_dir="out/vit")
     amp = next(a for a in p._actions if a.dest == "amp")
     amp.help = "the same as --precision bf16 (kept for compatibility)"
     args = p.parse(argv, at_least_1=("epochs", "batch_size", "depth", "dim", "heads", "mlp_dim", "patch",
                                      "eval_batch_size"),
                    at_least_0=("limit_train", "limit_val", "randaug_n", "weight_decay", "grad_clip"), positive=("lr",),
                    fractions=("dropout", "emb_dropout"))
+    args.bdia_config = p.checked_config(bdia_config, args)  # None without --bdia; what cannot work: one line, exit 2
     if args.amp:  # --amp, or the flags of a checkpoint written before --precision: bf16
         given = p.given_flags(argv)
         if "amp" in given and "precision" in given and args.precision != "bf16":
@@ -164,6 +177,19 @@ def normalize(images, mean, std):
 # Model and optimizer
 
 
+def bdia_config(args):
+    """What the BDIA flags train: the BDIAConfig that ViT(bdia=...) hands to bdia.run_blocks with its blocks
+    (None without --bdia: the plain ViT). --bdia --gammas -0.25 0.25 --bits 9, for instance, trains the
+    ViT's blocks by eq. (21): every image draws, for each block k >= 1, gamma_k = -1/4 or +1/4 (equally
+    likely), the residual stream is rounded to multiples of 2^-9 (eqs. 17-19), and the backward pass
+    rebuilds each block's input by eq. (24) instead of storing it (2 side bits per element and block,
+    as |gamma| = 2^-2). Evaluation (model.eval()) runs eq. (25) with gamma = --eval-gamma, 0: the
+    standard ViT, on the 2^-9 grid; the state_dict is the plain ViT's."""
+    if not args.bdia:
+        return None
+    return BDIAConfig(gammas=args.gammas, bits=args.bits, reversible=not args.no_reversible, eval_gamma=args.eval_gamma)
+
+
 def build_model(args, channels, classes):
     """The paper's ViT (or RevViT). With --bdia its blocks run BDIA in training (eqs. 18-21)
     and the standard transformer at inference (eq. 25): the state_dict is the plain ViT's."""
@@ -215,6 +241,21 @@ class SETAdam(torch.optim.Optimizer):
                 p.addcdiv_(state["m"], w_tilde, value=-lr / (1 - b1**t))
 
 
+def compiled(model, args):
+    """--compile: torch.compile(model). With reversible --bdia each block is compiled on its own too
+    (block.compile(), as torchtitan does; the state_dict keys stay): bdia.run_blocks keeps the
+    reversible stack out of the model's graph, because a block's forward and its recomputation in the
+    backward pass must run the same compiled code for eq. (24) to be exact. Compiling takes minutes
+    on a CPU (the small run of the docstring, once on a busy 2-core CPU: 289 s compiled, 84 s eager);
+    it pays off only on long runs."""
+    if not args.compile:
+        return model
+    if args.bdia_config is not None and args.bdia_config.reversible:
+        for block in model.blocks:
+            block.compile()
+    return torch.compile(model)
+
+
 def make_optimizer(name, model, lr, weight_decay):
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -246,6 +287,11 @@ def grad_scaler(args, device):
 
 # -----------------------------------------------------------------------------
 # Training loop
+
+
+def learning_rate(epoch, args):
+    """The cosine schedule over the epochs: epoch e = 1..E trains at lr (1 + cos(pi (e - 1) / E)) / 2."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (epoch - 1) / args.epochs))) * args.lr
 
 
 def train_step(model, optimizer, scaler, x, y, args):
@@ -331,6 +377,14 @@ def gamma_sweep(model, images, args):
     return results
 
 
+def write_gamma_sweep(out, sweep):
+    """OUT_DIR/gamma_sweep.json, written atomically (reproduce.py counts a run with it as swept), and printed."""
+    data.atomic_write(out / "gamma_sweep.json", lambda tmp: Path(tmp).write_text(json.dumps(sweep, indent=1)))
+    print("gamma at inference   val acc")
+    for row in sweep:
+        print(f"{row['gamma']:>18.3f}   {row['val_acc']:.4f}")
+
+
 # -----------------------------------------------------------------------------
 # main: flags (with --resume the checkpoint's), data, model, the epochs (each logged and
 # checkpointed), the gamma sweep
@@ -352,7 +406,7 @@ def main(argv=None):
 def train(args):
     device, out = torch.device(args.device), Path(args.out_dir)
     ckpt = runlib.read_checkpoint(out / "ckpt.pt", SCRIPT) if args.resume else None  # before the data: fail fast
-    print(f"loading {args.dataset} from {args.data_dir} ...", flush=True)
+    print(f"loading {args.dataset} from {data.images_folder(args.dataset, args.data_dir)} ...", flush=True)
     images = load_images(args, device)
     torch.manual_seed(args.seed)  # initial weights; each epoch then draws from its own generator
     model = build_model(args, images.train_x.shape[1], data.CLASSES[args.dataset]).to(device)  # BDIA enters here
@@ -360,12 +414,13 @@ def train(args):
     scaler = grad_scaler(args, device)
     start_epoch, best_acc = 1, 0.0
     if ckpt is not None:
+        print(f"resuming {out / 'ckpt.pt'}, saved after {runlib.position(ckpt)}")
         runlib.restore(ckpt, model, optimizer)
         start_epoch, best_acc = ckpt["epoch"] + 1, ckpt["best_acc"]
         if scaler.is_enabled() and ckpt.get("scaler"):  # none: the run trained in another precision until now
             scaler.load_state_dict(ckpt["scaler"])
     within = runlib.point_within(ckpt, args.batch_size)  # stopped by a signal within start_epoch
-    train_model = runlib.compiled(model, args)  # `model` keeps the plain state_dict's names
+    train_model = compiled(model, args)  # `model` keeps the plain state_dict's names
     log = runlib.JsonlLog(out / "log.jsonl", resume=args.resume, keep=lambda line: line["epoch"] < start_epoch)
     mode = "RevViT" if args.model == "revvit" else ("BDIA-ViT" if args.bdia else "ViT")
     print(f"{mode}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(images.train_x)} "
@@ -390,7 +445,7 @@ def train(args):
             with runlib.at(f"epoch {epoch}", out):
                 # from the flags, not the checkpoint: a run resumed with a lower --lr uses it
                 for group in optimizer.param_groups:
-                    group["lr"] = runlib.cosine_lr(epoch - 1, args.epochs, args.lr)  # cosine over epochs
+                    group["lr"] = learning_rate(epoch, args)
                 t0 = time.perf_counter()
                 train_loss, train_acc = train_epoch(train_model, optimizer, scaler, images, args, epoch, signals,
                                                     stop_within, within if epoch == start_epoch else None)
@@ -410,7 +465,7 @@ def train(args):
             save(epoch)
 
     if args.eval_gammas:  # Fig. 1: how the trained model fares with other integrators at inference
-        runlib.write_gamma_sweep(out, gamma_sweep(model, images, args))
+        write_gamma_sweep(out, gamma_sweep(model, images, args))
     if val_acc is not None:
         print(f"best val acc {best_acc:.4f}, final val acc {val_acc:.4f}, peak memory "
               f"{runlib.peak_memory_mb(device):.0f} MB, {np.mean(epoch_seconds):.1f} s/epoch")

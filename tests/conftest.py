@@ -101,7 +101,7 @@ def fashion_mnist(monkeypatch):
                 path = folder / f"{split}-{kind}-ubyte.gz"
                 path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
                 md5s[path.name] = hashlib.md5(path.read_bytes()).hexdigest()
-        import data
+        from plumbing import data
 
         monkeypatch.setattr(data, "FASHION_FILES", {name: ("0" * 32, md5) for name, md5 in md5s.items()})
         if not system:

@@ -3,7 +3,7 @@ sub-modules, or on the root only): two CPU processes (gloo) give the loss and, g
 gradients of one process on the whole batch, for the plain model, stored and reversible BDIA,
 with gradient accumulation, with each block compiled before it is sharded (torchtitan's order)
 and with an encoder's memory as the decoder blocks' context; and
-runlib's --fsdp checkpoints (the unsharded model's state, sharded and gathered back exactly).
+plumbing/distributed.py's --fsdp checkpoints (the unsharded model's state, sharded and gathered back exactly).
 One spawn runs every case; the tests compare its results with one process here."""
 
 import os
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import runlib  # noqa: E402
+from plumbing import distributed  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from conftest import counting  # noqa: E402
 from models import GPT, Seq2Seq  # noqa: E402
@@ -115,8 +115,8 @@ def gathered(model):
 
 
 def checkpoint_round_trip(rank):
-    """A restored run's state (the same on every process) through runlib.shard_model and back
-    through runlib.unsharded_states: (state before, state after), on rank 0."""
+    """A restored run's state (the same on every process) through distributed.shard_model and back
+    through distributed.unsharded_states: (state before, state after), on rank 0."""
     model = build("gpt", "reversible")
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     loss_of("gpt", model, batch("gpt")).backward()
@@ -125,8 +125,8 @@ def checkpoint_round_trip(rank):
     if rank == 1:
         with torch.no_grad():
             model.transformer.h[0].mlp.c_fc.weight.add_(1.0)  # shard_model broadcasts rank 0's weights
-    optimizer = runlib.shard_model(model, model.transformer.h, optimizer, lambda m: torch.optim.AdamW(m.parameters()))
-    return before, runlib.unsharded_states(model, optimizer, keep=rank == 0)
+    optimizer = distributed.shard_model(model, model.transformer.h, optimizer, lambda m: torch.optim.AdamW(m.parameters()))
+    return before, distributed.unsharded_states(model, optimizer, keep=rank == 0)
 
 
 def worker(rank, init_file, out_file):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+from plumbing import data  # noqa: E402
 
 
 def test_download_verifies_and_never_leaves_a_partial_file(tmp_path):
@@ -128,7 +128,7 @@ def test_a_download_that_arrives_truncated_names_it_and_leaves_nothing(tmp_path)
     with pytest.raises(data.DataError, match=r"arrived damaged \(size check: truncated: 5 of 9 bytes\)"):
         source.write_bytes(b"12345")
         data.download(source.as_uri(), dest, size=9)
-    assert list((tmp_path / "data").iterdir()) == []
+    assert not (tmp_path / "data").exists()  # nor the folder it made for it
 
 
 @pytest.mark.parametrize("damage, what", [
@@ -157,3 +157,18 @@ def test_debians_fashion_mnist_files_are_checked_too(tmp_path, monkeypatch, fash
     with pytest.raises(data.DataError, match=f"^{path} fails its md5 check \\(truncated.*reinstall it "
                                              r"\(`apt-get install --reinstall dataset-fashion-mnist`\)"):
         data.load_images("fashion-mnist", tmp_path / "elsewhere")
+
+
+def test_fashion_mnist_offline_leaves_no_empty_folder_and_the_folder_read_is_named(tmp_path, monkeypatch, fashion_mnist):
+    """A newcomer offline without Debian's package gets the error, and no empty data/fashion-mnist/
+    that would later sit beside the package's copy; with the package, the folder named is the package's."""
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", tmp_path / "not-installed")
+    with pytest.raises(data.DataError, match="cannot download"):
+        data.load_images("fashion-mnist", tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    system = fashion_mnist(tmp_path / "usr-share" / "fashion-mnist", system=True)
+    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", system)
+    assert data.images_folder("fashion-mnist", tmp_path / "data") == system  # what train_vit.py says it loads
+    assert data.load_images("fashion-mnist", tmp_path / "data")[0].shape == (20, 1, 32, 32)
+    assert not (tmp_path / "data").exists()

@@ -1,6 +1,7 @@
 """GPT-2 files (safetensors, HF layout, BPE), LoRA, KV-cache beam search and finetune_e2e.py,
 on tiny checkpoints, vocabularies and E2E files the tests write."""
 
+import argparse
 import csv
 import json
 import math
@@ -16,9 +17,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import finetune_e2e  # noqa: E402
-import data  # noqa: E402
+from plumbing import data  # noqa: E402
 import gpt2  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import gpt2_files  # noqa: E402
+from plumbing import runlib  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from gpt2 import LoRALinear, add_lora, banned_tokens, set_lora_merged  # noqa: E402
 from models import GPT  # noqa: E402
@@ -90,7 +92,7 @@ MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("t", "h"), ("a", "t"), ("Ġ",
 
 def tiny_vocab():
     """The 256 byte symbols, the merged symbols and <|endoftext|>."""
-    symbols = list(gpt2.bytes_to_unicode().values()) + [a + b for a, b in MERGES] + ["<|endoftext|>"]
+    symbols = list(gpt2_files.bytes_to_unicode().values()) + [a + b for a, b in MERGES] + ["<|endoftext|>"]
     return {s: i for i, s in enumerate(dict.fromkeys(symbols))}
 
 
@@ -158,12 +160,12 @@ def test_safetensors_reader_refuses_a_truncated_file(checkpoint, tmp_path):
     raw = (checkpoint[0] / "model.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(raw[:-10])
     with pytest.raises(data.DataError, match="truncated or corrupt"):
-        gpt2.read_safetensors(tmp_path / "cut.safetensors")
+        gpt2_files.read_safetensors(tmp_path / "cut.safetensors")
     header = b'{"w": {"dtype": "F32", "shape": [1]}}'  # no data_offsets
     for name, content in (("empty", b""), ("no-offsets", struct.pack("<Q", len(header)) + header + b"\0" * 4)):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(data.DataError, match="not a safetensors file"):
-            gpt2.read_safetensors(tmp_path / name)
+            gpt2_files.read_safetensors(tmp_path / name)
 
 
 def test_hub_download_checks_the_hubs_checksums(checkpoint, tmp_path, monkeypatch):
@@ -177,27 +179,27 @@ def test_hub_download_checks_the_hubs_checksums(checkpoint, tmp_path, monkeypatc
     weights, config = (hub / "model.safetensors").read_bytes(), (hub / "config.json").read_bytes()
     checks = {"model.safetensors": ("sha256", hashlib.sha256(weights).hexdigest(), len(weights)),
               "config.json": ("git-sha1", hashlib.sha1(b"blob %d\0" % len(config) + config).hexdigest(), len(config))}
-    monkeypatch.setattr(gpt2, "HUB_URL", (tmp_path / "hub").as_uri() + "/{name}/{file}")
-    monkeypatch.setattr(gpt2, "hub_checksum", lambda url: checks[url.rsplit("/", 1)[1]])
-    hf, model_args = gpt2.load_gpt2("gpt2", tmp_path / "cache")
+    monkeypatch.setattr(gpt2_files, "HUB_URL", (tmp_path / "hub").as_uri() + "/{name}/{file}")
+    monkeypatch.setattr(gpt2_files, "hub_checksum", lambda url: checks[url.rsplit("/", 1)[1]])
+    hf, model_args = gpt2_files.load_gpt2("gpt2", tmp_path / "cache")
     assert model_args["n_layer"] == 2 and (tmp_path / "cache" / "gpt2" / "model.safetensors").read_bytes() == weights
     checks["config.json"] = ("git-sha1", "0" * 40, len(config))
     with pytest.raises(data.DataError, match="corrupted"):
-        gpt2.load_gpt2("gpt2", tmp_path / "cache2")
+        gpt2_files.load_gpt2("gpt2", tmp_path / "cache2")
     assert not (tmp_path / "cache2" / "gpt2" / "config.json").exists()
     assert list((tmp_path / "cache2" / "gpt2").iterdir()) == []  # nothing unverified left behind
     checks["config.json"] = ("git-sha1", "", len(config))  # the hub sent no checksum: refused
     with pytest.raises(data.DataError, match="no checksum"):
-        gpt2.load_gpt2("gpt2", tmp_path / "cache3")
+        gpt2_files.load_gpt2("gpt2", tmp_path / "cache3")
 
 
 def test_hub_checksums_are_read_from_the_hubs_headers():
     lfs = {"X-Linked-Etag": '"ab12"', "X-Linked-Size": "1000", "Content-Length": "1320"}  # 302 to the CDN
-    assert gpt2.checksum_from_headers(302, lfs) == ("sha256", "ab12", 1000)
+    assert gpt2_files.checksum_from_headers(302, lfs) == ("sha256", "ab12", 1000)
     small = {"ETag": 'W/"cd34"', "Content-Length": "665"}
-    assert gpt2.checksum_from_headers(200, small) == ("git-sha1", "cd34", 665)
-    assert gpt2.checksum_from_headers(302, {"ETag": '"ef56"', "Content-Length": "12"}) == ("git-sha1", "ef56", None)
-    assert gpt2.checksum_from_headers(200, {}) == ("git-sha1", "", None)
+    assert gpt2_files.checksum_from_headers(200, small) == ("git-sha1", "cd34", 665)
+    assert gpt2_files.checksum_from_headers(302, {"ETag": '"ef56"', "Content-Length": "12"}) == ("git-sha1", "ef56", None)
+    assert gpt2_files.checksum_from_headers(200, {}) == ("git-sha1", "", None)
 
 
 # -----------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def test_hub_checksums_are_read_from_the_hubs_headers():
 
 def test_bpe_round_trips_utf8_and_applies_merges_in_rank_order(tmp_path):
     write_tokenizer(tmp_path, hf=False)
-    tok = gpt2.GPT2Tokenizer.from_dir(tmp_path)
+    tok = gpt2_files.GPT2Tokenizer.from_dir(tmp_path)
     assert tok.bpe("Ġthe") == ["Ġthe"]  # Ġ t -> Ġt (rank 0), h e -> he (1), Ġt he -> Ġthe (2)
     assert tok.bpe("the") == ["t", "he"]  # h e (rank 1) before t h (rank 3), then no (t, he) merge
     assert tok.bpe("that") == ["th", "at"]
@@ -214,13 +216,13 @@ def test_bpe_round_trips_utf8_and_applies_merges_in_rank_order(tmp_path):
     for text in ["the cat's 3 hats\n\n  ", "Café £30 — naïve 日本語 🙂\t½", "", "'s'll 'RE x\u00a0y"]:
         assert tok.decode(tok.encode(text)) == text
     # GPT-2's pre-tokenizer: contractions, a space joined to the next word, digits apart
-    assert gpt2.pretokenizer().findall("I'll pay £30 now  ok") == ["I", "'ll", " pay", " £", "30", " now", " ", " ok"]
+    assert gpt2_files.pretokenizer().findall("I'll pay £30 now  ok") == ["I", "'ll", " pay", " £", "30", " now", " ", " ok"]
     # GPT-2's \s is Unicode's White_Space: the separators U+001C..U+001F (whitespace to Python) are not
-    assert gpt2.pretokenizer().findall("x \x1cy\u3000z") == ["x", " \x1c", "y", "\u3000", "z"]
-    reversed_ranks = gpt2.GPT2Tokenizer(tok.encoder, MERGES[::-1])
+    assert gpt2_files.pretokenizer().findall("x \x1cy\u3000z") == ["x", " \x1c", "y", "\u3000", "z"]
+    reversed_ranks = gpt2_files.GPT2Tokenizer(tok.encoder, MERGES[::-1])
     assert reversed_ranks.bpe("the") == ["th", "e"]  # now t h has the lower rank
     write_tokenizer(tmp_path, hf=True)  # the HF file names give the same tokenizer
-    assert gpt2.load_tokenizer(tmp_path).encode("the cat") == tok.encode("the cat")
+    assert gpt2_files.load_tokenizer(tmp_path).encode("the cat") == tok.encode("the cat")
 
 
 # -----------------------------------------------------------------------------
@@ -421,7 +423,7 @@ def test_fsdp_under_torchrun_matches_one_process_with_the_global_batch(checkpoin
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune_e2e.py",
             *flags, "--batch-size", "5", "--fsdp", "--out-dir", str(tmp_path / "fsdp")]
-    run_fsdp = subprocess.run(fsdp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    run_fsdp = subprocess.run(fsdp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # a hang guard
     assert run_fsdp.returncode == 0, run_fsdp.stderr[-3000:]
     finetune_e2e.main([*flags, "--batch-size", "10", "--out-dir", str(tmp_path / "single")])
     rows = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("fsdp", "single")]
@@ -506,7 +508,8 @@ def test_loss_is_label_smoothed_on_completion_tokens_only_and_lr_is_linear():
     eps = 0.1  # smoothed target: (1 - eps) on the label plus eps / 10 on every token
     expected = [-(1 - eps) * lp - eps * mean_logp for lp in (logp9, logp_other)]
     assert finetune_e2e.loss_on(Uniform(), x, y, eps).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
-    assert [runlib.linear_lr(s, 10, 1.0, warmup=4) for s in (0, 3, 4, 7, 10)] == [0.25, 1.0, 1.0, 0.5, 0.0]
+    args = argparse.Namespace(lr=1.0, warmup_steps=4)
+    assert [finetune_e2e.learning_rate(s, 10, args) for s in (0, 3, 4, 7, 10)] == [0.25, 1.0, 1.0, 0.5, 0.0]
 
 
 def test_lora_repo_line_format_and_mr_conversion(tmp_path):
@@ -517,7 +520,7 @@ def test_lora_repo_line_format_and_mr_conversion(tmp_path):
     (tmp_path / "bad.txt").write_text("no separator here\n")
     with pytest.raises(data.DataError, match="bad.txt:1"):
         data.read_e2e_pairs(tmp_path / "bad.txt")
-    tok = gpt2.GPT2Tokenizer(tiny_vocab(), MERGES)
+    tok = gpt2_files.GPT2Tokenizer(tiny_vocab(), MERGES)
     examples = [finetune_e2e.encode_example(tok, "name : A", "the cat", 64)]
     x, y = finetune_e2e.collate(examples, [0], "cpu")
     ids, n_ctx = examples[0]

@@ -26,11 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bdia  # noqa: E402
 import finetune_e2e  # noqa: E402
 import gpt2  # noqa: E402
+from plumbing import gpt2_files  # noqa: E402
 import plot  # noqa: E402
 import train_gpt  # noqa: E402
 import train_translate  # noqa: E402
 import train_vit  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import runlib  # noqa: E402
 from models import GPT  # noqa: E402
 
 torch.set_num_threads(1)
@@ -87,7 +88,7 @@ def write_pairs(path, n=48):
 def write_gpt2_and_e2e(folder):
     """A random tiny GPT-2 (folder/gpt2: model.safetensors, config.json, a byte-level
     tokenizer) and the three E2E CSVs."""
-    symbols = [*gpt2.bytes_to_unicode().values(), "<|endoftext|>"]
+    symbols = [*gpt2_files.bytes_to_unicode().values(), "<|endoftext|>"]
     (folder / "gpt2").mkdir()
     (folder / "gpt2" / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(symbols)}))
     (folder / "gpt2" / "merges.txt").write_text("#version: 0.2\n")

@@ -13,7 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
+from plumbing import data  # noqa: E402
 import train_gpt  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import GPT  # noqa: E402
@@ -127,7 +127,7 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py", *flags,
            "--out-dir", str(tmp_path / "ddp")]
-    run_ddp = subprocess.run(ddp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    run_ddp = subprocess.run(ddp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # a hang guard
     assert run_ddp.returncode == 0, run_ddp.stderr[-3000:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -145,7 +145,7 @@ def test_fsdp_under_torchrun_matches_one_process_with_the_global_batch_and_resum
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     fsdp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py", *flags,
             "--max-iters", "4", "--fsdp", "--out-dir", str(tmp_path / "fsdp")]
-    run_fsdp = subprocess.run(fsdp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    run_fsdp = subprocess.run(fsdp, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # a hang guard
     assert run_fsdp.returncode == 0, run_fsdp.stderr[-3000:]
     fsdp_rows = [json.loads(line) for line in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
     with warnings.catch_warnings():

@@ -99,3 +99,10 @@ def test_curves_show_bleu_beside_the_loss_when_logged(tmp_path):
     assert axes[1].get_ylabel() == "validation BLEU"
     assert [list(line.get_xdata()) for line in axes[1].get_lines()] == [[5, 10]]
     assert [list(line.get_ydata()) for line in axes[1].get_lines()] == [[10.0, 20.0]]
+
+
+def test_a_figure_without_o_goes_to_out_plots_not_the_repository(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # as from the repository's root
+    plot.main(["reconstruction", "--depth", "3"])
+    assert_png(tmp_path / "out" / "plots" / "reconstruction.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and "wrote out/plots/reconstruction.png" in capsys.readouterr().out

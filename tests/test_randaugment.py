@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import randaugment as ra  # noqa: E402
+from plumbing import randaugment as ra  # noqa: E402
 
 OP_NAMES = {id(f): name for name, f in vars(ra).items() if callable(f)}
 M14 = {OP_NAMES[id(op)]: ra.magnitude(14, low, high) for op, low, high, _ in ra.OPS}  # the values at M = 14

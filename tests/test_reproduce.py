@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import reproduce  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import runlib  # noqa: E402
 
 
 @pytest.fixture

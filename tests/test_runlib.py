@@ -3,6 +3,7 @@ lock, checkpoints (atomic, every RNG state, a full disk), the log, schedules."""
 
 import argparse
 import contextlib
+import json
 import errno
 import fcntl
 import os
@@ -11,7 +12,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,36 +19,72 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import finetune_e2e  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import runlib  # noqa: E402
 import train_gpt  # noqa: E402
 import train_translate  # noqa: E402
 import train_vit  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 
 SCRIPTS = (train_vit, train_gpt, train_translate, finetune_e2e)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parser():
+    """A script's parser as the scripts build theirs: its own flags, its BDIA flags, the run flags."""
     p = runlib.ArgumentParser(prog="test.py")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_training_flags(out_dir="out")
+    p.add_argument("--bdia", action="store_true")
+    p.add_argument("--gammas", nargs="+", action=runlib.Numbers, default=(-0.5, 0.5))
+    p.add_argument("--bits", type=runlib.parse_bits, default=9)
+    p.add_argument("--no-reversible", action="store_true")
+    p.add_argument("--eval-gamma", type=float, default=0.0)
+    p.add_run_flags(out_dir="out")
     return p
 
 
 def parse(argv):
-    return parser().parse(argv, at_least_1=("width", "epochs"))
+    p = parser()
+    args = p.parse(argv, at_least_1=("width", "epochs"))
+    args.bdia_config = p.checked_config(train_vit.bdia_config, args)
+    return args
 
 
-def test_bdia_flags_build_the_config():
-    assert parse([]).bdia_config is None
-    assert parse(["--bdia", "--compile", "--no-reversible"]).bdia_config == BDIAConfig(reversible=False)
-    assert parse(["--bdia", "--compile"]).bdia_config == BDIAConfig()  # compiled per block (tests/test_compile.py)
-    assert parse(["--bdia", "--gammas", "-0.25", "0.25", "--bits", "5"]).bdia_config == BDIAConfig((-0.25, 0.25), 5)
-    config = parse(["--bdia", "--bits", "none", "--no-reversible", "--gammas=-0.5,0,0.5"]).bdia_config  # commas too
-    assert config == BDIAConfig((-0.5, 0.0, 0.5), None, False, 0.0)
+# the flags each script needs beside the BDIA ones to parse (nothing is read while parsing)
+NEEDED = {train_vit: [], train_gpt: ["--text-file", "t.txt"], train_translate: ["--dataset", "gettext-fr"], finetune_e2e: []}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.SCRIPT)
+def test_each_scripts_bdia_flags_build_the_config_its_model_gets(script):
+    def config(*argv):
+        return script.parse_args([*NEEDED[script], *argv]).bdia_config
+
+    assert config() is None
+    assert config("--bdia", "--compile", "--no-reversible") == BDIAConfig(reversible=False)
+    assert config("--bdia", "--compile") == BDIAConfig()  # compiled per block (tests/test_compile.py)
+    assert config("--bdia", "--gammas", "-0.25", "0.25", "--bits", "5") == BDIAConfig((-0.25, 0.25), 5)
+    assert config("--bdia", "--bits", "none", "--no-reversible", "--gammas=-0.5,0,0.5") == \
+        BDIAConfig((-0.5, 0.0, 0.5), None, False, 0.0)  # commas too
+    assert config("--bdia", "--eval-gamma", "0.5") == BDIAConfig(eval_gamma=0.5)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.SCRIPT)
+def test_a_grid_the_stream_starts_below_is_said_at_the_start(script, capsys):
+    """--bits -5 (the paper's l < 0): the stream is rounded to multiples of 32, so a stream near 1 starts
+    as 0 and nothing trains for a long while; it is allowed (Table 4 goes to -2) but said, once."""
+    for bits, said in (("-5", "multiples of 2^5 = 32: every entry below 16 in magnitude becomes 0"),
+                       ("0", "multiples of 2^0 = 1: every entry below 0.5 in magnitude becomes 0"), ("1", None)):
+        script.parse_args([*NEEDED[script], "--bdia", "--bits", bits])
+        err = capsys.readouterr().err
+        if said is None:
+            assert err == ""
+        else:
+            assert err.startswith(f"{script.SCRIPT}: warning: --bits {bits} rounds the residual stream to {said}")
+            assert err.count("\n") == 1 and "the paper trains with --bits 9" in err
+    script.parse_args([*NEEDED[script], "--bits", "-5"])  # without --bdia nothing is rounded
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -101,7 +137,7 @@ def test_resume_refuses_another_flag_and_prints_the_runs_command_line(tmp_path, 
 def test_a_checkpoint_of_another_script_names_it(tmp_path):
     checkpoint_of(tmp_path, [])
     p = runlib.ArgumentParser(prog="other.py")
-    p.add_training_flags(out_dir="out")
+    p.add_run_flags(out_dir="out")
     with pytest.raises(runlib.CheckpointError, match=r"was written by test.py, not other.py"):
         p.parse(["--resume", "--out-dir", str(tmp_path)])
 
@@ -110,14 +146,14 @@ def test_a_checkpoint_of_another_script_names_it(tmp_path):
 # One run per folder
 
 
-HOLD = "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); " \
-       "f.write('process 4242'); f.flush(); print('held', flush=True); time.sleep(60)"
+HOLD = "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); " \
+       "f.write('process 4242'); f.flush(); print('held', flush=True); sys.stdin.read()"  # holds it until killed
 
 
 def test_a_live_run_holds_the_folder_and_a_killed_one_does_not(tmp_path):
     (tmp_path / "out").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out" / "run.lock")], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out" / "run.lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(runlib.FolderInUse, match=r"out is in use by a running process \(process 4242\)"):
@@ -233,8 +269,14 @@ def test_jsonl_log_appends_and_resumes(tmp_path):
     assert runlib.JsonlLog(tmp_path / "log.jsonl").read() == []  # a fresh run starts a new log
 
 
-def test_cosine_lr_warms_up_then_decays_to_min_lr():
-    lrs = [runlib.cosine_lr(s, 100, 1.0, warmup=10, min_lr=0.1) for s in range(101)]
+@pytest.mark.parametrize("script", [train_gpt, train_translate], ids=lambda s: s.SCRIPT)
+def test_cosine_lr_warms_up_then_decays_to_min_lr(script):
+    if script is train_gpt:
+        args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
+        lrs = [train_gpt.learning_rate(s, args) for s in range(101)]
+    else:
+        args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup=10, cosine=True)
+        lrs = [train_translate.learning_rate(s, 100, args) for s in range(101)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
@@ -302,7 +344,7 @@ def test_a_run_that_waited_on_a_removed_lock_file_locks_the_new_one(tmp_path):
 RACE = """
 import os, sys
 sys.path.insert(0, sys.argv[3])
-import runlib
+from plumbing import runlib
 folder, inside = sys.argv[1], sys.argv[2]
 held = 0
 for _ in range(300):
@@ -326,7 +368,7 @@ def test_runs_racing_for_one_folder_never_hold_it_at_once(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = [sys.executable, "-c", RACE, str(tmp_path / "out"), str(tmp_path / "held"), root]
     racers = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    results = [racer.communicate(timeout=120) for racer in racers]
+    results = [racer.communicate(timeout=600) for racer in racers]  # a hang guard
     assert [racer.returncode for racer in racers] == [0, 0, 0], [err for _, err in results]
     assert all(int(out) > 0 for out, _ in results)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no run.lock left behind
@@ -353,24 +395,25 @@ def test_resume_of_a_finished_run_says_so(tmp_path, text_file, capsys):
 
 
 def test_a_killed_run_leaves_its_lock_and_resume_continues(tmp_path, text_file):
+    """SIGKILL, which no process can catch, where iteration 3 begins (the run kills itself there, so the
+    point does not depend on the machine's speed): the lock file stays, the OS released the lock, and
+    --resume continues from the checkpoint of iteration 2."""
+    from test_signals import STOP_AT
+
     flags = ["--text-file", str(text_file), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
              "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "2", "--device", "cpu", "--out-dir",
-             str(tmp_path)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.Popen([sys.executable, os.path.join(root, "train_gpt.py"), *flags, "--max-iters", "100000"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "ckpt.pt").is_file() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert (tmp_path / "ckpt.pt").is_file()
-    finally:
-        run.send_signal(signal.SIGKILL)
-        run.wait()
-    assert (tmp_path / "run.lock").read_text() == f"process {run.pid}\n"  # the killed run's lock file is still there
-    killed_at = runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"]
-    train_gpt.main(["--out-dir", str(tmp_path), "--resume", "--max-iters", str(killed_at + 2)])  # not blocked
-    assert runlib.read_checkpoint(tmp_path / "ckpt.pt", "train_gpt.py")["iter"] == killed_at + 2
+             str(tmp_path / "out"), "--max-iters", "100000"]
+    (tmp_path / "stop_at.py").write_text(STOP_AT)
+    plan = json.dumps(dict(at=4, signals=[int(signal.SIGKILL)]))
+    run = subprocess.Popen([sys.executable, str(tmp_path / "stop_at.py"), ROOT, plan, os.path.join(ROOT, "train_gpt.py"),
+                            *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.wait(timeout=600) == -signal.SIGKILL  # a hang guard
+    out = tmp_path / "out"
+    assert (out / "run.lock").read_text() == f"process {run.pid}\n"  # the killed run's lock file is still there
+    assert runlib.read_checkpoint(out / "ckpt.pt", "train_gpt.py")["iter"] == 2
+    train_gpt.main(["--out-dir", str(out), "--resume", "--max-iters", "4"])  # not blocked
+    assert runlib.read_checkpoint(out / "ckpt.pt", "train_gpt.py")["iter"] == 4
 
 
 def test_finetune_e2e_resumes_with_other_decoding_flags(tmp_path):

@@ -3,24 +3,25 @@ as a scheduler, `timeout` or `kill` does) go into real training processes: each 
 step it is in, saves that point (within an epoch too), prints one line and exits 130 or 143, and
 --resume then ends bit for bit where an uninterrupted run ends. A second Ctrl-C stops at once
 with the last checkpoint intact. A new run on a folder that holds one stops before it writes
-anything, unless --overwrite."""
+anything, unless --overwrite.
+
+No verdict here depends on how fast a machine is: each signal is sent by the process itself (or,
+under torchrun, by rank 0 to torchrun) where a given step begins (STOP_AT), so the step a run
+stops at is fixed whatever the load; the only clocks are hang guards."""
 
 import json
-import re
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import finetune_e2e  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import runlib  # noqa: E402
 import train_gpt  # noqa: E402
 import train_translate  # noqa: E402
 import train_vit  # noqa: E402
@@ -30,14 +31,52 @@ torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the processes signalled: the
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 SCRIPTS = {"vit": train_vit, "gpt": train_gpt, "translate": train_translate, "e2e": finetune_e2e}
+SCRIPT_FILES = {"vit": "train_vit.py", "gpt": "train_gpt.py", "translate": "train_translate.py", "e2e": "finetune_e2e.py"}
 TIMING = {"epoch_seconds", "seconds", "tokens_per_s", "peak_memory_mb"}  # log fields no two runs share
-# Runs long enough (hundreds of steps) that a signal sent after their first log line or checkpoint
-# lands within an epoch, long before the end
-LONG = {"vit": ["--batch-size", "2", "--epochs", "3"],
-        "gpt": ["--text-file", "{data}/verse.txt", "--max-iters", "150", "--eval-interval", "10", "--bdia",
-                "--dropout", "0.1"],
-        "translate": ["--batch-size", "2", "--epochs", "3"],
-        "e2e": ["--batch-size", "1", "--epochs", "3", "--eval-interval", "4"]}
+# Runs of two epochs (or 30 iterations), and where a signal comes in them: the step (counted from 1 over
+# the run, as runlib.Signals.received is asked where each step begins) and the point the run saves there
+SHORT = {"vit": ["--batch-size", "8", "--epochs", "2"],  # 80 images: 10 steps an epoch
+         "gpt": ["--text-file", "{data}/verse.txt", "--max-iters", "30", "--eval-interval", "10", "--bdia",
+                 "--dropout", "0.1"],
+         "translate": ["--batch-size", "4", "--epochs", "2"],  # 43 pairs: 11 steps an epoch
+         "e2e": ["--batch-size", "1", "--epochs", "2", "--eval-interval", "4"]}  # 30 steps an epoch
+SIGNAL_AT = {"vit": (14, "step 3 of 10 in epoch 2"), "gpt": (14, "iteration 13"),
+             "translate": (15, "step 3 of 11 in epoch 2"), "e2e": (37, "step 6 of 30 in epoch 2")}
+
+# A training script run with its signals planned: runlib.Signals.received, asked where each step begins,
+# sends the plan's signals where step plan["at"] begins (before it answers, or with "after", after it
+# answered no, so that they come within the step), and answers as it would. signal.raise_signal runs the
+# handler before it returns. Under torchrun rank 0 sends them to torchrun (its parent), which sends them
+# on to every process, and waits until its own has come (a hang guard of 300 s ends the wait).
+STOP_AT = """
+import json, os, runpy, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from plumbing import runlib
+
+plan, script = json.loads(sys.argv[2]), sys.argv[3]
+sys.argv = sys.argv[3:]
+received, calls = runlib.Signals.received, []
+
+
+def received_at(self, device="cpu"):
+    calls.append(1)
+    if len(calls) != plan["at"] or os.environ.get("RANK", "0") != "0":
+        return received(self, device)
+    answer = received(self, device) if plan.get("after") else None
+    for signum in plan["signals"]:
+        if plan.get("to") == "torchrun":
+            os.kill(os.getppid(), signum)
+            give_up = time.monotonic() + 300
+            while self.signum is None and time.monotonic() < give_up:
+                time.sleep(0.001)
+        else:
+            signal.raise_signal(signum)
+    return answer if plan.get("after") else received(self, device)
+
+
+runlib.Signals.received = received_at
+runpy.run_path(script, run_name="__main__")
+"""
 
 
 @pytest.fixture
@@ -62,53 +101,39 @@ def data_of(tmp_path, cifar_dir, text_file):
 
 
 def flags(script, data, out, *more):
-    return fill([*FLAGS[script], *LONG[script], *more], dict(data=data, out=out))
+    return fill([*FLAGS[script], *SHORT[script], *more], dict(data=data, out=out))
 
 
-def signalled(script, argv, ready, signum, then=None):
-    """Run SCRIPT.py in a process of its own, send it `signum` once ready(what it wrote on stderr
-    so far: its progress bars), and then `then` 0.05 s later; (exit code, the last line of stderr)."""
-    run = subprocess.Popen([sys.executable, os.path.join(ROOT, SCRIPT_FILES[script]), *argv], cwd=ROOT, env=ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = []
-    reader = threading.Thread(target=lambda: err.extend(iter(lambda: run.stderr.read(1), "")), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not ready("".join(err)) and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert run.poll() is None, f"the run ended before the signal: {''.join(err)[-2000:]}"
-        run.send_signal(signum)
-        if then is not None:
-            time.sleep(0.05)
-            run.send_signal(then)
-        run.wait(timeout=60)
-        reader.join(timeout=10)
-    finally:
-        run.kill()
-        run.wait()
-    err = "".join(err)
-    assert "Traceback" not in err, err
-    return run.returncode, err.replace("\r", "\n").strip().splitlines()[-1]
+def signalled(tmp_path, script, argv, at, signals, after=False, torchrun=False):
+    """Run SCRIPT.py in a process of its own (under torchrun on 2 processes) with `signals` sent where its
+    step `at` begins; (exit code, stderr)."""
+    wrapper = tmp_path / "stop_at.py"
+    wrapper.write_text(STOP_AT)
+    plan = json.dumps(dict(at=at, signals=[int(s) for s in signals], after=after, to="torchrun" if torchrun else "self"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else \
+        [sys.executable]
+    run = subprocess.run([*launch, str(wrapper), ROOT, plan, os.path.join(ROOT, SCRIPT_FILES[script]), *map(str, argv)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)  # a hang guard
+    assert "Traceback" not in run.stderr or torchrun, run.stderr[-3000:]
+    return run.returncode, run.stderr
 
 
-def steps_shown(err, desc):
-    """The most steps a progress bar whose description begins with `desc` has shown."""
-    return max((int(n) for n in re.findall(re.escape(desc) + r"[^|\r\n]*\|[^|\r\n]*\|\s*(\d+)/", err)), default=0)
-
-
-SCRIPT_FILES = {"vit": "train_vit.py", "gpt": "train_gpt.py", "translate": "train_translate.py", "e2e": "finetune_e2e.py"}
+def last_line(err):
+    return err.replace("\r", "\n").strip().splitlines()[-1]
 
 
 def logged(out):
-    try:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in (out / "log.jsonl").open()]
-    except ValueError:  # a line being written
-        return []
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in (out / "log.jsonl").open()]
 
 
 def weights(out):
     return torch.load(out / "ckpt.pt", weights_only=True)["model"]
+
+
+def same_run(a, b):
+    """The weights and the log of the runs in folders a and b are the same, bit for bit."""
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and logged(a) == logged(b)
 
 
 @pytest.mark.parametrize("script,signum", [("vit", signal.SIGINT), ("gpt", signal.SIGTERM),
@@ -116,66 +141,74 @@ def weights(out):
 def test_a_signal_saves_the_step_it_ends_and_resume_ends_as_an_uninterrupted_run(script, signum, data_of, tmp_path):
     data = data_of(script)
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
-    # within an epoch (its bar shows a step of epoch 2), or past the checkpoint of iteration 10
-    if script == "gpt":
-        def past(err):
-            return steps_shown(err, "") > 10
-    elif script == "e2e":  # its steps are quick: a point of the validation curve within epoch 2 (step 4 or 8)
-        def past(err):
-            return (stopped / "log.jsonl").is_file() and any(1 < r["epoch"] < 2 for r in logged(stopped))
-    else:
-        def past(err):
-            return steps_shown(err, "epoch 2") > 0
-    code, line = signalled(script, flags(script, data, stopped), past, signum)
+    at, where = SIGNAL_AT[script]  # within an epoch, or between two evaluations
+    code, err = signalled(tmp_path, script, flags(script, data, stopped), at, [signum])
     ckpt = runlib.read_checkpoint(stopped / "ckpt.pt", SCRIPT_FILES[script])
-    where = runlib.position(ckpt)
     name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
-    assert code == 128 + signum and line == (f"{SCRIPT_FILES[script]}: stopped by {name} after {where}, saved there in "
-                                            f"{stopped / 'ckpt.pt'}: --resume continues it"), line
+    assert runlib.position(ckpt) == where
+    assert code == 128 + signum and last_line(err) == (f"{SCRIPT_FILES[script]}: stopped by {name} after {where}, saved "
+                                                       f"there in {stopped / 'ckpt.pt'}: --resume continues it"), err
     assert not runlib.run_is_finished(ckpt)
-    assert ckpt["iter"] > 10 if script == "gpt" else ckpt["within"]["step"] > 0, where  # no epoch's or evaluation's end
     assert not (stopped / "run.lock").exists() and [p.name for p in stopped.glob("*.part")] == []
     SCRIPTS[script].main(flags(script, data, stopped, "--resume"))
     SCRIPTS[script].main(flags(script, data, straight))
-    a, b = weights(stopped), weights(straight)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), where
-    assert logged(stopped) == logged(straight), where
+    assert same_run(stopped, straight), where
 
 
 def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays(data_of, tmp_path):
-    """Steps of many micro-batches (about 0.5 s): both signals come within the step after the
-    first checkpoint, so only the second can have ended the run."""
+    """Both signals come within the step after the checkpoint of iteration 10: only the second can have
+    ended the run, at once, without saving the step it was in."""
     data, out = data_of("gpt"), tmp_path / "out"
-    argv = flags("gpt", data, out, "--grad-accum", "150", "--eval-interval", "1", "--max-iters", "20")
-    code, line = signalled("gpt", argv, lambda err: (out / "ckpt.pt").is_file(), signal.SIGINT, then=signal.SIGINT)
+    code, err = signalled(tmp_path, "gpt", flags("gpt", data, out), 11, [signal.SIGINT, signal.SIGINT], after=True)
     ckpt = runlib.read_checkpoint(out / "ckpt.pt", "train_gpt.py")
-    assert code == 130 and ckpt["iter"] == 1 and [p.name for p in out.glob("*.part")] == []
-    assert line == (f"train_gpt.py: stopped by Ctrl-C (SIGINT); {out / 'ckpt.pt'} (iteration 1) is intact: continue "
-                    "with --resume and the same flags"), line
+    assert code == 130 and ckpt["iter"] == 10 and [p.name for p in out.glob("*.part")] == []
+    assert last_line(err) == (f"train_gpt.py: stopped by Ctrl-C (SIGINT); {out / 'ckpt.pt'} (iteration 10) is intact: "
+                              "continue with --resume and the same flags"), err
 
 
 def test_under_torchrun_every_process_stops_at_the_same_step_and_rank_0_saves_it(data_of, tmp_path):
     """SIGTERM to torchrun, which sends it on to each process: one line, from rank 0, and a
-    checkpoint of one iteration with both processes' RNG states (each gathered at that step)."""
+    checkpoint of the iteration where it came, with both processes' RNG states (each gathered at
+    that step)."""
     data, out = data_of("gpt"), tmp_path / "out"
-    argv = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py",
-            *flags("gpt", data, out)]
-    run = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while not (out / "ckpt.pt").is_file() and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        run.send_signal(signal.SIGTERM)
-        err = run.communicate(timeout=60)[1]
-    finally:
-        run.kill()
-        run.wait()
+    code, err = signalled(tmp_path, "gpt", flags("gpt", data, out), 14, [signal.SIGTERM], torchrun=True)
     ckpt = runlib.read_checkpoint(out / "ckpt.pt", "train_gpt.py")
     stops = [line for line in err.replace("\r", "\n").splitlines() if "stopped by" in line]
-    assert stops == [f"train_gpt.py: stopped by SIGTERM after iteration {ckpt['iter']}, saved there in "
-                     f"{out / 'ckpt.pt'}: --resume continues it"], err[-3000:]
-    assert len(ckpt["rng"]) == 2 and ckpt["iter"] < 150 and not (out / "run.lock").exists()
+    assert stops == [f"train_gpt.py: stopped by SIGTERM after iteration 13, saved there in {out / 'ckpt.pt'}: "
+                     "--resume continues it"], err[-3000:]
+    assert ckpt["iter"] == 13 and len(ckpt["rng"]) == 2 and not (out / "run.lock").exists()
+
+
+def test_a_run_stopped_twice_within_one_epoch_ends_as_an_uninterrupted_run(data_of, tmp_path, capsys, monkeypatch):
+    """Stopped at step 3 of epoch 2, resumed, stopped again at step 7 of that epoch (the second point
+    saved counts the steps before the first), resumed to the end: the weights and the log of the run
+    that was never stopped. In this process: a real SIGINT where the step begins."""
+    data, stopped, straight = data_of("vit"), tmp_path / "stopped", tmp_path / "straight"
+    received, calls = runlib.Signals.received, []
+
+    def ctrl_c_at(at):
+        calls.clear()
+
+        def received_at(self, device="cpu"):
+            calls.append(1)
+            if len(calls) == at:
+                signal.raise_signal(signal.SIGINT)
+            return received(self, device)
+
+        monkeypatch.setattr(runlib.Signals, "received", received_at)
+
+    for at, resume, where in ((14, [], "step 3 of 10 in epoch 2"), (5, ["--resume"], "step 7 of 10 in epoch 2")):
+        ctrl_c_at(at)
+        with pytest.raises(SystemExit) as stop:
+            train_vit.main(flags("vit", data, stopped, *resume))
+        ckpt = runlib.read_checkpoint(stopped / "ckpt.pt", "train_vit.py")
+        assert stop.value.code == 130 and runlib.position(ckpt) == where
+        assert f"stopped by Ctrl-C (SIGINT) after {where}, saved there" in capsys.readouterr().err
+    monkeypatch.setattr(runlib.Signals, "received", received)
+    train_vit.main(flags("vit", data, stopped, "--resume"))
+    assert f"resuming {stopped / 'ckpt.pt'}, saved after step 7 of 10 in epoch 2" in capsys.readouterr().out
+    train_vit.main(flags("vit", data, straight))
+    assert same_run(stopped, straight)
 
 
 def test_a_new_run_on_a_folder_with_a_run_stops_before_writing_and_overwrite_starts_over(data_of, tmp_path, capsys):
@@ -210,6 +243,22 @@ def test_each_script_refuses_a_new_run_over_an_unfinished_one(script, tmp_path, 
     assert e.value.code == 2 and capsys.readouterr().err == (
         f"{SCRIPT_FILES[script]}: error: {tmp_path / 'out'} holds an unfinished run of {SCRIPT_FILES[script]} (epoch 1): "
         "continue it with --resume, or start over with --overwrite (which replaces it), or use another --out-dir\n")
+
+
+def test_a_new_run_over_a_truncated_checkpoint_does_not_send_the_user_to_resume(tmp_path, capsys):
+    """--resume cannot continue a checkpoint that cannot be read: the line says what it holds and the
+    ways that work."""
+    argv = fill([*FLAGS["vit"], "--epochs", "3"], dict(data=tmp_path / "nowhere", out=tmp_path / "out"))
+    runlib.save_checkpoint(tmp_path / "out" / "ckpt.pt", train_vit.parse_args(argv), epoch=1)
+    path = tmp_path / "out" / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as e:
+        train_vit.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (
+        f"train_vit.py: error: {tmp_path / 'out'} holds {path}, which cannot be read (it is truncated (a zip archive "
+        "without its end, 1000 bytes)), so --resume cannot continue it: start over with --overwrite (which replaces "
+        "it), or delete it, or use another --out-dir\n")
 
 
 def test_a_stopped_main_called_from_python_leaves_the_callers_handlers(data_of, tmp_path, capsys, monkeypatch):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import data  # noqa: E402
+from plumbing import runlib  # noqa: E402
 import train_translate as tt  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import Seq2Seq  # noqa: E402

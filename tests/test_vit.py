@@ -9,12 +9,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import runlib  # noqa: E402
+from plumbing import data  # noqa: E402
+from plumbing import runlib  # noqa: E402
 import train_vit  # noqa: E402
 from bdia import BDIAConfig  # noqa: E402
 from models import RevViT, ViT  # noqa: E402
-from randaugment import rand_augment  # noqa: E402
+from plumbing.randaugment import rand_augment  # noqa: E402
 
 torch.set_num_threads(1)
 TINY = ["--dim", "16", "--heads", "2", "--mlp-dim", "32", "--depth", "3", "--patch", "8", "--batch-size", "16",

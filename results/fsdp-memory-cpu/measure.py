@@ -1,5 +1,5 @@
 """Memory per process of training steps of a GPT on the CPU: one process, DDP or FSDP2 (--fsdp),
-built as train_gpt.py builds them (runlib.shard_model for --fsdp). Prints the bytes of parameters,
+built as train_gpt.py builds them (plumbing/distributed.py's shard_model for --fsdp). Prints the bytes of parameters,
 gradients and optimizer state this process holds, its RSS after setup and its peak RSS during
 two steps (VmHWM reset after setup, Linux). Run from the repository root (measure.sh: every row).
 
@@ -11,9 +11,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch
-import runlib
+from plumbing import distributed as plumbing_distributed
 from bdia import BDIAConfig
 from models import GPT
+import train_gpt
 from torch.distributed.tensor import DTensor
 
 def status(field):
@@ -29,14 +30,14 @@ p.add_argument("--n-layer", type=int, default=8); p.add_argument("--n-embd", typ
 p.add_argument("--batch-size", type=int, default=8); p.add_argument("--block-size", type=int, default=64)
 a = p.parse_args()
 torch.set_num_threads(1)
-dist = runlib.distributed("cpu")
+dist = plumbing_distributed.distributed("cpu")
 torch.manual_seed(1 + dist.rank)
 model = GPT(65, block_size=a.block_size, n_layer=a.n_layer, n_head=8, n_embd=a.n_embd, bias=False,
             bdia=BDIAConfig() if a.bdia else None).train()
-make = lambda m: torch.optim.AdamW(runlib.decay_groups(m, 0.1), lr=1e-4, betas=(0.9, 0.95))
+make = lambda m: train_gpt.configure_optimizer(m, argparse.Namespace(weight_decay=0.1, lr=1e-4))
 optimizer = make(model)
 if a.fsdp:
-    optimizer = runlib.shard_model(model, model.transformer.h, optimizer, make)
+    optimizer = plumbing_distributed.shard_model(model, model.transformer.h, optimizer, make)
     train_model = model
 elif dist.enabled:
     train_model = torch.nn.parallel.DistributedDataParallel(model)

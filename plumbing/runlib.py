@@ -1,16 +1,19 @@
 """
-What the four training scripts share about a run, so that each script reads top to bottom as
-its story (flags, data, model, optimizer, loop, evaluation, checkpoint):
+The life of a run in its folder, what the four training scripts share so that each reads top to
+bottom as its story (flags, data, model, optimizer, loop, evaluation, checkpoint):
 
-    flags      ArgumentParser: the BDIA and run flags, their checks, --help with defaults,
+    flags      ArgumentParser: the run flags (--device, --amp, --compile, --seed, --out-dir,
+               --overwrite, --resume), the checks of a script's flags, --help with defaults,
                --resume with the checkpoint's own flags (checked before any data is read)
     folder     one run per --out-dir (a lock), no new run over an old one (--overwrite),
                checkpoints that survive a kill and resume exactly (every RNG state in them),
                the JSON-lines log
     signals    Ctrl-C and SIGTERM: the step ends, the run is saved there, exit 130 or 143
     errors     what a user can act on as one line and exit code 2 (exit_with)
-    schedules  the learning-rate schedules, weight-decay groups, torchrun (DDP)
-    sharding   --fsdp: FSDP2 on each block and the root, checkpoints saved whole
+
+What is not the run's life is elsewhere: each script defines its BDIA flags, builds the BDIAConfig
+its model receives, its --compile, its learning-rate schedule and optimizer groups;
+plumbing/distributed.py holds torchrun (DDP) and --fsdp (FSDP2).
 """
 
 import argparse
@@ -25,16 +28,14 @@ import shlex
 import signal
 import sys
 import zipfile
-from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed
 
-from bdia import BDIAConfig, BDIAError, DivergedError, PrecisionError, exact_limit, mantissa_bits
-from data import DataError, atomic_write
-import models
+from bdia import BDIAError, DivergedError, PrecisionError, exact_limit, mantissa_bits
+from plumbing.data import DataError, atomic_write
 
 # what a CUDA out-of-memory error suggests, in every script
 LOWER_MEMORY = "a smaller --batch-size, --bdia (activations rebuilt, not stored) or --amp"
@@ -89,19 +90,11 @@ def parse_bits(text):
         raise argparse.ArgumentTypeError(f"expected an integer l (quantization 2^-l) or 'none', got {text!r}")
 
 
-def bdia_config(flags):
-    """The BDIAConfig of a run's flags (args, or the dict a checkpoint holds); None without --bdia.
-    Configuration errors are BDIAConfig's ValueErrors."""
-    get = flags.get if isinstance(flags, dict) else lambda name: getattr(flags, name)
-    if not get("bdia"):
-        return None
-    return BDIAConfig(get("gammas"), get("bits"), not get("no_reversible"), get("eval_gamma"))
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (exit code 2) without the usage block, and
-    whose --help shows the defaults. The training scripts add the shared flags with
-    add_training_flags and parse with parse(), which checks them and handles --resume."""
+    whose --help shows the defaults. The training scripts add their own flags and their BDIA
+    flags, then the run flags (add_run_flags), parse with parse(), which checks them and handles
+    --resume, and build their BDIAConfig through checked_config()."""
 
     def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
@@ -109,25 +102,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
-    def add_training_flags(self, out_dir, fsdp=False):
-        """The BDIA and run flags, after the script's own (--resume's help names --grad-accum where it is one);
-        fsdp: --fsdp too (train_gpt.py, finetune_e2e.py)."""
-        g = self.add_argument_group("BDIA")
-        g.add_argument("--bdia", action="store_true", help="train with BDIA (otherwise the plain model)")
-        g.add_argument("--gammas", nargs="+", action=Numbers, default=(-0.5, 0.5), metavar="G",
-                       help="values gamma_k is drawn from")
-        g.add_argument("--bits", type=parse_bits, default=9, help="l, the grid 2^-l of Q_l (eq. 17), or 'none' "
-                       "(the side information is another width: m = -log2|gamma| bits per element)")
-        g.add_argument("--no-reversible", action="store_true", help="store activations instead of rebuilding them (eq. 24)")
-        g.add_argument("--eval-gamma", type=float, default=0.0, help="constant gamma at inference (0: the standard model)")
+    def add_run_flags(self, out_dir, fsdp=False):
+        """The run flags, after the script's own and its BDIA flags (--resume's help names --grad-accum where it
+        is one); fsdp: --fsdp too (train_gpt.py, finetune_e2e.py)."""
         g = self.add_argument_group("run")
         g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
         g.add_argument("--amp", action="store_true", help="bfloat16 autocast for the blocks (the residual stream stays float32)")
         if fsdp:
             g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
                            "state over the processes (FSDP2, fully_shard on each block and the root) instead of DDP")
-        g.add_argument("--compile", action="store_true", help="torch.compile the model (with reversible --bdia also "
-                       "each block: the engine runs the reversible stack outside the model's graph)")
+        g.add_argument("--compile", action="store_true", help="torch.compile the model, and with reversible --bdia "
+                       "each block too (the script's compiled(); slower to start, not always faster on a CPU)")
         g.add_argument("--seed", type=int, default=1337, help="initial weights, data order, dropout and gammas")
         g.add_argument("--out-dir", default=out_dir, help="log.jsonl and ckpt.pt; one run at a time")
         g.add_argument("--overwrite", action="store_true", help="start a new run in an OUT_DIR that holds one, "
@@ -140,7 +125,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse(self, argv=None, at_least_1=(), at_least_0=(), positive=(), fractions=()):
         """Parse and check the flags. With --resume the flags are the checkpoint's, except those
         given that may change (MAY_CHANGE_ON_RESUME); another given difference is refused. Sets
-        args.script (this script) and args.bdia_config; resolves --device auto."""
+        args.script (this script); resolves --device auto."""
         args = self.parse_args(argv)
         if args.resume and args.overwrite:
             self.error("--resume continues the run in OUT_DIR, --overwrite replaces it: give one of them")
@@ -157,21 +142,38 @@ class ArgumentParser(argparse.ArgumentParser):
                        f"{self.prog} ... --fsdp (or leave --fsdp out for one process)")
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             self.error(f"--out-dir {args.out_dir} is a file; give a folder for the logs and checkpoints")
-        try:
-            args.bdia_config = bdia_config(args)
-        except ValueError as e:  # BDIAConfig's own words, and how its names read as flags
-            self.error(f"{e} (as flags: gammas is --gammas, bits --bits, bits=None --bits none, reversible=True the "
-                       "default, reversible=False --no-reversible)")
-        if args.bdia and args.bits is not None and exact_limit(torch.float32, args.bits) <= 1:  # the scripts' streams
-            self.error(f"--bits {args.bits}: a float32 residual stream holds the 2^-l grid exactly only for "
-                       f"|x| < 2^(23 - l) <= 1, which a normalised stream exceeds; use --bits "
-                       f"{mantissa_bits(torch.float32) - 3} or less (the paper uses 9)")
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.device == "cuda" and not torch.cuda.is_available():
             self.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
         args.script = self.prog
         return args
+
+    def checked_config(self, make, args):
+        """make(args): the BDIAConfig a script builds of its BDIA flags (None without --bdia), with what
+        cannot work as one line and exit code 2: BDIAConfig's refusals (ValueError) named as flags, and a
+        grid 2^-l that float32 cannot hold where the stream is. A grid so coarse (l <= 0) that a stream
+        near 1 or below rounds to 0 (eq. 18), so that nothing trains until the stream outgrows it, is
+        warned of on stderr: the paper's Table 4 goes down to l = -2, so it is not refused."""
+        try:
+            config = make(args)
+        except ValueError as e:  # BDIAConfig's own words, and how its names read as flags
+            self.error(f"{e} (as flags: gammas is --gammas, bits --bits, bits=None --bits none, reversible=True the "
+                       "default, reversible=False --no-reversible)")
+        if config is None or config.bits is None:
+            return config
+        if exact_limit(torch.float32, config.bits) <= 1:  # the scripts' streams are float32 and near 1
+            self.error(f"--bits {config.bits}: a float32 residual stream holds the 2^-l grid exactly only for "
+                       f"|x| < 2^(23 - l) <= 1, which a normalised stream exceeds; use --bits "
+                       f"{mantissa_bits(torch.float32) - 3} or less (the paper uses 9)")
+        if config.bits <= 0 and os.environ.get("RANK", "0") == "0":
+            grid = 2 ** -config.bits
+            print(f"{self.prog}: warning: --bits {config.bits} rounds the residual stream to multiples of 2^{-config.bits} "
+                  f"= {grid}: every entry below {grid / 2:g} in magnitude becomes 0, and a stream that starts near 1 or "
+                  "below (embeddings, normalised inputs) starts as 0, so the loss stays where it starts until the "
+                  "stream outgrows the grid, if it ever does (RESULTS.md, Table 4 on the GPT: 1,200 to 1,800 "
+                  "iterations at --bits -2); the paper trains with --bits 9 and goes down to -2", file=sys.stderr)
+        return config
 
     def resume_flags(self, args, argv):
         """Replace args by the flags of OUT_DIR/ckpt.pt but for those given that may change."""
@@ -213,20 +215,6 @@ class ArgumentParser(argparse.ArgumentParser):
             else:
                 words += [option, "none" if value is None else str(value)]
         return shlex.join([*words, "--out-dir", str(out_dir), "--resume"])
-
-
-def compiled(model, args, dynamic=None):
-    """With --compile: torch.compile(model). With reversible BDIA, bdia.run_blocks runs the stack outside
-    the model's graph (its forward and its backward's recomputation must run the same code), so each
-    block is compiled too (block.compile(), as torchtitan does; state_dict keys unchanged). dynamic=True:
-    inputs whose length varies from batch to batch (compiled once, not again for each length)."""
-    if not args.compile:
-        return model
-    if args.bdia_config is not None and args.bdia_config.reversible:
-        for block in model.modules():
-            if isinstance(block, models.Block):
-                block.compile(dynamic=dynamic)
-    return torch.compile(model, dynamic=dynamic)
 
 
 def as_saved(value):
@@ -280,8 +268,10 @@ def refuse_to_replace(args):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         held = (f"{'a finished' if run_is_finished(ckpt) else 'an unfinished'} run of "
                 f"{ckpt.get('script') or 'another program'} ({position(ckpt)})")
-    except Exception:  # damaged: still not this run's to replace unasked
-        held = f"{path}, which cannot be read"
+    except Exception:  # damaged: still not this run's to replace unasked, and --resume cannot continue it
+        raise CheckpointError(f"{args.out_dir} holds {path}, which cannot be read ({checkpoint_damage(path)}), so "
+                              "--resume cannot continue it: start over with --overwrite (which replaces it), or delete "
+                              "it, or use another --out-dir") from None
     raise CheckpointError(f"{args.out_dir} holds {held}: continue it with --resume, or start over with --overwrite "
                           "(which replaces it), or use another --out-dir")
 
@@ -433,13 +423,13 @@ def restore(ckpt, model, optimizer, rank=None):
 
 
 def position(ckpt):
-    """Where a checkpoint is: "iteration N", "epoch N" (its end), or "epoch N, step K of M" (a
-    run stopped by a signal within epoch N)."""
+    """Where a checkpoint is: "iteration N", "epoch N" (its end), or "step K of M in epoch N" (a run
+    stopped by a signal within epoch N, its first K steps done)."""
     if "iter" in ckpt:
         return f"iteration {ckpt['iter']}"
     within = ckpt.get("within")
     if within:
-        return f"epoch {within['epoch']}, step {within['step']} of {within['steps']}"
+        return f"step {within['step']} of {within['steps']} in epoch {within['epoch']}"
     return f"epoch {ckpt['epoch']}"
 
 
@@ -528,17 +518,6 @@ def finished(out_dir, done, total, unit, flag):
     """The line of a --resume whose checkpoint is at or past the end: nothing is left to train."""
     return (f"the run in {out_dir} is finished ({unit} {done}, {flag} {total}): nothing left to train; a larger "
             f"{flag} trains it further")
-
-
-def write_gamma_sweep(out_dir, sweep):
-    """OUT/gamma_sweep.json (Fig. 1: one record per gamma at inference, {"gamma", "val_acc" or
-    "val_loss"}), written atomically (reproduce.py counts a run with it as swept), and printed."""
-    path = Path(out_dir) / "gamma_sweep.json"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(sweep, indent=1)))
-    measure = next(key for key in sweep[0] if key != "gamma")
-    print(f"gamma at inference   {measure.replace('_', ' ')}")
-    for row in sweep:
-        print(f"{row['gamma']:>18.3f}   {row[measure]:.4f}")
 
 
 def peak_memory_mb(device):
@@ -700,111 +679,3 @@ def say_stopped(e, script, out_dir):
         print(f"{script}: {said}", file=sys.stderr)
     if torch.distributed.is_initialized() and getattr(e, "where", None):
         torch.distributed.destroy_process_group()
-
-
-# -----------------------------------------------------------------------------
-# Optimizer groups, learning rate and torchrun
-
-
-def decay_groups(model, weight_decay):
-    """The trainable parameters as optimizer groups: weight decay on the 2-D weights (matmuls,
-    embeddings) only, none on biases and LayerNorm gains (as nanoGPT and the LoRA repository)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def cosine_lr(step, total_steps, lr, warmup=0, min_lr=0.0):
-    """Linear warmup for `warmup` steps, then cosine decay from lr to min_lr at total_steps."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def linear_lr(step, total_steps, lr, warmup=0):
-    """Linear warmup for `warmup` steps, then linear decay to 0 at total_steps."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-
-Dist = namedtuple("Dist", "rank world_size local_rank enabled")
-
-
-def distributed(device=None):
-    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); a single
-    process when not launched by torchrun. `device`: a torch.device or --device value."""
-    if "RANK" not in os.environ:
-        return Dist(0, 1, 0, False)
-    cuda = torch.cuda.is_available() if device in (None, "auto") else torch.device(device).type == "cuda"
-    backend = "nccl" if cuda else "gloo"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, True)
-
-
-# -----------------------------------------------------------------------------
-# --fsdp: FSDP2 sharding, and checkpoints that are those of the unsharded model
-
-
-def shard_model(model, blocks, optimizer, make_optimizer):
-    """--fsdp: rank 0's weights on every process (as DDP broadcasts them), then FSDP2's
-    fully_shard on each block and on the root, in place: each of N processes keeps 1/N of every
-    parameter, gradient and optimizer state, and a block's parameters are gathered whole only
-    for its forward and its backward (there BDIA's recomputation). Returns make_optimizer(model)
-    over the shards, holding `optimizer`'s state (a resumed run's) sharded likewise.
-
-    Parameters, their gathers and the gradients' reduce-scatters stay float32: --amp autocasts
-    the blocks as without --fsdp. (FSDP2's MixedPrecisionPolicy(param_dtype=torch.bfloat16)
-    would also cast each block's input, BDIA's residual stream, to bfloat16.)"""
-    from torch.distributed.fsdp import fully_shard
-
-    full_state = optimizer.state_dict()
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            torch.distributed.broadcast(tensor, 0)
-    for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
-    sharded = make_optimizer(model)
-    params = [p for group in sharded.param_groups for p in group["params"]]  # the order state_dict numbers them
-    state = {i: {k: shard_like(v, params[i]) for k, v in s.items()} for i, s in full_state["state"].items()}
-    sharded.load_state_dict({**full_state, "state": state})
-    return sharded
-
-
-def shard_like(tensor, param):
-    """This process's shard of a whole optimizer tensor (exp_avg, ...) of a sharded parameter."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(param, DTensor) or tensor.shape != param.shape:
-        return tensor  # a step counter
-    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-
-
-def unsharded_states(model, optimizer, keep, names=None):
-    """(model.state_dict(), optimizer.state_dict()) as the unsharded model and its optimizer
-    have them, on the CPU, so that a checkpoint resumes with or without --fsdp and on any number
-    of processes; names: only these weights (a LoRA run's adapters); optimizer None: no optimizer
-    state. Every process must call this (the gathers are collective); those without `keep` (all
-    but rank 0) get None. A tensor of two names (tied weights) stays one."""
-    from torch.distributed.tensor import DTensor
-
-    gathered = {}
-
-    def whole(t):
-        if id(t) not in gathered:
-            full = t.detach().full_tensor() if isinstance(t, DTensor) else t.detach()
-            gathered[id(t)] = full.cpu() if keep else None
-        return gathered[id(t)]
-
-    with torch.no_grad():
-        weights = {n: whole(t) for n, t in model.state_dict(keep_vars=True).items() if names is None or n in names}
-        opt = optimizer.state_dict() if optimizer is not None else None
-        if opt is not None:
-            opt = {**opt, "state": {i: {k: whole(v) for k, v in s.items()} for i, s in opt["state"].items()}}
-    return (weights, opt) if keep else (None, None)

@@ -12,6 +12,7 @@ turn it into one line on stderr and exit code 2. Downloads check a published che
 size, or a zip's CRC-32 where nothing else is published) and never leave a half-written file.
 """
 
+import contextlib
 import csv
 import gettext
 import gzip
@@ -114,6 +115,7 @@ def download(url, dest, md5=None, sha256=None, size=None, manual=""):
             return dest
         raise DataError(f"{dest} fails its {checksum} check ({what_is_wrong(dest, size)}): delete it and run again "
                         f"to download it.{hint}")
+    created = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
@@ -132,6 +134,10 @@ def download(url, dest, md5=None, sha256=None, size=None, manual=""):
                         else f"cannot download {url} ({e}).{hint}") from e
     finally:
         part.unlink(missing_ok=True)
+        if not dest.exists():  # a failed download leaves no empty folder behind (data/fashion-mnist/)
+            for folder in created:
+                with contextlib.suppress(OSError):  # not empty: another file landed there
+                    folder.rmdir()
     return dest
 
 
@@ -193,6 +199,14 @@ FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: datase
 CLASSES = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10}
 
 
+def images_folder(name, data_dir):
+    """The folder load_images(name, data_dir) reads: Debian's Fashion-MNIST where it is installed."""
+    if name == "fashion-mnist":
+        system = all((FASHION_SYSTEM_DIR / f).is_file() for f in FASHION_FILES)
+        return FASHION_SYSTEM_DIR if system else Path(data_dir) / "fashion-mnist"
+    return Path(data_dir) / CIFAR[name]["folder"]
+
+
 def load_images(name, data_dir):
     """(train_images, train_labels, test_images, test_labels) of cifar10, cifar100 or
     fashion-mnist (padded to 32x32), downloaded into data_dir when missing."""
@@ -252,8 +266,8 @@ def load_fashion_mnist(data_dir):
     """The four idx files from Debian's dataset-fashion-mnist when all are installed, else from
     data_dir/fashion-mnist (downloaded when missing). Each is checked against its md5 (that
     published, or that of Debian's copy) before it is read."""
-    system = all((FASHION_SYSTEM_DIR / f).is_file() for f in FASHION_FILES)
-    folder = FASHION_SYSTEM_DIR if system else Path(data_dir) / "fashion-mnist"
+    folder = images_folder("fashion-mnist", data_dir)
+    system = folder == FASHION_SYSTEM_DIR
     manual = ("install Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`: the files land in "
               f"{FASHION_SYSTEM_DIR}/) or put the four idx-ubyte.gz files of {FASHION_URL} into {folder}/")
     fix = "reinstall it (`apt-get install --reinstall dataset-fashion-mnist`)" if system else "delete it and run again"
