@@ -54,8 +54,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from bdia import BDIAConfig, BDIAStack, run_blocks, side_bits
-from plumbing import data, runlib
 from models import Block, RevBlock, run_rev_blocks
+from plumbing import data, runlib
 
 MODES = ("plain", "checkpoint", "bdia", "bdia-rev", "revvit")
 FAMILIES = {  # (width, heads, MLP width, tokens, causal)
