@@ -380,7 +380,7 @@ def test_the_recomputation_is_checked_when_the_lowest_layers_need_no_gradient():
             loss.backward()
 
 
-def test_hugging_faces_trainer_trains_the_converted_model():
+def test_hugging_faces_trainer_trains_the_converted_model(tmp_path):
     class Batches(torch.utils.data.Dataset):
         def __len__(self):
             return 8
@@ -391,7 +391,7 @@ def test_hugging_faces_trainer_trains_the_converted_model():
     pytest.importorskip("accelerate")
     model = build("gpt2", 2)
     convert(model, "gpt2", BDIAConfig())
-    args = transformers.TrainingArguments(output_dir="unused", max_steps=3, per_device_train_batch_size=2, report_to=[],
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
                                           use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
