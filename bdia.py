@@ -12,7 +12,8 @@ draws, per sample and block k >= 1, a random gamma_k (e.g. +-1/2) and computes
 where Q_l rounds to multiples of 2^-l (17) and the side information s_{k-1} (20: 1 bit per element
 for gamma = +-1/2; m bits for +-2^-m, this project's extension) makes the product exact (23), so
 (24) rebuilds x_{k-1} from (x_k, x_{k+1}) bit for bit: training keeps x_{K-1}, x_K and s_0..s_{K-2}
-(Prop. 4.4), not the activations. At inference E[gamma] = 0 gives the standard transformer (25).
+(Prop. 4.4; the paper's Table 2 text counts s_0..s_3 for its 6 blocks, one fewer), not the
+activations. At inference E[gamma] = 0 gives the standard transformer (25).
 h_k is block.residual(x, ...) where a block has one, else block(x, ...) - x; so any block works:
 
     x = run_blocks(self.blocks, x, BDIAConfig())    # instead of: for b in self.blocks: x = b(x)
