@@ -100,25 +100,23 @@ def test_a_bench_cut_short_keeps_the_depths_it_measured(tmp_path):
     assert [(r["mode"], r["depth"]) for r in json.loads(out.read_text())["results"]] == [("plain", 1)]
 
 
-def test_hf_gpt2_family_runs_its_three_modes_and_bdia_rev_memory_is_flat_in_depth(tmp_path):
+def test_hf_gpt2_family_runs_its_three_modes(tmp_path):
     """A Hugging Face GPT2LMHeadModel as a user runs it: plain, HF's gradient checkpointing, the one-statement
-    BDIAStack. Between depths 2 and 6 plain's activations grow by about 7 MB a layer here (8 x 128 tokens,
-    width 64), checkpointing's and bdia-rev's by a few per cent of that."""
+    BDIAStack, timed at two depths in one process. Its memory runs (a fresh process each, ~6 s of imports
+    apiece here) are left to the measurement; that reversible BDIA's memory is flat in depth on this model is
+    tests/test_one_line.py's (c)."""
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
     argv = [sys.executable, "bench.py", "--family", "hf-gpt2", "--dim", "64", "--heads", "4", "--depths", "2,6",
             "--tokens", "128", "--batch-size", "8", "--vocab-size", "64", "--modes", "plain,checkpoint,bdia-rev",
-            "--steps", "1", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+            "--steps", "1", "--warmup", "1", "--no-memory", "--device", "cpu", "--json", str(out)]
     run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr
     table = json.loads(out.read_text())
     assert [(r["mode"], r["depth"]) for r in table["results"]] == [
         (m, d) for d in (2, 6) for m in ("plain", "checkpoint", "bdia-rev")]
-    assert all(r["step_ms"] > 0 and r["activation_mb"] > 0 and r["state_mb"] > 0 for r in table["results"])
-    slope = table["activation_mb_per_layer"]
-    assert slope["plain"] > 3, slope  # MB per layer
-    assert slope["bdia-rev"] < 0.2 * slope["plain"] and slope["checkpoint"] < 0.2 * slope["plain"], slope
-    assert "GPT2LMHeadModel, vocabulary 64" in run.stdout and "act. MB per layer" in run.stdout
+    assert all(r["step_ms"] > 0 and r["state_mb"] > 0 and r["activation_mb"] is None for r in table["results"])
+    assert "GPT2LMHeadModel, vocabulary 64" in run.stdout
 
 
 def test_bench_help_names_the_families():
