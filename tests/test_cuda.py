@@ -8,7 +8,7 @@ tests cannot run and are skipped; RESULTS.md records when and where they last ra
 Gradient tolerances: 1e-5 relative in float32. Under bf16 autocast the reversible and the
 stored-activation backward sum the same float32 contributions to dL/dx_k in a different
 order; a last-bit difference there can flip the bf16 rounding of the gradient entering the
-next block's autocast region, so the two agree to about one bf16 step (2^-8), not to 1e-5."""
+next block's autocast region, so the two agree to a bf16 step or two (2^-8, 2^-7), not to 1e-5."""
 
 import os
 import sys
@@ -73,7 +73,10 @@ def step(blocks, x, config, kernel, context=(), seed=0):
 
 
 def tolerance(kernel):
-    return 1e-5 if KERNELS[kernel][1] is None else 2**-8
+    """bf16: two bf16 steps. In a copy of this file run on a CPU (2026-12-07), the decoder stack's gradients
+    differed by 0.0025-0.0047 over seeds 0-5, up to 1.2 steps, with the engine before and after gamma_k
+    became a draw per block alike; a wrong gradient is off by far more."""
+    return 1e-5 if KERNELS[kernel][1] is None else 2**-7
 
 
 def rel_err(a, b):
