@@ -131,10 +131,10 @@ def make_step(args, mode, depth, device, shared=None):
     """One training step of a fresh model, and its forward and backward alone. shared: a dict that the first
     call fills with its model and optimizer, whose parameters (and so gradients and AdamW state) later calls use."""
     model = build(args, mode, depth).to(device).train()
-    if shared:
+    shared = {} if shared is None else shared
+    if "model" in shared:
         model.load_state_dict(shared["model"].state_dict(keep_vars=True), assign=True)  # the same Parameters
     else:
-        shared = {} if shared is None else shared
         shared.update(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4))
     optimizer = shared["optimizer"]
     _, _, _, tokens, _ = family(args)

@@ -97,20 +97,20 @@ def outputs(model, name):
     return model(IDS).logits
 
 
-def step(model, name, config, seed=5):
+def step(model, loss_of, config, seed=5):
     """One training step's loss and gradients under this config, the same random draws for each."""
     set_config(model, config)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    loss = MODELS[name][2](model)
+    loss = loss_of(model)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_gradients_as_stored(model, name, loss_of=None):
+def assert_gradients_as_stored(model, loss_of):
     """(b): the same loss bit for bit, every gradient within 1e-5 of stored BDIA's (plus 1e-8 for gradients that
     are zero but for float rounding: the keys' bias, which softmax does not see)."""
-    (loss_r, grads_r), (loss_s, grads_s) = [step(model, name, BDIAConfig(reversible=r)) for r in (True, False)]
+    (loss_r, grads_r), (loss_s, grads_s) = [step(model, loss_of, BDIAConfig(reversible=r)) for r in (True, False)]
     assert torch.equal(loss_r, loss_s)
     assert grads_r.keys() == grads_s.keys() and len(grads_s) == sum(p.requires_grad for p in model.parameters())
     for key, grad in grads_s.items():
@@ -154,7 +154,7 @@ def test_one_training_step_reversible_gradients_are_stored_bdias(name):
     convert(model, name, BDIAConfig())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the KV cache warning of the causal LMs
-        assert_gradients_as_stored(model, name)
+        assert_gradients_as_stored(model, MODELS[name][2])
 
 
 def kept_for_backward(model, name):
@@ -259,9 +259,9 @@ def test_gradient_checkpointing_on_a_converted_model_is_refused_when_reversible(
     with pytest.raises(bdia.BDIAError, match=r"layer 0 is gradient-checkpointed.*"
                                              r"model.gradient_checkpointing_disable\(\)"):
         model(IDS, labels=IDS)
-    stored = step(model, "gpt2", BDIAConfig(reversible=False))  # stored BDIA: checkpointing saves memory there
+    stored = step(model, MODELS["gpt2"][2], BDIAConfig(reversible=False))  # stored BDIA: checkpointing saves memory there
     model.gradient_checkpointing_disable()
-    plain = step(model, "gpt2", BDIAConfig(reversible=False))
+    plain = step(model, MODELS["gpt2"][2], BDIAConfig(reversible=False))
     assert torch.equal(stored[0], plain[0])
 
 
@@ -325,12 +325,8 @@ def test_output_hidden_states_are_the_bdia_stream_and_train_as_stored():
     torch.manual_seed(5)
     states = model(IDS, output_hidden_states=True, use_cache=False).hidden_states
     assert len(states) == 4 and all(torch.equal(bdia.quantize(s, 9), s) for s in states[1:-1])
-    loss = lambda m: sum(s.square().mean() for s in m(IDS, output_hidden_states=True, use_cache=False).hidden_states)  # noqa: E731
-    MODELS["gpt2-states"] = (gpt2, ["transformer.h"], loss)
-    try:
-        assert_gradients_as_stored(model, "gpt2-states")
-    finally:
-        del MODELS["gpt2-states"]
+    assert_gradients_as_stored(model, lambda m: sum(
+        s.square().mean() for s in m(IDS, output_hidden_states=True, use_cache=False).hidden_states))
 
 
 def test_lora_adapters_from_peft_on_converted_layers_train_as_stored():
@@ -341,11 +337,7 @@ def test_lora_adapters_from_peft_on_converted_layers_train_as_stored():
     model = peft.get_peft_model(model, lora)  # the base weights frozen, the embeddings too: x needs no grad
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
-    MODELS["lora"] = (None, ["base_model.model.transformer.h"], lambda m: m(input_ids=IDS, labels=IDS, use_cache=False).loss)
-    try:
-        assert_gradients_as_stored(model, "lora")
-    finally:
-        del MODELS["lora"]
+    assert_gradients_as_stored(model, lambda m: m(input_ids=IDS, labels=IDS, use_cache=False).loss)
 
 
 class Flaky(Layer):
